@@ -1,0 +1,78 @@
+"""The dispatcher interface every communication backend implements, and the backend registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+
+from ep_runtime.config import ModePlan, RuntimePlan
+from ep_runtime.types import DispatchedTokens, DispatchHandle, Layout, Routing
+
+
+class Dispatcher(ABC):
+    """Moves this rank's tokens to the ranks owning their experts (`dispatch`) and brings the
+    expert outputs back (`combine`). One instance serves one layout; it owns its buffers.
+
+    Contract with the experts (checked once at construction by the layer):
+      - `Layout.NORMAL`: the experts return `[N_recv, D]` rows that are already the top-k
+        weighted sum over this rank's experts for each received row; `combine` adds the rows of
+        all ranks back into each source token.
+      - `Layout.LOW_LATENCY`: the experts return `[L, C*R, D]` unweighted outputs; `combine`
+        applies `routing.topk_weights`.
+    """
+
+    name: ClassVar[str]
+    layouts: ClassVar[frozenset[Layout]]
+
+    def __init__(self, plan: RuntimePlan, mode_plan: ModePlan, group: dist.ProcessGroup | None = None):
+        self.plan = plan
+        self.mode_plan = mode_plan
+        self.group = group
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, plan: RuntimePlan, mode_plan: ModePlan) -> tuple[bool, str]:
+        """Whether this backend can serve `mode_plan` on this machine; the reason if not."""
+
+    @property
+    def layout(self) -> Layout:
+        return self.mode_plan.layout
+
+    @abstractmethod
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[DispatchedTokens, DispatchHandle]:
+        """Send each token to the ranks that own its top-k experts.
+
+        Args:
+            x: `[T, D]` bfloat16 hidden states of this rank's tokens (quantised to fp8 inside when
+                the plan says so).
+            routing: `topk_ids` `[T, K]` int64 global ids (-1 = none), `topk_weights` `[T, K]` fp32.
+        Returns: the received tokens in this dispatcher's layout, and the handle combine needs.
+        """
+
+    @abstractmethod
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Return expert outputs to their source ranks and reduce them: `[T, D]` bfloat16."""
+
+    def close(self) -> None:
+        """Free buffers; the dispatcher is unusable afterwards."""
+
+
+_REGISTRY: dict[str, type[Dispatcher]] = {}
+
+
+def register(cls: type[Dispatcher]) -> type[Dispatcher]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str) -> type[Dispatcher]:
+    if name not in _REGISTRY:
+        raise ValueError(f"dispatch.backend '{name}' is unknown; allowed: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available_backends() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,611 @@
+"""The dispatch-mode file: schema, loading, the precision policy and the resolved runtime plan.
+
+One YAML (or JSON) file configures a run. `load_config(path)` validates it into `EPConfig`
+(pydantic v2; every unknown key, wrong type, out-of-range value or incompatible combination is a
+`ConfigError` naming the field path and the allowed values), and `resolve_plan(config)` turns it
+into an immutable `RuntimePlan`: per dispatch mode, the backend, the precision with the rule that
+decided it, the layout, the low-latency capacity and the communication buffer sizes.
+
+The precision policy is data: `PRECISION_POLICY` below, one row per (weights scheme, mode).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ep_runtime.types import FP8_GROUP, Layout, Precision
+
+
+class ConfigError(ValueError):
+    """A dispatch-mode file that cannot run. `errors` lists `(field path, message)` pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]], source: str | None = None):
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        lines = [f"{where}{len(errors)} error(s) in the dispatch-mode file:"]
+        lines += [f"  {path}: {msg}" for path, msg in errors]
+        super().__init__("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------
+
+WeightsScheme = Literal["bf16", "fp8_block", "w4a8"]
+PrecisionChoice = Literal["auto", "bf16", "fp8"]
+
+# Hidden sizes DeepEP's low-latency kernels are compiled for (its SWITCH_HIDDEN list).
+DEEPEP_LOW_LATENCY_HIDDEN_SIZES = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+# DeepEP's low-latency kernels take at most this many top-k slots per token.
+DEEPEP_LOW_LATENCY_MAX_TOPK = 9
+# NVLink peers per node that DeepEP's intranode kernels address.
+DEEPEP_MAX_NVL_PEERS = 8
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    """The MoE layer's shape, routing and weights."""
+
+    name: str = "synthetic"
+    """A label for reports."""
+    hidden_size: int = Field(gt=0, le=65536)
+    """`D`: the model's hidden size."""
+    num_experts: int = Field(gt=0, le=4096)
+    """`E`: routed experts in the layer (global)."""
+    top_k: int = Field(gt=0, le=64)
+    """`K`: experts each token is sent to."""
+    moe_intermediate_size: int = Field(gt=0, le=65536)
+    """`I`: each expert's intermediate size (gate and up projections are `[I, D]`, down `[D, I]`)."""
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    """How router logits become scores: `softmax` (Mixtral, Qwen) or `sigmoid` (DeepSeek-V3)."""
+    n_group: int | None = Field(default=None, gt=0)
+    """Grouped top-k: experts are split into `n_group` groups (DeepSeek-V3: 8); None disables it."""
+    topk_group: int | None = Field(default=None, gt=0)
+    """Grouped top-k: tokens pick experts from their best `topk_group` groups (DeepSeek-V3: 4)."""
+    use_correction_bias: bool = False
+    """Add the score-correction bias (`e_score_correction_bias`) for selection only."""
+    norm_topk_prob: bool = True
+    """Renormalise the selected top-k scores to sum to 1 before scaling."""
+    routed_scaling_factor: float = Field(default=1.0, gt=0)
+    """Multiplies the combine weights (DeepSeek-V3: 2.5)."""
+    weights: WeightsScheme = "bf16"
+    """Expert weight scheme: `bf16`, `fp8_block` (e4m3, 128x128 block scales) or `w4a8`
+    (int4 weights with per-128 group scales along K, fp8 activations)."""
+    checkpoint: str | None = None
+    """Path of a local safetensors checkpoint (file or directory); None = synthetic weights."""
+    checkpoint_format: Literal["auto", "deepseek_v3", "qwen_moe", "mixtral"] = "auto"
+    """Tensor naming of the checkpoint; `auto` detects it from the keys."""
+    layer_index: int = Field(default=0, ge=0)
+    """Which decoder layer's MoE block to load from the checkpoint."""
+    seed: int = 0
+    """Seed of synthetic weights (identical on every rank) and of the synthetic workload."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        errs = []
+        if self.top_k > self.num_experts:
+            errs.append(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if (self.n_group is None) != (self.topk_group is None):
+            errs.append("n_group and topk_group must be given together (or both left out)")
+        if self.n_group is not None and self.topk_group is not None:
+            if self.num_experts % self.n_group:
+                errs.append(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
+            if self.topk_group > self.n_group:
+                errs.append(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+            elif self.num_experts % self.n_group == 0 and self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+                errs.append(
+                    f"topk_group ({self.topk_group}) groups of {self.num_experts // self.n_group} experts "
+                    f"hold fewer than top_k ({self.top_k}) experts"
+                )
+        if self.weights in ("fp8_block", "w4a8") and self.hidden_size % FP8_GROUP:
+            errs.append(f"hidden_size ({self.hidden_size}) must be a multiple of 128 for weights '{self.weights}'")
+        if self.weights in ("fp8_block", "w4a8") and self.moe_intermediate_size % FP8_GROUP:
+            errs.append(
+                f"moe_intermediate_size ({self.moe_intermediate_size}) must be a multiple of 128 "
+                f"for weights '{self.weights}'"
+            )
+        if errs:
+            raise ValueError("; ".join(errs))
+        return self
+
+
+class ParallelConfig(_Section):
+    """How many ranks, where they run, and how they talk."""
+
+    ep_size: int = Field(gt=0, le=1024)
+    """`R`: expert-parallel ranks (one process per GPU, or per CPU slot)."""
+    nodes: int = Field(default=1, gt=0)
+    """Nodes the ranks span."""
+    ranks_per_node: int | None = Field(default=None, gt=0)
+    """Ranks on each node; default `ep_size / nodes`."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where tensors live: `cuda` (one GPU per rank) or `cpu`."""
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; `auto` = nccl on cuda, gloo on cpu."""
+    placement_strategy: Literal["auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "auto"
+    """Ray placement-group strategy; `auto` = PACK on one node, SPREAD across nodes."""
+    cpus_per_rank: float = Field(default=1, gt=0)
+    """CPUs reserved for each rank's Ray actor."""
+    rendezvous_host: str = "auto"
+    """Address rank 0 listens on for the torch.distributed rendezvous; `auto` = loopback on one
+    node, the node's IP across nodes."""
+
+    @property
+    def resolved_ranks_per_node(self) -> int:
+        return self.ranks_per_node if self.ranks_per_node is not None else self.ep_size // self.nodes
+
+    @property
+    def resolved_dist_backend(self) -> str:
+        if self.dist_backend != "auto":
+            return self.dist_backend
+        return "nccl" if self.device == "cuda" else "gloo"
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelConfig:
+        errs = []
+        if self.ranks_per_node is None and self.ep_size % self.nodes:
+            errs.append(f"ep_size ({self.ep_size}) is not divisible by nodes ({self.nodes}); set ranks_per_node")
+        elif self.resolved_ranks_per_node * self.nodes != self.ep_size:
+            errs.append(
+                f"nodes ({self.nodes}) x ranks_per_node ({self.resolved_ranks_per_node}) must equal ep_size ({self.ep_size})"
+            )
+        if self.device == "cpu" and self.dist_backend == "nccl":
+            errs.append("dist_backend 'nccl' needs device 'cuda'; allowed with device 'cpu': auto, gloo")
+        if errs:
+            raise ValueError("; ".join(errs))
+        return self
+
+
+class PerModePrecision(_Section):
+    """Dispatch precision per mode: `auto` (the policy's default), `bf16` or `fp8`."""
+
+    normal: PrecisionChoice = "auto"
+    """Precision of normal-mode dispatch."""
+    low_latency: PrecisionChoice = "auto"
+    """Precision of low-latency dispatch."""
+
+
+class AutoModeConfig(_Section):
+    """How `mode: auto` picks a mode per step."""
+
+    normal_above_tokens: int | None = Field(default=None, gt=0)
+    """A decode step with more than this many tokens on any rank runs in normal mode; default `C`."""
+    prefill_uses_normal: bool = True
+    """Steps that carry prefill always run in normal mode."""
+
+
+class DeepEPChunkConfig(_Section):
+    """DeepEP normal-mode `Config` values for one direction (None = DeepEP's tuned default)."""
+
+    num_max_nvl_chunked_send_tokens: int = Field(gt=0)
+    num_max_nvl_chunked_recv_tokens: int = Field(gt=0)
+    num_max_rdma_chunked_send_tokens: int = Field(default=6, gt=0)
+    num_max_rdma_chunked_recv_tokens: int = Field(default=256, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepEPChunkConfig:
+        if self.num_max_nvl_chunked_send_tokens > self.num_max_nvl_chunked_recv_tokens:
+            raise ValueError("num_max_nvl_chunked_send_tokens must be <= num_max_nvl_chunked_recv_tokens")
+        if self.num_max_rdma_chunked_send_tokens > self.num_max_rdma_chunked_recv_tokens:
+            raise ValueError("num_max_rdma_chunked_send_tokens must be <= num_max_rdma_chunked_recv_tokens")
+        return self
+
+
+class DeepEPConfig(_Section):
+    """DeepEP tuning (used by `backend: deepep`)."""
+
+    num_sms: int = Field(default=24, gt=0, le=132)
+    """SMs DeepEP's normal-mode kernels use (even; DeepEP's default is 20-24)."""
+    normal_dispatch: DeepEPChunkConfig | None = None
+    """Normal dispatch `Config`; None = DeepEP's default for the rank count."""
+    normal_combine: DeepEPChunkConfig | None = None
+    """Normal combine `Config`; None = DeepEP's default for the rank count."""
+    num_qps_per_rank: int | None = Field(default=None, gt=0)
+    """RDMA queue pairs per rank for low-latency mode; default: local experts per rank."""
+    allow_nvlink_for_low_latency_mode: bool = True
+    """Let low-latency kernels use NVLink for intranode peers."""
+    allow_mnnvl: bool = False
+    """Allow multi-node NVLink (GB200 NVL72-class systems)."""
+    explicitly_destroy: bool = True
+    """Free buffers through `Buffer.destroy()` on close, not at garbage collection."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepEPConfig:
+        if self.num_sms % 2:
+            raise ValueError(f"num_sms ({self.num_sms}) must be even (DeepEP runs two SMs per channel)")
+        return self
+
+
+class BufferConfig(_Section):
+    """Communication buffer sizes; None = derived from the model and the capacity."""
+
+    num_nvl_bytes: int | None = Field(default=None, ge=0)
+    """DeepEP intranode (NVLink) buffer bytes."""
+    num_rdma_bytes: int | None = Field(default=None, ge=0)
+    """DeepEP RDMA / low-latency buffer bytes."""
+
+
+class DispatchConfig(_Section):
+    """Moving tokens to their experts and back."""
+
+    backend: Literal["torch", "deepep"] = "torch"
+    """`torch` (all-to-all over torch.distributed: NCCL or gloo) or `deepep` (DeepEP buffers)."""
+    mode: Literal["auto", "normal", "low_latency"] = "auto"
+    """`normal` (prefill, large batches), `low_latency` (decode), or `auto` (per step)."""
+    precision: PerModePrecision = PerModePrecision()
+    """Dispatch precision per mode; combine is always bf16."""
+    num_max_dispatch_tokens_per_rank: int = Field(default=128, gt=0, le=8192)
+    """`C`: most tokens one rank sends in one low-latency dispatch; larger steps are chunked."""
+    fp8_transport: Literal["auto", "native", "bytes"] = "auto"
+    """How the torch backend moves fp8 tensors: `native` fp8, or `bytes` (uint8 views, needed on
+    gloo); `auto` picks bytes on gloo."""
+    check_conservation: bool = False
+    """Debug: verify every step that each token-expert pair is received once and each token is
+    combined once (costs collectives and host syncs)."""
+    auto: AutoModeConfig = AutoModeConfig()
+    deepep: DeepEPConfig = DeepEPConfig()
+    buffer: BufferConfig = BufferConfig()
+
+
+class KernelsConfig(_Section):
+    """Per-rank compute choices."""
+
+    experts: Literal["auto", "triton", "torch"] = "auto"
+    """Expert compute: `triton` (fused MoE / masked grouped GEMM) or `torch`; `auto` = triton on
+    cuda, torch on cpu."""
+    fused_topk_sum: Literal["auto", "on", "off"] = "auto"
+    """Sum each token's top-k expert outputs in the down GEMM's epilogue (atomic add); `auto` =
+    on when top_k > 2 and the scheme allows it."""
+    router_gemm: Literal["auto", "cublas", "triton"] = "auto"
+    """Router GEMM: `auto` picks per shape from the tuned table."""
+
+
+class WorkloadConfig(_Section):
+    """What `ep-launch run` executes on every rank."""
+
+    prefill_tokens_per_rank: int = Field(default=256, ge=0)
+    """Tokens per rank in the prefill phase (0 skips it)."""
+    decode_steps: int = Field(default=8, ge=0)
+    """Decode steps after prefill."""
+    decode_tokens_per_rank: int = Field(default=16, ge=0)
+    """Tokens per rank in each decode step."""
+    warmup_steps: int = Field(default=1, ge=0)
+    """Untimed steps before each phase."""
+    routing_skew: float = Field(default=0.0, ge=0.0)
+    """Adds a bias favouring low expert ids to router logits (0 = the model's own routing)."""
+    verify: bool = True
+    """Compare every rank's output with the single-process reference."""
+    num_layers: int = Field(default=1, gt=0, le=64)
+    """MoE layers stacked with residual adds in each step."""
+
+
+class TimeoutsConfig(_Section):
+    """Bounded waiting: every wait in the runtime has one of these limits (seconds)."""
+
+    placement_s: float = Field(default=120, gt=0)
+    """Ray placement group readiness."""
+    rendezvous_s: float = Field(default=60, gt=0)
+    """torch.distributed rendezvous and process-group init."""
+    collective_s: float = Field(default=60, gt=0)
+    """One collective or DeepEP buffer init."""
+    step_s: float = Field(default=300, gt=0)
+    """One phase of the workload on one rank (the launcher's watchdog)."""
+
+
+class EPConfig(_Section):
+    """A whole dispatch-mode file."""
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    dispatch: DispatchConfig = DispatchConfig()
+    kernels: KernelsConfig = KernelsConfig()
+    workload: WorkloadConfig = WorkloadConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision policy (data: one row per weights scheme and mode)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrecisionRule:
+    default: Precision
+    allowed: frozenset[Precision]
+    rule: str
+
+
+_BOTH = frozenset({Precision.BF16, Precision.FP8})
+PRECISION_POLICY: Mapping[tuple[str, Layout], PrecisionRule] = MappingProxyType(
+    {
+        ("bf16", Layout.NORMAL): PrecisionRule(
+            Precision.BF16, _BOTH, "bf16 weights: bf16 dispatch; fp8 allowed (group-128 scales, dequantised before bf16 experts)"
+        ),
+        ("bf16", Layout.LOW_LATENCY): PrecisionRule(
+            Precision.BF16, _BOTH, "bf16 weights: bf16 dispatch; fp8 allowed (group-128 scales, dequantised before bf16 experts)"
+        ),
+        ("fp8_block", Layout.NORMAL): PrecisionRule(
+            Precision.FP8, _BOTH, "fp8_block weights: fp8 dispatch by default (w8a8), bf16 allowed"
+        ),
+        ("fp8_block", Layout.LOW_LATENCY): PrecisionRule(
+            Precision.FP8, _BOTH, "fp8_block weights: fp8 dispatch by default (w8a8), bf16 allowed"
+        ),
+        ("w4a8", Layout.NORMAL): PrecisionRule(
+            Precision.FP8, _BOTH, "w4a8 weights, normal mode: fp8 dispatch by default, bf16 allowed"
+        ),
+        ("w4a8", Layout.LOW_LATENCY): PrecisionRule(
+            Precision.BF16,
+            frozenset({Precision.BF16}),
+            "w4a8 weights, low-latency mode: bf16 forced (the masked W4A8 experts quantise per-tensor themselves)",
+        ),
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolved plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModePlan:
+    """How one dispatch mode runs."""
+
+    layout: Layout
+    backend: str
+    precision: Precision
+    precision_source: Literal["policy default", "explicit"]
+    precision_rule: str
+    capacity: int | None
+    """`C` for low-latency (tokens per rank per round); None for normal."""
+    num_nvl_bytes: int
+    num_rdma_bytes: int
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """Everything a rank needs to build its layer, resolved once from an `EPConfig`."""
+
+    config: EPConfig
+    ep_size: int
+    num_local_experts: int
+    device: str
+    dist_backend: str
+    mode: str
+    """`normal`, `low_latency` or `auto` (as in the file)."""
+    modes: Mapping[Layout, ModePlan]
+    """The modes this run can use (both under auto)."""
+    experts_impl: str
+    fused_topk_sum: bool
+    router_gemm: str
+    fp8_bytes_transport: bool
+    normal_above_tokens: int
+
+    def for_layout(self, layout: Layout) -> ModePlan:
+        try:
+            return self.modes[layout]
+        except KeyError:
+            raise ValueError(
+                f"dispatch.mode '{self.mode}' does not use the {layout.value} layout; allowed: "
+                f"{', '.join(m.value for m in self.modes)}"
+            ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and resolving
+# ---------------------------------------------------------------------------------------------
+
+
+def _path_of(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _format_pydantic(exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for e in exc.errors(include_url=False):
+        path = _path_of(e["loc"])
+        kind = e["type"]
+        msg = e["msg"].removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "literal_error":
+            msg = f"got {e.get('input')!r}; {msg.lower()}"
+        elif "input" in e and kind not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        out.append((path, msg))
+    return out
+
+
+def parse_config(data: Any, source: str | None = None) -> EPConfig:
+    """Validate a mapping (a parsed file) into `EPConfig`, then check cross-section rules."""
+    if not isinstance(data, dict):
+        raise ConfigError([("<root>", f"the file must hold a mapping, got {type(data).__name__}")], source)
+    try:
+        cfg = EPConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_pydantic(exc), source) from None
+    errs = _cross_checks(cfg)
+    if errs:
+        raise ConfigError(errs, source)
+    return cfg
+
+
+def load_config(path: str | Path) -> EPConfig:
+    """Read a YAML or JSON dispatch-mode file and validate it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([("<file>", f"no such file: {p}")], str(p))
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError([("<file>", f"not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}")], str(p)) from None
+    return parse_config(data, str(p))
+
+
+def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
+    errs: list[tuple[str, str]] = []
+    m, par, d = cfg.model, cfg.parallel, cfg.dispatch
+    if m.num_experts % par.ep_size:
+        errs.append(("model.num_experts", f"({m.num_experts}) is not divisible by parallel.ep_size ({par.ep_size})"))
+    if d.backend == "deepep":
+        if par.device != "cuda":
+            errs.append(("dispatch.backend", "'deepep' needs parallel.device 'cuda'; allowed on cpu: torch"))
+        if par.resolved_dist_backend != "nccl":
+            errs.append(("parallel.dist_backend", "backend 'deepep' needs 'nccl' (or auto)"))
+        rpn = par.resolved_ranks_per_node
+        if par.nodes > 1 and rpn != DEEPEP_MAX_NVL_PEERS:
+            errs.append(
+                ("parallel.ranks_per_node", f"({rpn}) DeepEP internode mode needs {DEEPEP_MAX_NVL_PEERS} ranks per node")
+            )
+        if (m.hidden_size * 2) % 16:
+            errs.append(("model.hidden_size", f"({m.hidden_size}) DeepEP needs rows of a multiple of 16 bytes"))
+        if d.mode in ("low_latency", "auto"):
+            if m.hidden_size not in DEEPEP_LOW_LATENCY_HIDDEN_SIZES:
+                errs.append(
+                    (
+                        "model.hidden_size",
+                        f"({m.hidden_size}) is not supported by DeepEP low-latency mode; allowed: "
+                        f"{', '.join(map(str, DEEPEP_LOW_LATENCY_HIDDEN_SIZES))} (or dispatch.mode 'normal')",
+                    )
+                )
+            if m.top_k > DEEPEP_LOW_LATENCY_MAX_TOPK:
+                errs.append(("model.top_k", f"({m.top_k}) exceeds DeepEP low-latency's maximum of {DEEPEP_LOW_LATENCY_MAX_TOPK}"))
+    if par.device == "cpu" and cfg.kernels.experts == "triton":
+        errs.append(("kernels.experts", "'triton' needs parallel.device 'cuda' (CPU runs use 'torch'); allowed on cpu: auto, torch"))
+    if par.device == "cpu" and cfg.kernels.router_gemm == "cublas":
+        errs.append(("kernels.router_gemm", "'cublas' needs parallel.device 'cuda'; allowed on cpu: auto"))
+    # Explicit precisions against the policy.
+    for layout in _layouts_for(d.mode):
+        choice = getattr(d.precision, layout.value)
+        rule = PRECISION_POLICY[(m.weights, layout)]
+        if choice != "auto" and Precision(choice) not in rule.allowed:
+            allowed = ", ".join(["auto"] + sorted(p.value for p in rule.allowed))
+            errs.append((f"dispatch.precision.{layout.value}", f"'{choice}' breaks the rule: {rule.rule}; allowed: {allowed}"))
+        precision = rule.default if choice == "auto" else Precision(choice)
+        if precision == Precision.FP8:
+            if m.hidden_size % FP8_GROUP:
+                errs.append(
+                    (f"dispatch.precision.{layout.value}", f"fp8 dispatch needs model.hidden_size ({m.hidden_size}) to be a multiple of 128")
+                )
+            if d.backend == "torch" and par.resolved_dist_backend == "gloo" and d.fp8_transport == "native":
+                errs.append(("dispatch.fp8_transport", "'native' fp8 cannot travel over gloo; allowed with gloo: auto, bytes"))
+    if d.auto.normal_above_tokens is not None and d.mode != "auto":
+        errs.append(("dispatch.auto.normal_above_tokens", f"only applies with dispatch.mode 'auto' (mode is '{d.mode}')"))
+    return errs
+
+
+def _layouts_for(mode: str) -> tuple[Layout, ...]:
+    if mode == "auto":
+        return (Layout.NORMAL, Layout.LOW_LATENCY)
+    return (Layout(mode),)
+
+
+def deepep_low_latency_rdma_bytes(capacity: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """Bytes DeepEP's low-latency mode needs (mirrors `Buffer.get_low_latency_rdma_size_hint`):
+    double-buffered send (`C` messages) and receive (`E * C` messages) areas plus signalling."""
+    num_scales = hidden // FP8_GROUP
+    dispatch_msg = 16 + max(hidden * 2, hidden + num_scales * 4)
+    combine_msg = num_scales * 4 + hidden * 2
+    msg = max(dispatch_msg, combine_msg)
+    send = capacity * msg
+    recv = num_experts * capacity * msg
+    signal = num_experts * 4
+    total = (send + recv + signal) * 2
+    align = 128
+    return (total + align - 1) // align * align
+
+
+def deepep_normal_nvl_bytes(hidden: int, num_ranks: int, num_sms: int, num_max_nvl_chunked_recv_tokens: int) -> int:
+    """Bytes of DeepEP's intranode buffer (mirrors `Config.get_nvl_buffer_size_hint` for bf16 rows)."""
+    max_topk, max_scales, source_meta = 128, 128, 8
+    num_rdma_ranks = max(num_ranks // DEEPEP_MAX_NVL_PEERS, 1)
+    num_nvl_ranks = min(num_ranks, DEEPEP_MAX_NVL_PEERS)
+    channels = num_sms // 2
+    per_token = hidden * 2 + source_meta + max_topk * 8 + max_topk * 4 + max_scales * 4
+    n = channels * num_nvl_ranks * (2 * num_rdma_ranks + 3) * 4
+    n += channels * num_nvl_ranks * num_max_nvl_chunked_recv_tokens * per_token
+    return (n + 127) // 128 * 128
+
+
+# DeepEP's own default normal-mode chunk sizes (its `get_dispatch_config`) go up to 512 tokens.
+_DEEPEP_DEFAULT_NVL_RECV_TOKENS = 512
+
+
+def resolve_plan(cfg: EPConfig) -> RuntimePlan:
+    """Resolve a validated config into the immutable plan every rank builds from."""
+    m, par, d = cfg.model, cfg.parallel, cfg.dispatch
+    modes: dict[Layout, ModePlan] = {}
+    for layout in _layouts_for(d.mode):
+        choice = getattr(d.precision, layout.value)
+        rule = PRECISION_POLICY[(m.weights, layout)]
+        precision = rule.default if choice == "auto" else Precision(choice)
+        nvl = rdma = 0
+        if d.backend == "deepep":
+            if layout == Layout.NORMAL:
+                recv_tokens = max(
+                    [c.num_max_nvl_chunked_recv_tokens for c in (d.deepep.normal_dispatch, d.deepep.normal_combine) if c]
+                    or [_DEEPEP_DEFAULT_NVL_RECV_TOKENS]
+                )
+                nvl = deepep_normal_nvl_bytes(m.hidden_size, par.ep_size, d.deepep.num_sms, recv_tokens)
+            else:
+                rdma = deepep_low_latency_rdma_bytes(d.num_max_dispatch_tokens_per_rank, m.hidden_size, par.ep_size, m.num_experts)
+            nvl = d.buffer.num_nvl_bytes if d.buffer.num_nvl_bytes is not None else nvl
+            rdma = d.buffer.num_rdma_bytes if d.buffer.num_rdma_bytes is not None else rdma
+        modes[layout] = ModePlan(
+            layout=layout,
+            backend=d.backend,
+            precision=precision,
+            precision_source="policy default" if choice == "auto" else "explicit",
+            precision_rule=rule.rule,
+            capacity=d.num_max_dispatch_tokens_per_rank if layout == Layout.LOW_LATENCY else None,
+            num_nvl_bytes=nvl,
+            num_rdma_bytes=rdma,
+        )
+    experts = cfg.kernels.experts
+    if experts == "auto":
+        experts = "triton" if par.device == "cuda" else "torch"
+    fused = cfg.kernels.fused_topk_sum
+    fused_on = fused == "on" or (fused == "auto" and m.top_k > 2)
+    return RuntimePlan(
+        config=cfg,
+        ep_size=par.ep_size,
+        num_local_experts=m.num_experts // par.ep_size,
+        device=par.device,
+        dist_backend=par.resolved_dist_backend,
+        mode=d.mode,
+        modes=MappingProxyType(modes),
+        experts_impl=experts,
+        fused_topk_sum=fused_on,
+        router_gemm=cfg.kernels.router_gemm,
+        fp8_bytes_transport=d.fp8_transport == "bytes" or (d.fp8_transport == "auto" and par.resolved_dist_backend == "gloo"),
+        normal_above_tokens=d.auto.normal_above_tokens or d.num_max_dispatch_tokens_per_rank,
+    )
+
+
+def max_buffer_bytes(plan: RuntimePlan) -> tuple[int, int]:
+    """The (NVL, RDMA) bytes one DeepEP buffer must hold to serve every mode of the plan."""
+    nvl = max((mp.num_nvl_bytes for mp in plan.modes.values()), default=0)
+    rdma = max((mp.num_rdma_bytes for mp in plan.modes.values()), default=0)
+    return nvl, rdma
+
+
+def human_bytes(n: int) -> str:
+    if n == 0:
+        return "0 B"
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = min(int(math.log(n, 1024)), len(units) - 1)
+    return f"{n / 1024**i:.1f} {units[i]}"

@@ -1,0 +1,1 @@
+"""Local expert compute over each dispatch layout and weights scheme."""

@@ -1,0 +1,1 @@
+"""Triton kernels of the per-rank expert compute (imported as `ep_runtime.kernels`)."""

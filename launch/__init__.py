@@ -1,0 +1,1 @@
+"""Launchers: Ray, MPI, and the rank worker (imported as `ep_runtime.launch`)."""
