@@ -1,0 +1,134 @@
+"""Shared benchmark plumbing: device facts, measured ceilings (copy bandwidth, matmul rate), timing,
+printing a table and writing JSON to `benchmarks/results/`.
+
+Every benchmark measures its own baseline and the ceilings in the same run on the same device.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:  # pragma: no cover - triton is a dependency
+        info["triton"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(
+            device=p.name,
+            num_gpus=torch.cuda.device_count(),
+            sm_count=p.multi_processor_count,
+            memory_gib=round(p.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            capability=f"{p.major}.{p.minor}",
+        )
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def device_slug() -> str:
+    name = device_info()["device"]
+    return name.replace("NVIDIA ", "").replace(" ", "-").lower()
+
+
+def bench_us(fn, warmup: int = 10, rep: int = 50) -> float:
+    """Median time of `fn()` in microseconds (`triton.testing.do_bench` on GPU)."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")) * 1e3
+    import time
+
+    for _ in range(max(1, warmup // 5)):
+        fn()
+    times = []
+    for _ in range(max(3, rep // 10)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2] * 1e6
+
+
+def measure_copy_bandwidth(num_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (reads + writes counted), the HBM ceiling."""
+    src = torch.empty(num_bytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t_us = bench_us(lambda: dst.copy_(src), warmup=5, rep=30)
+    del src, dst
+    return 2 * (num_bytes // 2) / (t_us * 1e-6)
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
+    """Dense matmul rate (FLOP/s) on random data for `dtype` (bf16: torch.mm; fp8: torch._scaled_mm)."""
+    a = torch.randn(n, n, device="cuda").to(dtype if dtype != torch.float8_e4m3fn else torch.bfloat16)
+    b = torch.randn(n, n, device="cuda").to(a.dtype)
+    if dtype == torch.float8_e4m3fn:
+        a8 = a.to(torch.float8_e4m3fn)
+        b8 = b.to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device="cuda")
+        fn = lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    else:
+        fn = lambda: torch.mm(a, b)
+    t_us = bench_us(fn, warmup=5, rep=30)
+    return 2 * n**3 / (t_us * 1e-6)
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """Print rows as a table (rich when available)."""
+    if not rows:
+        print(f"{title}: no rows")
+        return
+    columns = columns or list(rows[0].keys())
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for c in columns:
+            table.add_column(c, justify="right")
+        for r in rows:
+            table.add_row(*(fmt(r.get(c, "")) for c in columns))
+        Console(width=200).print(table)
+    except ImportError:  # pragma: no cover
+        print(title)
+        print(" | ".join(columns))
+        for r in rows:
+            print(" | ".join(fmt(r.get(c, "")) for c in columns))
+
+
+def write_results(what: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
+    """Write `<date>-<device>-<what>.json` with device facts and the date; return the path."""
+    out_dir = Path(out_dir) if out_dir else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.UTC)
+    doc = {"what": what, "date": now.isoformat(timespec="seconds"), "device": device_info(), **payload}
+    path = out_dir / f"{now:%Y-%m-%d}-{device_slug()}-{what}.json"
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    print(f"wrote {path}")
+    return path
