@@ -1,0 +1,333 @@
+"""FP8 and INT4 quantisation: per-token-group-128 FP8 (DeepEP's activation format), per-tensor FP8,
+128x128 block FP8 weights (`fp8_block`) and packed INT4 weights with per-128-group scales (`w4a8`).
+
+Every function has a plain torch implementation that runs on CPU and GPU; the hot activation path
+(`per_token_group_quant_fp8`) launches a Triton kernel on CUDA with the same semantics:
+
+    scale = max(amax(group), 1e-10) / 448        (fp32)
+    x_q   = clamp(x / scale, -448, 448) -> float8_e4m3fn (round to nearest even)
+
+None of these functions synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn value."""
+SCALE_EPS = 1e-10
+"""Floor on amax so all-zero groups get a finite scale."""
+INT4_MIN, INT4_MAX = -8, 7
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name}.dtype must be one of bfloat16, float16, float32; got {t.dtype}")
+
+
+def _check_group(name: str, size: int, group_size: int, what: str) -> None:
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    if size % group_size:
+        raise ValueError(f"{name} {what} ({size}) must be a multiple of group_size ({group_size})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-token-group FP8
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _per_token_group_quant_fp8_kernel(
+    x_ptr,
+    xq_ptr,
+    scale_ptr,
+    # sizes
+    num_rows_inner,
+    # strides (elements)
+    stride_x_row,
+    stride_s_outer,
+    stride_s_row,
+    stride_s_group,
+    # meta
+    GROUP_SIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    EPS: tl.constexpr,
+    FMAX: tl.constexpr,
+):
+    """One program per (row, group): amax -> scale -> scaled, clamped e4m3 values."""
+    row = tl.program_id(0)
+    group = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < GROUP_SIZE
+    x = tl.load(x_ptr + row * stride_x_row + group * GROUP_SIZE + offs, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = tl.maximum(amax, EPS) / FMAX
+    q = tl.clamp(x / scale, -FMAX, FMAX)
+    tl.store(
+        xq_ptr + row * stride_x_row + group * GROUP_SIZE + offs, q.to(xq_ptr.dtype.element_ty), mask=mask
+    )
+    outer = row // num_rows_inner
+    inner = row % num_rows_inner
+    tl.store(scale_ptr + outer * stride_s_outer + inner * stride_s_row + group * stride_s_group, scale)
+
+
+def _scales_empty(lead: tuple[int, ...], num_groups: int, column_major: bool, device) -> torch.Tensor:
+    if column_major:
+        shape_t = (*lead[:-1], num_groups, lead[-1])
+        return torch.empty(shape_t, dtype=torch.float32, device=device).transpose(-1, -2)
+    return torch.empty((*lead, num_groups), dtype=torch.float32, device=device)
+
+
+def _per_token_group_quant_fp8_triton(
+    x: torch.Tensor, group_size: int, column_major_scales: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher behind `per_token_group_quant_fp8` (CUDA, or the interpreter in tests)."""
+    x = x.contiguous()
+    lead = tuple(x.shape[:-1])
+    d = x.shape[-1]
+    num_groups = d // group_size
+    x_q = torch.empty_like(x, dtype=FP8_DTYPE)
+    scales = _scales_empty(lead, num_groups, column_major_scales, x.device)
+    num_rows = x.numel() // d if d else 0
+    if num_rows == 0 or num_groups == 0:
+        return x_q, scales
+    inner = lead[-1] if lead else 1
+    s3 = scales.reshape(-1, inner, num_groups) if not column_major_scales else None
+    if column_major_scales:
+        # [..., M, G] view with strides (.., 1, M): flatten the outer dims without copying.
+        stride_outer = inner * num_groups
+        stride_row, stride_group = scales.stride(-2), scales.stride(-1)
+    else:
+        stride_outer, stride_row, stride_group = s3.stride()
+    grid = (num_rows, num_groups)
+    _per_token_group_quant_fp8_kernel[grid](
+        x,
+        x_q,
+        scales,
+        inner,
+        d,
+        stride_outer,
+        stride_row,
+        stride_group,
+        GROUP_SIZE=group_size,
+        BLOCK=triton.next_power_of_2(group_size),
+        EPS=SCALE_EPS,
+        FMAX=FP8_MAX,
+    )
+    return x_q, scales
+
+
+def _per_token_group_quant_fp8_torch(
+    x: torch.Tensor, group_size: int, column_major_scales: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lead = tuple(x.shape[:-1])
+    d = x.shape[-1]
+    xg = x.float().reshape(*lead, d // group_size, group_size)
+    scale = xg.abs().amax(dim=-1, keepdim=True).clamp_min(SCALE_EPS) / FP8_MAX
+    x_q = (xg / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(x.shape)
+    scale = scale.squeeze(-1)
+    if column_major_scales:
+        scale = scale.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return x_q, scale
+
+
+def per_token_group_quant_fp8(
+    x: torch.Tensor, group_size: int = 128, column_major_scales: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise each `group_size` consecutive channels of each row to e4m3 with one fp32 scale.
+
+    Args:
+        x: `[..., D]` bfloat16/float16/float32, `D % group_size == 0`.
+        group_size: channels per scale (128 in DeepEP's format).
+        column_major_scales: return the scales with their last two dims stored transposed (a
+            `.transpose(-1, -2).contiguous().transpose(-1, -2)` view), as DeepEP low-latency FP8
+            delivers them; needs `x.dim() >= 2`.
+    Returns:
+        x_q: `[..., D]` float8_e4m3fn; scales: `[..., D / group_size]` float32 (x ~= x_q * scale).
+    """
+    _check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., D]")
+    _check_group("x", x.shape[-1], group_size, "last dim D")
+    if column_major_scales and x.dim() < 2:
+        raise ValueError(f"column_major_scales=True needs x with >= 2 dims, got shape {tuple(x.shape)}")
+    if x.is_cuda:
+        return _per_token_group_quant_fp8_triton(x, group_size, column_major_scales)
+    return _per_token_group_quant_fp8_torch(x, group_size, column_major_scales)
+
+
+def per_token_group_dequant_fp8(
+    x_q: torch.Tensor, scales: torch.Tensor, group_size: int = 128, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Inverse of `per_token_group_quant_fp8`: `x_q [..., D]` e4m3, `scales [..., D/group_size]` fp32
+    (any strides) -> `[..., D]` `out_dtype`."""
+    if x_q.dtype != FP8_DTYPE:
+        raise ValueError(f"x_q.dtype must be float8_e4m3fn, got {x_q.dtype}")
+    _check_group("x_q", x_q.shape[-1], group_size, "last dim D")
+    expect = (*x_q.shape[:-1], x_q.shape[-1] // group_size)
+    if tuple(scales.shape) != expect:
+        raise ValueError(
+            f"scales shape must be {expect} for x_q {tuple(x_q.shape)}, got {tuple(scales.shape)}"
+        )
+    if scales.dtype != torch.float32:
+        raise ValueError(f"scales.dtype must be float32, got {scales.dtype}")
+    xg = x_q.float().reshape(*expect, group_size) * scales.unsqueeze(-1)
+    return xg.reshape(x_q.shape).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-tensor FP8
+# --------------------------------------------------------------------------------------------------
+
+
+def per_tensor_quant_fp8(
+    x: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise the whole tensor with one fp32 scale.
+
+    Args:
+        x: any shape, bfloat16/float16/float32.
+        scale: optional 1-element float32 tensor; when None it is computed on x's device as
+            `max(amax(x), 1e-10) / 448` (no host sync).
+    Returns: x_q float8_e4m3fn (x's shape) and scale `[1]` float32 on x's device.
+    """
+    _check_float("x", x)
+    if scale is None:
+        amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
+        scale = (amax.float().clamp_min(SCALE_EPS) / FP8_MAX).reshape(1)
+    else:
+        if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
+            raise ValueError("scale must be a 1-element float32 tensor or None")
+        if scale.dtype != torch.float32:
+            raise ValueError(f"scale.dtype must be float32, got {scale.dtype}")
+        if scale.device != x.device:
+            raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
+        scale = scale.reshape(1)
+    x_q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return x_q, scale
+
+
+# --------------------------------------------------------------------------------------------------
+# 128x128 block FP8 weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _pad_last2(w: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    n, k = w.shape[-2:]
+    pn, pk = (-n) % block_n, (-k) % block_k
+    if pn or pk:
+        w = torch.nn.functional.pad(w, (0, pk, 0, pn))
+    return w
+
+
+def quantize_fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise weights to e4m3 with one fp32 scale per `block x block` tile.
+
+    Args:
+        w: `[..., N, K]` bfloat16/float16/float32 (N, K need not be multiples of `block`).
+    Returns: w_q `[..., N, K]` float8_e4m3fn and scale `[..., ceil(N/block), ceil(K/block)]` float32
+        with scale = max(amax(tile), 1e-10) / 448.
+    """
+    _check_float("w", w)
+    if w.dim() < 2:
+        raise ValueError(f"w must be [..., N, K], got shape {tuple(w.shape)}")
+    if block <= 0:
+        raise ValueError(f"block must be positive, got {block}")
+    n, k = w.shape[-2:]
+    lead = w.shape[:-2]
+    wp = _pad_last2(w.float(), block, block)
+    nb, kb = wp.shape[-2] // block, wp.shape[-1] // block
+    t = wp.reshape(*lead, nb, block, kb, block)
+    scale = t.abs().amax(dim=(-3, -1)).clamp_min(SCALE_EPS) / FP8_MAX  # [..., nb, kb]
+    q = (t / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.reshape(*lead, nb * block, kb * block)[..., :n, :k].contiguous()
+    return q, scale
+
+
+def dequantize_fp8_block(
+    w_q: torch.Tensor, scale: torch.Tensor, block: int = 128, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of `quantize_fp8_block`: `[..., N, K]` e4m3 and `[..., ceil(N/b), ceil(K/b)]` fp32 ->
+    `[..., N, K]` `out_dtype`."""
+    if w_q.dtype != FP8_DTYPE:
+        raise ValueError(f"w_q.dtype must be float8_e4m3fn, got {w_q.dtype}")
+    n, k = w_q.shape[-2:]
+    expect = (*w_q.shape[:-2], -(-n // block), -(-k // block))
+    if tuple(scale.shape) != expect:
+        raise ValueError(f"scale shape must be {expect} for w_q {tuple(w_q.shape)}, got {tuple(scale.shape)}")
+    s = scale.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :n, :k]
+    return (w_q.float() * s).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# INT4 packing and W4A8 weights
+# --------------------------------------------------------------------------------------------------
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int8 values in [-8, 7] two per byte: `[..., K]` int8 -> `[..., K/2]` uint8,
+    low nibble = even k, high nibble = odd k (two's complement nibbles)."""
+    if q.dtype != torch.int8:
+        raise ValueError(f"q.dtype must be int8, got {q.dtype}")
+    if q.dim() < 1 or q.shape[-1] % 2:
+        raise ValueError(f"q last dim K must be even, got shape {tuple(q.shape)}")
+    u = q.to(torch.uint8) & 0xF
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: `[..., K/2]` uint8 -> `[..., K]` int8 in [-8, 7]."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed.dtype must be uint8, got {packed.dtype}")
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    both = torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return torch.where(both > 7, both - 16, both)
+
+
+def quantize_w4a8(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT4 weights with one fp32 scale per (row, `group_size` channels of K).
+
+    Args:
+        w: `[..., N, K]` bfloat16/float16/float32, `K % group_size == 0`.
+    Returns: w_packed `[..., N, K/2]` uint8 (see `pack_int4`) and w_scale `[..., N, K/group_size]`
+        float32 with scale = max(amax, 1e-10) / 7 and q = clamp(round(w / scale), -8, 7).
+    """
+    _check_float("w", w)
+    if w.dim() < 2:
+        raise ValueError(f"w must be [..., N, K], got shape {tuple(w.shape)}")
+    _check_group("w", w.shape[-1], group_size, "last dim K")
+    if group_size % 2:
+        raise ValueError(f"group_size must be even, got {group_size}")
+    k = w.shape[-1]
+    wg = w.float().reshape(*w.shape[:-1], k // group_size, group_size)
+    scale = wg.abs().amax(dim=-1, keepdim=True).clamp_min(SCALE_EPS) / INT4_MAX
+    q = torch.round(wg / scale).clamp(INT4_MIN, INT4_MAX).to(torch.int8).reshape(w.shape)
+    return pack_int4(q), scale.squeeze(-1)
+
+
+def dequantize_w4a8(
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    group_size: int = 128,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of `quantize_w4a8`: `[..., N, K/2]` uint8, `[..., N, K/group_size]` fp32 -> `[..., N, K]`."""
+    q = unpack_int4(w_packed)
+    k = q.shape[-1]
+    _check_group("w_packed", k, group_size, "unpacked last dim K")
+    expect = (*q.shape[:-1], k // group_size)
+    if tuple(w_scale.shape) != expect:
+        raise ValueError(f"w_scale shape must be {expect}, got {tuple(w_scale.shape)}")
+    wg = q.float().reshape(*expect, group_size) * w_scale.float().unsqueeze(-1)
+    return wg.reshape(q.shape).to(out_dtype)
