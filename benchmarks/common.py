@@ -74,7 +74,6 @@ def measure_copy_bandwidth(num_bytes: int = 2 << 30) -> float:
     src = torch.empty(num_bytes // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     t_us = bench_us(lambda: dst.copy_(src), warmup=5, rep=30)
-    del src, dst
     return 2 * (num_bytes // 2) / (t_us * 1e-6)
 
 

@@ -105,13 +105,18 @@ class ModelConfig(_Section):
                 errs.append(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
             if self.topk_group > self.n_group:
                 errs.append(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
-            elif self.num_experts % self.n_group == 0 and self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+            elif (
+                self.num_experts % self.n_group == 0
+                and self.topk_group * (self.num_experts // self.n_group) < self.top_k
+            ):
                 errs.append(
                     f"topk_group ({self.topk_group}) groups of {self.num_experts // self.n_group} experts "
                     f"hold fewer than top_k ({self.top_k}) experts"
                 )
         if self.weights in ("fp8_block", "w4a8") and self.hidden_size % FP8_GROUP:
-            errs.append(f"hidden_size ({self.hidden_size}) must be a multiple of 128 for weights '{self.weights}'")
+            errs.append(
+                f"hidden_size ({self.hidden_size}) must be a multiple of 128 for weights '{self.weights}'"
+            )
         if self.weights in ("fp8_block", "w4a8") and self.moe_intermediate_size % FP8_GROUP:
             errs.append(
                 f"moe_intermediate_size ({self.moe_intermediate_size}) must be a multiple of 128 "
@@ -157,7 +162,9 @@ class ParallelConfig(_Section):
     def _check(self) -> ParallelConfig:
         errs = []
         if self.ranks_per_node is None and self.ep_size % self.nodes:
-            errs.append(f"ep_size ({self.ep_size}) is not divisible by nodes ({self.nodes}); set ranks_per_node")
+            errs.append(
+                f"ep_size ({self.ep_size}) is not divisible by nodes ({self.nodes}); set ranks_per_node"
+            )
         elif self.resolved_ranks_per_node * self.nodes != self.ep_size:
             errs.append(
                 f"nodes ({self.nodes}) x ranks_per_node ({self.resolved_ranks_per_node}) must equal ep_size ({self.ep_size})"
@@ -332,10 +339,14 @@ _BOTH = frozenset({Precision.BF16, Precision.FP8})
 PRECISION_POLICY: Mapping[tuple[str, Layout], PrecisionRule] = MappingProxyType(
     {
         ("bf16", Layout.NORMAL): PrecisionRule(
-            Precision.BF16, _BOTH, "bf16 weights: bf16 dispatch; fp8 allowed (group-128 scales, dequantised before bf16 experts)"
+            Precision.BF16,
+            _BOTH,
+            "bf16 weights: bf16 dispatch; fp8 allowed (group-128 scales, dequantised before bf16 experts)",
         ),
         ("bf16", Layout.LOW_LATENCY): PrecisionRule(
-            Precision.BF16, _BOTH, "bf16 weights: bf16 dispatch; fp8 allowed (group-128 scales, dequantised before bf16 experts)"
+            Precision.BF16,
+            _BOTH,
+            "bf16 weights: bf16 dispatch; fp8 allowed (group-128 scales, dequantised before bf16 experts)",
         ),
         ("fp8_block", Layout.NORMAL): PrecisionRule(
             Precision.FP8, _BOTH, "fp8_block weights: fp8 dispatch by default (w8a8), bf16 allowed"
@@ -452,7 +463,9 @@ def load_config(path: str | Path) -> EPConfig:
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError([("<file>", f"not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}")], str(p)) from None
+        raise ConfigError(
+            [("<file>", f"not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}")], str(p)
+        ) from None
     return parse_config(data, str(p))
 
 
@@ -460,7 +473,9 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
     errs: list[tuple[str, str]] = []
     m, par, d = cfg.model, cfg.parallel, cfg.dispatch
     if m.num_experts % par.ep_size:
-        errs.append(("model.num_experts", f"({m.num_experts}) is not divisible by parallel.ep_size ({par.ep_size})"))
+        errs.append(
+            ("model.num_experts", f"({m.num_experts}) is not divisible by parallel.ep_size ({par.ep_size})")
+        )
     if d.backend == "deepep":
         if par.device != "cuda":
             errs.append(("dispatch.backend", "'deepep' needs parallel.device 'cuda'; allowed on cpu: torch"))
@@ -469,10 +484,15 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
         rpn = par.resolved_ranks_per_node
         if par.nodes > 1 and rpn != DEEPEP_MAX_NVL_PEERS:
             errs.append(
-                ("parallel.ranks_per_node", f"({rpn}) DeepEP internode mode needs {DEEPEP_MAX_NVL_PEERS} ranks per node")
+                (
+                    "parallel.ranks_per_node",
+                    f"({rpn}) DeepEP internode mode needs {DEEPEP_MAX_NVL_PEERS} ranks per node",
+                )
             )
         if (m.hidden_size * 2) % 16:
-            errs.append(("model.hidden_size", f"({m.hidden_size}) DeepEP needs rows of a multiple of 16 bytes"))
+            errs.append(
+                ("model.hidden_size", f"({m.hidden_size}) DeepEP needs rows of a multiple of 16 bytes")
+            )
         if d.mode in ("low_latency", "auto"):
             if m.hidden_size not in DEEPEP_LOW_LATENCY_HIDDEN_SIZES:
                 errs.append(
@@ -483,9 +503,19 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
                     )
                 )
             if m.top_k > DEEPEP_LOW_LATENCY_MAX_TOPK:
-                errs.append(("model.top_k", f"({m.top_k}) exceeds DeepEP low-latency's maximum of {DEEPEP_LOW_LATENCY_MAX_TOPK}"))
+                errs.append(
+                    (
+                        "model.top_k",
+                        f"({m.top_k}) exceeds DeepEP low-latency's maximum of {DEEPEP_LOW_LATENCY_MAX_TOPK}",
+                    )
+                )
     if par.device == "cpu" and cfg.kernels.experts == "triton":
-        errs.append(("kernels.experts", "'triton' needs parallel.device 'cuda' (CPU runs use 'torch'); allowed on cpu: auto, torch"))
+        errs.append(
+            (
+                "kernels.experts",
+                "'triton' needs parallel.device 'cuda' (CPU runs use 'torch'); allowed on cpu: auto, torch",
+            )
+        )
     if par.device == "cpu" and cfg.kernels.router_gemm == "cublas":
         errs.append(("kernels.router_gemm", "'cublas' needs parallel.device 'cuda'; allowed on cpu: auto"))
     # Explicit precisions against the policy.
@@ -494,17 +524,35 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
         rule = PRECISION_POLICY[(m.weights, layout)]
         if choice != "auto" and Precision(choice) not in rule.allowed:
             allowed = ", ".join(["auto"] + sorted(p.value for p in rule.allowed))
-            errs.append((f"dispatch.precision.{layout.value}", f"'{choice}' breaks the rule: {rule.rule}; allowed: {allowed}"))
+            errs.append(
+                (
+                    f"dispatch.precision.{layout.value}",
+                    f"'{choice}' breaks the rule: {rule.rule}; allowed: {allowed}",
+                )
+            )
         precision = rule.default if choice == "auto" else Precision(choice)
         if precision == Precision.FP8:
             if m.hidden_size % FP8_GROUP:
                 errs.append(
-                    (f"dispatch.precision.{layout.value}", f"fp8 dispatch needs model.hidden_size ({m.hidden_size}) to be a multiple of 128")
+                    (
+                        f"dispatch.precision.{layout.value}",
+                        f"fp8 dispatch needs model.hidden_size ({m.hidden_size}) to be a multiple of 128",
+                    )
                 )
             if d.backend == "torch" and par.resolved_dist_backend == "gloo" and d.fp8_transport == "native":
-                errs.append(("dispatch.fp8_transport", "'native' fp8 cannot travel over gloo; allowed with gloo: auto, bytes"))
+                errs.append(
+                    (
+                        "dispatch.fp8_transport",
+                        "'native' fp8 cannot travel over gloo; allowed with gloo: auto, bytes",
+                    )
+                )
     if d.auto.normal_above_tokens is not None and d.mode != "auto":
-        errs.append(("dispatch.auto.normal_above_tokens", f"only applies with dispatch.mode 'auto' (mode is '{d.mode}')"))
+        errs.append(
+            (
+                "dispatch.auto.normal_above_tokens",
+                f"only applies with dispatch.mode 'auto' (mode is '{d.mode}')",
+            )
+        )
     return errs
 
 
@@ -529,7 +577,9 @@ def deepep_low_latency_rdma_bytes(capacity: int, hidden: int, num_ranks: int, nu
     return (total + align - 1) // align * align
 
 
-def deepep_normal_nvl_bytes(hidden: int, num_ranks: int, num_sms: int, num_max_nvl_chunked_recv_tokens: int) -> int:
+def deepep_normal_nvl_bytes(
+    hidden: int, num_ranks: int, num_sms: int, num_max_nvl_chunked_recv_tokens: int
+) -> int:
     """Bytes of DeepEP's intranode buffer (mirrors `Config.get_nvl_buffer_size_hint` for bf16 rows)."""
     max_topk, max_scales, source_meta = 128, 128, 8
     num_rdma_ranks = max(num_ranks // DEEPEP_MAX_NVL_PEERS, 1)
@@ -557,12 +607,18 @@ def resolve_plan(cfg: EPConfig) -> RuntimePlan:
         if d.backend == "deepep":
             if layout == Layout.NORMAL:
                 recv_tokens = max(
-                    [c.num_max_nvl_chunked_recv_tokens for c in (d.deepep.normal_dispatch, d.deepep.normal_combine) if c]
+                    [
+                        c.num_max_nvl_chunked_recv_tokens
+                        for c in (d.deepep.normal_dispatch, d.deepep.normal_combine)
+                        if c
+                    ]
                     or [_DEEPEP_DEFAULT_NVL_RECV_TOKENS]
                 )
                 nvl = deepep_normal_nvl_bytes(m.hidden_size, par.ep_size, d.deepep.num_sms, recv_tokens)
             else:
-                rdma = deepep_low_latency_rdma_bytes(d.num_max_dispatch_tokens_per_rank, m.hidden_size, par.ep_size, m.num_experts)
+                rdma = deepep_low_latency_rdma_bytes(
+                    d.num_max_dispatch_tokens_per_rank, m.hidden_size, par.ep_size, m.num_experts
+                )
             nvl = d.buffer.num_nvl_bytes if d.buffer.num_nvl_bytes is not None else nvl
             rdma = d.buffer.num_rdma_bytes if d.buffer.num_rdma_bytes is not None else rdma
         modes[layout] = ModePlan(
@@ -591,7 +647,8 @@ def resolve_plan(cfg: EPConfig) -> RuntimePlan:
         experts_impl=experts,
         fused_topk_sum=fused_on,
         router_gemm=cfg.kernels.router_gemm,
-        fp8_bytes_transport=d.fp8_transport == "bytes" or (d.fp8_transport == "auto" and par.resolved_dist_backend == "gloo"),
+        fp8_bytes_transport=d.fp8_transport == "bytes"
+        or (d.fp8_transport == "auto" and par.resolved_dist_backend == "gloo"),
         normal_above_tokens=d.auto.normal_above_tokens or d.num_max_dispatch_tokens_per_rank,
     )
 

@@ -19,7 +19,11 @@ def _entry(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=60),
         )
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
@@ -40,7 +44,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_entry, args=(r, world_size, init_file, fn, args, queue)) for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_entry, args=(r, world_size, init_file, fn, args, queue))
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         results: dict[int, Any] = {}

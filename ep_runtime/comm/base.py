@@ -58,6 +58,7 @@ class Dispatcher(ABC):
 
     def close(self) -> None:
         """Free buffers; the dispatcher is unusable afterwards."""
+        return None
 
 
 _REGISTRY: dict[str, type[Dispatcher]] = {}
