@@ -289,3 +289,10 @@ def test_mutating_examples_never_crashes_with_another_exception():
                     resolve_plan(parse_config(mutated))
                 except ConfigError as exc:
                     assert exc.errors and all(isinstance(p, str) and p for p, _ in exc.errors)
+
+
+def test_docs_config_reference_is_current():
+    from ep_runtime.config import schema_markdown
+
+    doc = (CONFIGS.parents[1] / "docs" / "config.md").read_text()
+    assert doc == schema_markdown(), "docs/config.md is stale: run `python -m ep_runtime.config > docs/config.md`"
