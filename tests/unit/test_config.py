@@ -295,4 +295,12 @@ def test_docs_config_reference_is_current():
     from ep_runtime.config import schema_markdown
 
     doc = (CONFIGS.parents[1] / "docs" / "config.md").read_text()
-    assert doc == schema_markdown(), "docs/config.md is stale: run `python -m ep_runtime.config > docs/config.md`"
+    assert doc == schema_markdown(), (
+        "docs/config.md is stale: run `python -m ep_runtime.config > docs/config.md`"
+    )
+
+
+def test_infinite_or_nan_numbers_rejected():
+    for bad in (float("inf"), float("nan")):
+        errs = errors_of(base(**{"timeouts.step_s": bad}))
+        assert errs[0][0] == "timeouts.step_s"
