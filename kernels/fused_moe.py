@@ -1,0 +1,685 @@
+"""Fused MoE for the normal (flat) layout: token alignment, gate_up GEMM with SiLU*mul in its epilogue,
+down GEMM with the top-k weight (and optionally the top-k sum) in its epilogue.
+
+Pipeline of `fused_moe` (no host synchronisation anywhere; CUDA-graph capturable):
+
+    topk_ids [T, K] --moe_align_block_size--> sorted_token_ids (slots grouped by expert, padded to BLOCK_M)
+    x [T, D] --gate_up grouped GEMM (rows gathered by slot // K), SiLU(gate) * up in the epilogue--> act [T*K, I]
+    (fp8 schemes: act quantised per token per 128-channel group)
+    act --down grouped GEMM, * topk_weight in the epilogue--> either
+        fused top-k sum:  fp32 acc [T, D] += (tl.atomic_add at row slot // K), then one cast to out_dtype
+        unfused:          tmp [T*K, D] out_dtype, then tmp.view(T, K, D).sum(1) (fp32 accumulation)
+
+Schemes (see `SCHEMES`): "bf16" (bf16 weights; fp8 input is dequantised first), "fp8_block" (e4m3
+weights with 128x128 block scales, fp8 activations with per-token-group-128 scales, fp8 tl.dot with
+both scales applied per K-block), "w4a8" (int4 weights packed two per byte with a scale per (row,
+128-group of K), unpacked in-kernel to e4m3 (-8..7 are exact) and multiplied with fp8 tl.dot).
+
+Under the Triton interpreter (CPU tests) bf16 tl.dot is wrong, so the kernel upcasts bf16 operands to
+fp32 through the `UPCAST` constexpr, set only when `TRITON_INTERPRET=1`; the GPU keeps native
+bf16/fp8 tensor-core dots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from ep_runtime.kernels.quant import FP8_DTYPE, per_token_group_dequant_fp8, per_token_group_quant_fp8
+
+SCHEMES = ("bf16", "fp8_block", "w4a8")
+GROUP = 128
+"""Quantisation group along K (activations and w4a8 weights) and the fp8_block weight tile side."""
+_SCHEME_ID = {"bf16": 0, "fp8_block": 1, "w4a8": 2}
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Token alignment
+# --------------------------------------------------------------------------------------------------
+
+
+def align_buffer_size(num_slots: int, block_m: int, num_experts: int) -> int:
+    """Worst-case length of `sorted_token_ids` for `num_slots = T*K` slots: each non-empty expert
+    (at most min(E, T*K) of them) pads by at most block_m - 1; rounded up to a multiple of block_m."""
+    worst = num_slots + min(num_experts, num_slots) * (block_m - 1)
+    return triton.cdiv(worst, block_m) * block_m
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, block_m: int, num_experts: int, expert_map: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the token slots by expert and pad each expert's group to a multiple of `block_m`.
+
+    Args:
+        topk_ids: `[T, K]` int64 expert ids; -1 (or any id outside [0, num_experts)) = skip the slot.
+        block_m: rows per M-block of the grouped GEMM (positive).
+        num_experts: number of experts the ids index (the size of `expert_map` when given).
+        expert_map: optional `[num_experts]` int32 global id -> local id (-1 = not on this rank). The
+            result's expert ids are then local ids; they must be < num_experts (always true when
+            L <= E). Counting uses num_experts buckets, so the local count L is never needed (no sync):
+            unused buckets are empty and take no blocks.
+    Returns:
+        sorted_token_ids: `[S]` int32 flat slot indices `t*K + k`, grouped by expert in ascending
+            expert order, slot order kept within an expert, each group padded with the sentinel `T*K`
+            up to a multiple of block_m; entries past the padded total are the sentinel too.
+            `S = align_buffer_size(T*K, block_m, num_experts)` (worst case, so no host sync).
+        expert_ids: `[S / block_m]` int32 expert of each M-block, -1 for blocks past the padded total.
+        num_tokens_post_padded: `[1]` int32 on topk_ids' device, the padded total.
+    """
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
+        raise ValueError(
+            f"topk_ids must be a [T, K] tensor, got {getattr(topk_ids, 'shape', type(topk_ids))}"
+        )
+    if topk_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"topk_ids.dtype must be int64 (or int32), got {topk_ids.dtype}")
+    if not isinstance(block_m, int) or block_m <= 0:
+        raise ValueError(f"block_m must be a positive int, got {block_m!r}")
+    if not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    dev = topk_ids.device
+    if expert_map is not None:
+        if expert_map.dim() != 1 or expert_map.shape[0] != num_experts:
+            raise ValueError(f"expert_map must be [num_experts={num_experts}], got {tuple(expert_map.shape)}")
+        if expert_map.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"expert_map.dtype must be int32, got {expert_map.dtype}")
+        if expert_map.device != dev:
+            raise ValueError(f"expert_map is on {expert_map.device} but topk_ids is on {dev}")
+
+    num_slots = topk_ids.numel()
+    size = align_buffer_size(num_slots, block_m, num_experts)
+    num_blocks = size // block_m
+    sorted_ids = torch.full((size + 1,), num_slots, dtype=torch.int32, device=dev)
+    if num_slots == 0:
+        return (
+            sorted_ids[:size],
+            torch.full((num_blocks,), -1, dtype=torch.int32, device=dev),
+            torch.zeros(1, dtype=torch.int32, device=dev),
+        )
+    ids = topk_ids.reshape(-1).long()
+    valid = (ids >= 0) & (ids < num_experts)
+    if expert_map is not None:
+        local = expert_map.long()[ids.clamp(0, num_experts - 1)]
+        valid &= (local >= 0) & (local < num_experts)
+        ids = local
+    # Invalid slots go to an extra bucket `num_experts`, which takes no blocks.
+    bucket = torch.where(valid, ids, torch.full_like(ids, num_experts))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    raw_start = torch.cumsum(counts, 0) - counts
+    sorted_bucket, order = torch.sort(bucket, stable=True)
+    rank = torch.arange(num_slots, device=dev) - raw_start[sorted_bucket]
+    is_real = sorted_bucket < num_experts
+    dst = torch.where(is_real, pad_start[sorted_bucket.clamp(max=num_experts - 1)] + rank, size)
+    sorted_ids.index_put_((dst,), order.to(torch.int32))
+    block_start = torch.arange(num_blocks, device=dev) * block_m
+    expert_ids = torch.searchsorted(pad_end, block_start, right=True)
+    total = pad_end[-1:]
+    expert_ids = torch.where(block_start < total, expert_ids, -1).to(torch.int32)
+    return sorted_ids[:size], expert_ids, total.to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Grouped GEMM kernel (gate_up with SiLU*mul, or down with top-k weight / fused top-k sum)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_b_tile(
+    b_ptrs,
+    k_rem,
+    offs_k,
+    SCHEME: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """[BLOCK_K, BLOCK_N] weight tile; w4a8 unpacks two int4 per byte (low nibble = even k) to e4m3."""
+    if SCHEME == 2:
+        p = tl.load(b_ptrs)
+        lo = (p & 0xF).to(tl.int8)
+        hi = (p >> 4).to(tl.int8)
+        lo = (lo ^ 8) - 8
+        hi = (hi ^ 8) - 8
+        w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+        return w.to(tl.float16).to(tl.float8e4nv)
+    elif SCHEME == 1:
+        return tl.load(b_ptrs)
+    else:
+        return tl.load(b_ptrs, mask=offs_k[:, None] < k_rem, other=0.0)
+
+
+@triton.jit
+def _fused_moe_gemm_kernel(
+    # pointers
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    topk_w_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_post_ptr,
+    # sizes
+    N,
+    K,
+    num_slots,
+    top_k,
+    up_offset,
+    # strides (elements)
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    stride_asm,
+    stride_ask,
+    stride_bse,
+    stride_bsn,
+    stride_bsk,
+    # meta
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SCHEME: tl.constexpr,
+    GATE_UP: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One program = one M-block of one expert x one N-block.
+
+    GATE_UP: a rows are tokens `slot // top_k`; two accumulators (gate rows [n], up rows [up_offset + n]
+    of w13), epilogue silu(gate) * up stored at row `slot` of c [T*K, N].
+    else (down): a rows are slots; epilogue * topk_weight[slot]; ATOMIC adds into c [T, N] fp32 at row
+    `slot // top_k`, otherwise stores at row `slot`.
+    b is [E, N_total, K] (k contiguous) or, for w4a8, [E, N_total, K/2] uint8.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.num_programs(0) // num_pid_n
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    num_post = tl.load(num_post_ptr)
+    if pid_m * BLOCK_M >= num_post:
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = slot < num_slots
+    if GATE_UP:
+        a_row = slot // top_k
+    else:
+        a_row = slot
+    a_row = tl.where(row_ok, a_row, 0).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_bn = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    if SCHEME == 2:
+        offs_kb = tl.arange(0, BLOCK_K // 2)
+    else:
+        offs_kb = offs_k
+    b_base = b_ptr + expert * stride_be + offs_kb[:, None] * stride_bk
+    b_ptrs = b_base + offs_bn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATE_UP:
+        b_up_ptrs = b_base + (offs_bn + up_offset)[None, :] * stride_bn
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SCHEME != 0:
+        a_s_ptrs = a_scale_ptr + a_row * stride_asm
+        if SCHEME == 1:
+            b_s_row = offs_bn // 128
+            b_s_row_up = (offs_bn + up_offset) // 128
+        else:
+            b_s_row = offs_bn
+            b_s_row_up = offs_bn + up_offset
+        b_s_ptrs = b_scale_ptr + expert * stride_bse + b_s_row * stride_bsn
+        if GATE_UP:
+            b_s_up_ptrs = b_scale_ptr + expert * stride_bse + b_s_row_up * stride_bsn
+
+    if SCHEME == 2:
+        b_step = (BLOCK_K // 2) * stride_bk
+    else:
+        b_step = BLOCK_K * stride_bk
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_rem = K - kb * BLOCK_K
+        if SCHEME == 0:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_rem), other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        b = _load_b_tile(b_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N)
+        if GATE_UP:
+            b_up = _load_b_tile(b_up_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N)
+        if SCHEME == 0:
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+                if GATE_UP:
+                    b_up = b_up.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            if GATE_UP:
+                acc_up = tl.dot(a, b_up, acc_up)
+        else:
+            a_s = tl.load(a_s_ptrs + kb * stride_ask, mask=row_ok, other=0.0)
+            b_s = tl.load(b_s_ptrs + kb * stride_bsk)
+            acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+            if GATE_UP:
+                b_s_up = tl.load(b_s_up_ptrs + kb * stride_bsk)
+                acc_up += tl.dot(a, b_up) * (a_s[:, None] * b_s_up[None, :])
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += b_step
+        if GATE_UP:
+            b_up_ptrs += b_step
+
+    n_ok = offs_n < N
+    mask = row_ok[:, None] & n_ok[None, :]
+    if GATE_UP:
+        out = acc / (1.0 + tl.exp(-acc)) * acc_up
+        c_ptrs = c_ptr + slot.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        if MUL_WEIGHT:
+            w = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)
+            acc = acc * w[:, None]
+        if ATOMIC:
+            c_row = (slot // top_k).to(tl.int64)
+            c_ptrs = c_ptr + c_row[:, None] * stride_cm + offs_n[None, :] * stride_cn
+            tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+        else:
+            c_ptrs = c_ptr + slot.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Block configs: tuned table with a heuristic fallback
+# --------------------------------------------------------------------------------------------------
+
+_GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+T_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def device_key(device: torch.device | None = None) -> str:
+    """Table key of a CUDA device ('h200', 'h100-80gb-hbm3', ...) or 'cpu'."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return name.replace("NVIDIA ", "").replace(" ", "-").lower()
+
+
+def shape_key(num_experts: int, inter: int, hidden: int, scheme: str) -> str:
+    """Table key for (L, N = I, D, scheme)."""
+    return f"L{num_experts}_N{inter}_D{hidden}_{scheme}"
+
+
+def t_bucket(num_tokens: int) -> int:
+    """Smallest bucket >= T (the largest bucket past the end)."""
+    for b in T_BUCKETS:
+        if num_tokens <= b:
+            return b
+    return T_BUCKETS[-1]
+
+
+@cache
+def _load_table(path: str) -> dict[str, Any]:
+    p = Path(path)
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def heuristic_config(num_tokens: int, top_k: int, num_experts: int, scheme: str) -> dict[str, Any]:
+    """Fallback block config from the expected rows per expert (T*K/L)."""
+    rows = num_tokens * top_k / max(num_experts, 1)
+    bk = 128 if scheme != "bf16" else 64
+    if rows <= 16:
+        gemm = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=16, gate_up=dict(gemm), down=dict(gemm))
+    if rows <= 64:
+        gemm = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=64, gate_up=dict(gemm), down=dict(gemm, BLOCK_N=128))
+    gate_up = dict(BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3 if scheme == "bf16" else 4)
+    down = dict(BLOCK_N=256 if scheme == "bf16" else 128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, gate_up=gate_up, down=down)
+
+
+def get_config(
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    inter: int,
+    hidden: int,
+    scheme: str,
+    device: torch.device | None = None,
+    path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Block config for one fused_moe call: the tuned entry of `kernels/configs/fused_moe.json` for
+    (device, L, I, D, scheme) at the T-bucket nearest T (in log scale), else `heuristic_config`.
+
+    Returns `{"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}, "down": {...}}`.
+    """
+    table = _load_table(str(path or CONFIG_DIR / "fused_moe.json"))
+    entries = table.get(device_key(device), {}).get(shape_key(num_experts, inter, hidden, scheme))
+    if entries:
+        t = max(num_tokens, 1)
+        best = min(entries, key=lambda b: abs(math.log2(int(b)) - math.log2(t)))
+        return entries[best]
+    return heuristic_config(num_tokens, top_k, num_experts, scheme)
+
+
+def _check_config(config: dict[str, Any], scheme: str) -> None:
+    if (
+        not isinstance(config, dict)
+        or "BLOCK_M" not in config
+        or "gate_up" not in config
+        or "down" not in config
+    ):
+        raise ValueError(f"config must be {{'BLOCK_M', 'gate_up': {{...}}, 'down': {{...}}}}, got {config!r}")
+    for name in ("gate_up", "down"):
+        g = config[name]
+        missing = [k for k in _GEMM_KEYS if k not in g]
+        if missing:
+            raise ValueError(f"config[{name!r}] misses {missing}")
+        if scheme != "bf16" and g["BLOCK_K"] != GROUP:
+            raise ValueError(
+                f"config[{name!r}]['BLOCK_K'] must be {GROUP} for scheme {scheme!r}, got {g['BLOCK_K']}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _launch_gemm(
+    a,
+    b,
+    c,
+    a_scale,
+    b_scale,
+    topk_w,
+    align,
+    *,
+    n,
+    k,
+    num_slots,
+    top_k,
+    up_offset,
+    scheme,
+    gate_up,
+    mul_weight,
+    atomic,
+    block_m,
+    cfg,
+):
+    sorted_ids, expert_ids, num_post = align
+    num_pid_m = sorted_ids.shape[0] // block_m
+    grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
+    sid = _SCHEME_ID[scheme]
+    if sid == 0:
+        a_scale = b_scale = a  # unused pointers
+        s_a = (0, 0)
+        s_b = (0, 0, 0)
+    else:
+        s_a = a_scale.stride()
+        s_b = b_scale.stride()
+    _fused_moe_gemm_kernel[grid](
+        a,
+        b,
+        c,
+        a_scale,
+        b_scale,
+        topk_w if topk_w is not None else a,
+        sorted_ids,
+        expert_ids,
+        num_post,
+        n,
+        k,
+        num_slots,
+        top_k,
+        up_offset,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        c.stride(0),
+        c.stride(1),
+        s_a[0],
+        s_a[1],
+        s_b[0],
+        s_b[1],
+        s_b[2],
+        BLOCK_M=block_m,
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"],
+        SCHEME=sid,
+        GATE_UP=gate_up,
+        MUL_WEIGHT=mul_weight,
+        ATOMIC=atomic,
+        UPCAST=_INTERPRET and sid == 0,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+
+
+def _check_weights(name, w, scale, scheme, num_experts, rows, cols, device) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        raise ValueError(f"{name} must be a [L, N, K] tensor, got {getattr(w, 'shape', type(w))}")
+    if w.device != device:
+        raise ValueError(f"{name} is on {w.device} but x is on {device}")
+    want_cols = cols // 2 if scheme == "w4a8" else cols
+    if tuple(w.shape) != (num_experts, rows, want_cols):
+        raise ValueError(
+            f"{name} shape must be {(num_experts, rows, want_cols)} for scheme {scheme!r}, got {tuple(w.shape)}"
+        )
+    want_dtype = {"bf16": torch.bfloat16, "fp8_block": FP8_DTYPE, "w4a8": torch.uint8}[scheme]
+    if w.dtype != want_dtype:
+        raise ValueError(f"{name}.dtype must be {want_dtype} for scheme {scheme!r}, got {w.dtype}")
+    if w.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous along its last dim")
+    if scheme == "bf16":
+        if scale is not None:
+            raise ValueError(f"{name}_scale must be None for scheme 'bf16'")
+        return
+    if scale is None:
+        raise ValueError(f"{name}_scale is required for scheme {scheme!r}")
+    if scheme == "fp8_block":
+        want = (num_experts, triton.cdiv(rows, GROUP), triton.cdiv(cols, GROUP))
+    else:
+        want = (num_experts, rows, cols // GROUP)
+    if tuple(scale.shape) != want or scale.dtype != torch.float32:
+        raise ValueError(f"{name}_scale must be {want} float32, got {tuple(scale.shape)} {scale.dtype}")
+    if scale.device != device:
+        raise ValueError(f"{name}_scale is on {scale.device} but x is on {device}")
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    scheme: str = "bf16",
+    x_scale: torch.Tensor | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    fused_topk_sum: bool | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Local experts' MLP on the normal layout: `out[t] = sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t)`.
+
+    Args:
+        x: `[T, D]` bfloat16, or float8_e4m3fn with `x_scale` `[T, D/128]` float32 (any strides), as
+            DeepEP's FP8 normal dispatch delivers it.
+        w13: `[L, 2I, D]` (gate rows [0, I), up rows [I, 2I)): bfloat16 ("bf16"), float8_e4m3fn
+            ("fp8_block") or uint8 `[L, 2I, D/2]` packed int4 ("w4a8", low nibble = even k).
+        w2: `[L, D, I]` likewise (`[L, D, I/2]` uint8 for "w4a8").
+        topk_ids: `[T, K]` int64 local expert ids; -1 (or any id outside [0, L)) = the slot's expert
+            is elsewhere: it contributes nothing.
+        topk_weights: `[T, K]` float32.
+        scheme: "bf16" | "fp8_block" | "w4a8". fp8 schemes need D % 128 == 0 and I % 128 == 0.
+        w13_scale, w2_scale: "fp8_block": `[L, ceil(N/128), ceil(K/128)]` float32 block scales;
+            "w4a8": `[L, N, K/128]` float32 per-(row, group) scales; None for "bf16".
+        fused_topk_sum: True: the down GEMM atomically adds each slot's weighted output into an fp32
+            `[T, D]` accumulator (one rounding to out_dtype at the end; summation order is not
+            deterministic). False: per-slot outputs are rounded to out_dtype in `[T*K, D]`, then summed
+            over K in fp32 and rounded once more. None: fused when K > 2.
+        out_dtype: bfloat16 | float16 | float32.
+        config: block config (see `get_config`); None = tuned table / heuristic.
+    Returns: `[T, D]` out_dtype. Rows whose slots are all skipped are exactly 0.
+    The call never synchronises with the host.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a [T, D] tensor, got {getattr(x, 'shape', type(x))}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    dev = x.device
+    num_tokens, hidden = x.shape
+    if w13 is None or w2 is None or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError("w13 must be [L, 2I, D] and w2 [L, D, I]")
+    num_experts = w13.shape[0]
+    if w13.shape[1] % 2:
+        raise ValueError(
+            f"w13 must be [L, 2I, D] (gate rows then up rows); its dim 1 ({w13.shape[1]}) is odd"
+        )
+    inter = w13.shape[1] // 2
+    _check_weights("w13", w13, w13_scale, scheme, num_experts, 2 * inter, hidden, dev)
+    _check_weights("w2", w2, w2_scale, scheme, num_experts, hidden, inter, dev)
+    if scheme != "bf16" and (hidden % GROUP or inter % GROUP):
+        raise ValueError(f"scheme {scheme!r} needs D ({hidden}) and I ({inter}) to be multiples of {GROUP}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids must be [T={num_tokens}, K], got {tuple(topk_ids.shape)}")
+    if topk_ids.dtype != torch.int64:
+        raise ValueError(f"topk_ids.dtype must be int64, got {topk_ids.dtype}")
+    if topk_weights.shape != topk_ids.shape or topk_weights.dtype != torch.float32:
+        raise ValueError(
+            f"topk_weights must be {tuple(topk_ids.shape)} float32, got {tuple(topk_weights.shape)} {topk_weights.dtype}"
+        )
+    if topk_ids.device != dev or topk_weights.device != dev:
+        raise ValueError(f"topk_ids/topk_weights must be on x's device {dev}")
+    if x.dtype == FP8_DTYPE:
+        if x_scale is None:
+            raise ValueError("x is float8_e4m3fn: x_scale [T, D/128] float32 is required")
+        if hidden % GROUP:
+            raise ValueError(f"fp8 x needs D ({hidden}) to be a multiple of {GROUP}")
+        if tuple(x_scale.shape) != (num_tokens, hidden // GROUP) or x_scale.dtype != torch.float32:
+            raise ValueError(
+                f"x_scale must be [{num_tokens}, {hidden // GROUP}] float32, got {tuple(x_scale.shape)} {x_scale.dtype}"
+            )
+        if x_scale.device != dev:
+            raise ValueError(f"x_scale is on {x_scale.device} but x is on {dev}")
+    elif x.dtype == torch.bfloat16:
+        if x_scale is not None:
+            raise ValueError("x_scale must be None when x is bfloat16")
+    else:
+        raise ValueError(f"x.dtype must be bfloat16 or float8_e4m3fn, got {x.dtype}")
+    if x.stride(-1) != 1:
+        raise ValueError("x must be contiguous along its last dim")
+
+    top_k = topk_ids.shape[1]
+    if fused_topk_sum is None:
+        fused_topk_sum = top_k > 2
+    if config is None:
+        config = get_config(num_tokens, top_k, num_experts, inter, hidden, scheme, dev)
+    _check_config(config, scheme)
+    if num_tokens == 0 or top_k == 0:
+        return torch.zeros((num_tokens, hidden), dtype=out_dtype, device=dev)
+
+    # Activations in the scheme's format.
+    if scheme == "bf16":
+        a1, a1_scale = (
+            (per_token_group_dequant_fp8(x, x_scale, GROUP), None) if x.dtype == FP8_DTYPE else (x, None)
+        )
+    elif x.dtype == FP8_DTYPE:
+        a1, a1_scale = x, x_scale
+    else:
+        a1, a1_scale = per_token_group_quant_fp8(x, GROUP)
+
+    block_m = int(config["BLOCK_M"])
+    num_slots = num_tokens * top_k
+    align = moe_align_block_size(topk_ids, block_m, num_experts)
+
+    act = torch.empty((num_slots, inter), dtype=torch.bfloat16, device=dev)
+    _launch_gemm(
+        a1,
+        w13,
+        act,
+        a1_scale,
+        w13_scale,
+        None,
+        align,
+        n=inter,
+        k=hidden,
+        num_slots=num_slots,
+        top_k=top_k,
+        up_offset=inter,
+        scheme=scheme,
+        gate_up=True,
+        mul_weight=False,
+        atomic=False,
+        block_m=block_m,
+        cfg=config["gate_up"],
+    )
+    if scheme == "bf16":
+        a2, a2_scale = act, None
+    else:
+        a2, a2_scale = per_token_group_quant_fp8(act, GROUP)
+
+    flat_w = topk_weights.reshape(-1)
+    if fused_topk_sum:
+        acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=dev)
+        c = acc
+    else:
+        c = torch.zeros((num_slots, hidden), dtype=out_dtype, device=dev)
+    _launch_gemm(
+        a2,
+        w2,
+        c,
+        a2_scale,
+        w2_scale,
+        flat_w,
+        align,
+        n=hidden,
+        k=inter,
+        num_slots=num_slots,
+        top_k=top_k,
+        up_offset=0,
+        scheme=scheme,
+        gate_up=False,
+        mul_weight=True,
+        atomic=fused_topk_sum,
+        block_m=block_m,
+        cfg=config["down"],
+    )
+    if fused_topk_sum:
+        return acc if out_dtype == torch.float32 else acc.to(out_dtype)
+    if top_k == 1:
+        return c
+    return c.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(out_dtype)

@@ -1,0 +1,329 @@
+"""fused_moe under the Triton interpreter against float64 torch references (tiny shapes).
+
+Tolerances (normwise relative error vs the float64 reference with the same activation quantisation):
+bf16 1e-2 (bf16 operands, bf16-rounded SiLU*mul activation); fp8_block and w4a8 3e-2 (the reference
+and the kernel may round a handful of activations to neighbouring fp8 values).
+"""
+
+from __future__ import annotations
+
+import torch
+from ep_runtime.kernels.quant import (
+    dequantize_fp8_block,
+    dequantize_w4a8,
+    per_token_group_dequant_fp8,
+    per_token_group_quant_fp8,
+    quantize_fp8_block,
+    quantize_w4a8,
+)
+
+
+def ref_align(topk_ids, block_m, num_experts, expert_map=None):
+    """Python-loop reference of moe_align_block_size (returns lists / ints, padded total)."""
+    flat = topk_ids.reshape(-1).tolist()
+    emap = expert_map.tolist() if expert_map is not None else None
+    groups = [[] for _ in range(num_experts)]
+    for slot, e in enumerate(flat):
+        if e < 0 or e >= num_experts:
+            continue
+        if emap is not None:
+            e = emap[e]
+            if e < 0:
+                continue
+        groups[e].append(slot)
+    sentinel = len(flat)
+    ids, blocks = [], []
+    for e, g in enumerate(groups):
+        if not g:
+            continue
+        n = -(-len(g) // block_m) * block_m
+        ids += g + [sentinel] * (n - len(g))
+        blocks += [e] * (n // block_m)
+    return ids, blocks, len(ids)
+
+
+def make_weights(num_experts, inter, hidden, scheme, device="cpu", std=0.1):
+    """Random expert weights in the scheme's format plus their dequantised float32 values.
+
+    Returns (w13, w13_scale, w2, w2_scale, w13_f32, w2_f32)."""
+    w13 = torch.randn(num_experts, 2 * inter, hidden, device=device) * std
+    w2 = torch.randn(num_experts, hidden, inter, device=device) * std
+    if scheme == "bf16":
+        w13, w2 = w13.bfloat16(), w2.bfloat16()
+        return w13, None, w2, None, w13.float(), w2.float()
+    if scheme == "fp8_block":
+        q13, s13 = quantize_fp8_block(w13)
+        q2, s2 = quantize_fp8_block(w2)
+        return q13, s13, q2, s2, dequantize_fp8_block(q13, s13), dequantize_fp8_block(q2, s2)
+    q13, s13 = quantize_w4a8(w13)
+    q2, s2 = quantize_w4a8(w2)
+    return q13, s13, q2, s2, dequantize_w4a8(q13, s13), dequantize_w4a8(q2, s2)
+
+
+def ref_moe(x, x_scale, w13_f, w2_f, topk_ids, topk_weights, scheme):
+    """float64 reference with the kernel's activation semantics: fp8 schemes quantise x per token
+    group (unless it arrives as fp8) and the bf16-rounded SiLU*mul activation per token group."""
+    if x.dtype == torch.float8_e4m3fn:
+        xa = per_token_group_dequant_fp8(x, x_scale, out_dtype=torch.float32)
+        if scheme == "bf16":
+            xa = xa.bfloat16().float()
+    elif scheme == "bf16":
+        xa = x.float()
+    else:
+        q, s = per_token_group_quant_fp8(x)
+        xa = per_token_group_dequant_fp8(q, s, out_dtype=torch.float32)
+    xa = xa.double()
+    T, D = x.shape
+    inter = w2_f.shape[2]
+    out = torch.zeros(T, D, dtype=torch.float64, device=x.device)
+    for e in range(w13_f.shape[0]):
+        t, k = torch.nonzero(topk_ids == e, as_tuple=True)
+        if t.numel() == 0:
+            continue
+        h = xa[t] @ w13_f[e].double().t()
+        g, u = h[:, :inter], h[:, inter:]
+        act = (g * torch.sigmoid(g) * u).to(torch.bfloat16)
+        if scheme != "bf16":
+            q, s = per_token_group_quant_fp8(act)
+            act = per_token_group_dequant_fp8(q, s, out_dtype=torch.float32)
+        y = act.double() @ w2_f[e].double().t()
+        out.index_add_(0, t, y * topk_weights[t, k].double()[:, None])
+    return out
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def random_routing(T, K, num_experts, device="cpu", skip_frac=0.0):
+    """Distinct experts per token; a fraction of slots set to -1."""
+    ids = (
+        torch.rand(T, num_experts, device=device).argsort(dim=1)[:, :K].long()
+        if T
+        else torch.empty(0, K, dtype=torch.long, device=device)
+    )
+    if skip_frac:
+        ids = torch.where(torch.rand(ids.shape, device=device) < skip_frac, -1, ids)
+    w = torch.rand(T, K, device=device) + 0.1
+    return ids, w.float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+# ------------------------------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+from ep_runtime.kernels import fused_moe as fm  # noqa: E402
+
+TOL = {"bf16": 1e-2, "fp8_block": 3e-2, "w4a8": 3e-2}
+
+
+def tiny_config(scheme, block_m=16, block_n=32, block_k=32):
+    bk = block_k if scheme == "bf16" else 128
+    g = dict(BLOCK_N=block_n, BLOCK_K=bk, GROUP_M=2, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=block_m, gate_up=dict(g), down=dict(g))
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """Every float torch.empty inside the block comes back NaN-filled (catches unwritten, then read, rows)."""
+    orig = torch.empty
+
+    def empty(*args, **kwargs):
+        t = orig(*args, **kwargs)
+        if t.is_floating_point() and t.dtype != torch.float8_e4m3fn:
+            t.fill_(float("nan"))
+        return t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = orig
+
+
+def run_case(
+    T, K, L, D, inter, scheme, *, fused=None, fp8_input=False, skip_frac=0.2, config=None, dead_row=True
+):
+    w13, s13, w2, s2, w13_f, w2_f = make_weights(L, inter, D, scheme)
+    ids, w = random_routing(T, K, L, skip_frac=skip_frac)
+    if dead_row and T > 1:
+        ids[T // 2] = -1  # a token none of whose experts is local: its row must be exactly 0
+    x = torch.randn(T, D).bfloat16()
+    x_scale = None
+    if fp8_input:
+        x, x_scale = per_token_group_quant_fp8(x)
+    with poisoned_empty():
+        out = fm.fused_moe(
+            x,
+            w13,
+            w2,
+            ids,
+            w,
+            scheme=scheme,
+            x_scale=x_scale,
+            w13_scale=s13,
+            w2_scale=s2,
+            fused_topk_sum=fused,
+            config=config or tiny_config(scheme),
+        )
+    ref = ref_moe(x, x_scale, w13_f, w2_f, ids, w, scheme)
+    assert out.shape == (T, D) and out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    if T:
+        err = rel_err(out, ref)
+        assert err < TOL[scheme], f"{scheme} rel err {err}"
+    dead = (ids < 0).all(dim=1)
+    assert (out[dead] == 0).all()
+    return out, ref
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_odd_sizes(rng_seed, fused):
+    # D, I not multiples of the blocks; E = 3 (not a power of two); -1 slots; a dead row.
+    run_case(T=9, K=3, L=3, D=72, inter=40, scheme="bf16", fused=fused)
+
+
+def test_bf16_fused_matches_unfused(rng_seed):
+    L, inter, D, T, K = 5, 48, 64, 11, 4
+    w13, _, w2, _, _, _ = make_weights(L, inter, D, "bf16")
+    ids, w = random_routing(T, K, L, skip_frac=0.1)
+    x = torch.randn(T, D).bfloat16()
+    cfg = tiny_config("bf16")
+    a = fm.fused_moe(x, w13, w2, ids, w, fused_topk_sum=True, out_dtype=torch.float32, config=cfg)
+    b = fm.fused_moe(x, w13, w2, ids, w, fused_topk_sum=False, out_dtype=torch.float32, config=cfg)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # fp32 accumulation, one bf16 rounding at the end: the bf16 result is the fp32 one rounded.
+    c = fm.fused_moe(x, w13, w2, ids, w, fused_topk_sum=True, out_dtype=torch.bfloat16, config=cfg)
+    torch.testing.assert_close(c, a.bfloat16(), rtol=0, atol=0)
+
+
+def test_bf16_k2_default_unfused_and_fp8_input(rng_seed):
+    # K = 2: the default is the unfused sum; x arrives in DeepEP's fp8 format and is dequantised first.
+    run_case(T=6, K=2, L=4, D=128, inter=48, scheme="bf16", fp8_input=True)
+
+
+def test_bf16_t0_t1_and_all_on_one_expert(rng_seed):
+    run_case(T=0, K=2, L=3, D=40, inter=24, scheme="bf16")
+    run_case(T=1, K=2, L=3, D=40, inter=24, scheme="bf16", skip_frac=0.0)
+    L, inter, D, T = 3, 24, 40, 20
+    w13, _, w2, _, w13_f, w2_f = make_weights(L, inter, D, "bf16")
+    ids = torch.full((T, 1), 1, dtype=torch.long)
+    w = torch.rand(T, 1)
+    x = torch.randn(T, D).bfloat16()
+    out = fm.fused_moe(x, w13, w2, ids, w, config=tiny_config("bf16", block_m=8))
+    assert rel_err(out, ref_moe(x, None, w13_f, w2_f, ids, w, "bf16")) < TOL["bf16"]
+
+
+def test_bf16_default_config(rng_seed):
+    run_case(T=3, K=3, L=4, D=64, inter=32, scheme="bf16", config=fm.get_config(3, 3, 4, 32, 64, "bf16"))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp8_block(rng_seed, fused):
+    run_case(T=7, K=3, L=3, D=256, inter=128, scheme="fp8_block", fused=fused)
+
+
+def test_fp8_block_fp8_input(rng_seed):
+    run_case(T=5, K=3, L=3, D=128, inter=256, scheme="fp8_block", fp8_input=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_w4a8(rng_seed, fused):
+    run_case(T=6, K=3, L=3, D=256, inter=128, scheme="w4a8", fused=fused, fp8_input=fused)
+
+
+def test_gate_up_writes_every_valid_row(rng_seed):
+    """Launch the gate_up GEMM alone into a NaN-poisoned buffer: valid slots written, others untouched."""
+    L, inter, D, T, K = 3, 40, 72, 7, 2
+    w13, _, _, _, w13_f, _ = make_weights(L, inter, D, "bf16")
+    ids, _ = random_routing(T, K, L, skip_frac=0.3)
+    x = torch.randn(T, D).bfloat16()
+    cfg = tiny_config("bf16")
+    act = torch.full((T * K, inter), float("nan"), dtype=torch.bfloat16)
+    align = fm.moe_align_block_size(ids, cfg["BLOCK_M"], L)
+    fm._launch_gemm(
+        x,
+        w13,
+        act,
+        None,
+        None,
+        None,
+        align,
+        n=inter,
+        k=D,
+        num_slots=T * K,
+        top_k=K,
+        up_offset=inter,
+        scheme="bf16",
+        gate_up=True,
+        mul_weight=False,
+        atomic=False,
+        block_m=cfg["BLOCK_M"],
+        cfg=cfg["gate_up"],
+    )
+    valid = ids.reshape(-1) >= 0
+    assert torch.isfinite(act[valid]).all()
+    assert torch.isnan(act[~valid]).all()
+    tok = torch.arange(T * K)[valid] // K
+    e = ids.reshape(-1)[valid]
+    h = torch.einsum("sd,snd->sn", x[tok].double(), w13_f[e].double())
+    ref = h[:, :inter] * torch.sigmoid(h[:, :inter]) * h[:, inter:]
+    assert rel_err(act[valid], ref) < 1e-2
+
+
+def test_config_table_lookup(tmp_path):
+    table = {
+        "cpu": {
+            fm.shape_key(4, 32, 64, "bf16"): {"16": tiny_config("bf16", 16), "256": tiny_config("bf16", 64)}
+        }
+    }
+    p = tmp_path / "t.json"
+    p.write_text(__import__("json").dumps(table))
+    assert fm.get_config(10, 2, 4, 32, 64, "bf16", path=p)["BLOCK_M"] == 16
+    assert fm.get_config(200, 2, 4, 32, 64, "bf16", path=p)["BLOCK_M"] == 64
+    assert fm.get_config(10, 2, 4, 32, 96, "bf16", path=p) == fm.heuristic_config(10, 2, 4, "bf16")
+
+
+def test_errors():
+    L, inter, D, T, K = 2, 128, 128, 3, 2
+    w13, s13, w2, s2, _, _ = make_weights(L, inter, D, "fp8_block")
+    b13, _, b2, _, _, _ = make_weights(L, inter, D, "bf16")
+    x = torch.randn(T, D).bfloat16()
+    ids, w = random_routing(T, K, L)
+    with pytest.raises(ValueError, match="scheme"):
+        fm.fused_moe(x, b13, b2, ids, w, scheme="int8")
+    with pytest.raises(ValueError, match="w13_scale is required"):
+        fm.fused_moe(x, w13, w2, ids, w, scheme="fp8_block")
+    with pytest.raises(ValueError, match="w13.dtype"):
+        fm.fused_moe(x, b13, b2, ids, w, scheme="fp8_block", w13_scale=s13, w2_scale=s2)
+    with pytest.raises(ValueError, match="w2 shape"):
+        fm.fused_moe(x, b13, b2[:, :, :64], ids, w)
+    with pytest.raises(ValueError, match="x.dtype"):
+        fm.fused_moe(x.float(), b13, b2, ids, w)
+    with pytest.raises(ValueError, match="x_scale"):
+        fm.fused_moe(x.to(torch.float8_e4m3fn), b13, b2, ids, w)
+    with pytest.raises(ValueError, match="topk_ids"):
+        fm.fused_moe(x, b13, b2, ids[:2], w[:2])
+    with pytest.raises(ValueError, match="topk_weights"):
+        fm.fused_moe(x, b13, b2, ids, w.double())
+    with pytest.raises(ValueError, match="out_dtype"):
+        fm.fused_moe(x, b13, b2, ids, w, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        o13, o13s, o2, o2s, _, _ = make_weights(L, 64, D, "fp8_block")
+        fm.fused_moe(x, o13, o2, ids, w, scheme="fp8_block", w13_scale=o13s, w2_scale=o2s)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        fm.fused_moe(
+            x,
+            w13,
+            w2,
+            ids,
+            w,
+            scheme="fp8_block",
+            w13_scale=s13,
+            w2_scale=s2,
+            config=tiny_config("bf16")
+            | {"gate_up": dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)},
+        )
