@@ -1,0 +1,748 @@
+"""Masked grouped GEMM and expert MLP for the low-latency layout.
+
+DeepEP's low-latency dispatch hands each rank `x [L, M, D]` (`M = C*R` rows per local expert) with
+`counts [L]` int32: only the first `counts[e]` rows of expert `e` are valid. The kernels here run
+one GEMM per expert over the valid rows only. The grid is `(L, N-blocks, GRID_M)` and each program
+walks the M-blocks below `cdiv(counts[e], BLOCK_M)`, so rows at or past the count are never read
+and time grows with the valid rows, not with M. No host syncs: counts stay on the device.
+
+One `@triton.jit` kernel covers every operand format through compile-time modes:
+
+A (activations):  `bf16`; `fp8 + per-token-group-128 scales` dequantised to bf16 (bf16 weights);
+    `fp8 + group scales` with an fp8 dot (fp8_block); `bf16 -> fp8 per-token-group` quantised
+    in-kernel; `bf16 -> fp8 per-tensor` quantised in-kernel from a device amax (w4a8).
+B (weights):      `bf16`; `fp8 e4m3 + 128x128 block scales`; `int4 packed two per byte +
+    per-(row, 128-group) scales`, unpacked in-kernel to exact e4m3 (values -8..7) for the fp8 dot.
+Epilogue:         plain store; gated `silu(gate) * up` (gate rows [0, I), up rows [I, 2I) of w13)
+    stored bf16, or requantised per-token-group-128 to fp8 + scales, or stored bf16 while the
+    block's amax is folded into a device scalar (per-tensor requant for the down GEMM).
+
+Rows >= counts[e] of every output are left UNDEFINED (never written; outputs come from
+`torch.empty`). Under TRITON_INTERPRET bf16 operands are upcast to fp32 before `tl.dot` and the
+in-kernel fp32->e4m3 cast is done on an exactly representable value rounded in fp32 arithmetic
+(the interpreter's own cast mis-rounds); compiled GPU code uses native bf16/fp8 dots and casts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS
+
+SCHEMES = ("bf16", "fp8_block", "w4a8")
+GROUP = 128
+CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "masked_grouped_gemm.json"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# A modes
+A_BF16, A_FP8G_DEQ, A_FP8G, A_BF16_QG, A_BF16_QT = 0, 1, 2, 3, 4
+# B modes
+B_BF16, B_FP8_BLOCK, B_INT4 = 0, 1, 2
+# epilogue modes
+OUT_PLAIN, OUT_FP8G, OUT_AMAX = 0, 1, 2
+
+
+@triton.jit
+def _round_to_fp8(v, EMULATE: tl.constexpr):
+    """fp32 `v` (already clamped to +-448) -> float8e4nv, round to nearest even.
+
+    EMULATE (interpreter only): round in fp32 to 3 mantissa bits first, so the final cast is of
+    an exactly representable value."""
+    if EMULATE:
+        a = tl.abs(v)
+        e = tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30))), -6.0)
+        step = tl.exp2(e - 3.0)
+        r = a / step
+        f = tl.floor(r)
+        d = r - f
+        odd = f - 2.0 * tl.floor(f * 0.5)
+        f = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
+        q = tl.where(v < 0, -f * step, f * step)
+        return q.to(tl.float8e4nv)
+    else:
+        return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def _load_b_tile(
+    b_base, offs_n, offs_k, mask_n, K, stride_bn, stride_bk, B_MODE: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """Weight tile as [BLOCK_K, BLOCK_N] (bf16/fp8), or for INT4 the (even-k, odd-k) halves as two
+    [BLOCK_K/2, BLOCK_N] e4m3 tiles (`offs_k` then indexes packed bytes)."""
+    if B_MODE == 2:
+        mask = (offs_k[:, None] < K // 2) & mask_n[None, :]
+        p = tl.load(b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk, mask=mask, other=0)
+        lo = (p & 15).to(tl.int8)
+        hi = (p >> 4).to(tl.int8)
+        lo = ((lo ^ 8) - 8).to(tl.float16).to(tl.float8e4nv)
+        hi = ((hi ^ 8) - 8).to(tl.float16).to(tl.float8e4nv)
+        return lo, hi
+    else:
+        mask = (offs_k[:, None] < K) & mask_n[None, :]
+        b = tl.load(b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk, mask=mask, other=0.0)
+        return b, b
+
+
+@triton.jit
+def _masked_gemm_kernel(
+    # pointers
+    a_ptr,
+    a_scale_ptr,
+    b_ptr,
+    b_scale_ptr,
+    out_ptr,
+    out_scale_ptr,
+    counts_ptr,
+    amax_in_ptr,
+    amax_out_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    up_offset,
+    # strides
+    stride_al,
+    stride_am,
+    stride_ak,
+    stride_asl,
+    stride_asm,
+    stride_ask,
+    stride_bl,
+    stride_bn,
+    stride_bk,
+    stride_bsl,
+    stride_bsn,
+    stride_bsk,
+    stride_ol,
+    stride_om,
+    stride_on,
+    stride_osl,
+    stride_osm,
+    stride_osn,
+    # meta
+    A_MODE: tl.constexpr,
+    B_MODE: tl.constexpr,
+    OUT_MODE: tl.constexpr,
+    GATED: tl.constexpr,
+    B_SCALE_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Program (expert e, n-block, m-lane) computes out[e, m-blocks, n-block] for the valid m-blocks
+    m-lane, m-lane + GRID_M, ... of expert e (none when counts[e] == 0)."""
+    e = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_m0 = tl.program_id(2)
+    grid_m = tl.num_programs(2)
+    count = tl.minimum(tl.load(counts_ptr + e), M)
+    num_m_blocks = tl.cdiv(count, BLOCK_M)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if B_MODE == 2:
+        offs_kb = tl.arange(0, BLOCK_K // 2)  # packed bytes of B; A uses even/odd columns
+    else:
+        offs_kb = tl.arange(0, BLOCK_K)
+    b_base = b_ptr + e.to(tl.int64) * stride_bl
+    a_base = a_ptr + e.to(tl.int64) * stride_al
+    if A_MODE == 4:
+        a_tensor_scale = tl.maximum(tl.load(amax_in_ptr), 1e-10) / 448.0
+
+    for pid_m in range(pid_m0, num_m_blocks, grid_m):
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            # ---- B tile(s)
+            if B_MODE == 2:
+                kb = k0 // 2 + offs_kb
+            else:
+                kb = k0 + offs_kb
+            b0, b1 = _load_b_tile(b_base, offs_n, kb, mask_n, K, stride_bn, stride_bk, B_MODE, BLOCK_K)
+            if GATED:
+                u0, u1 = _load_b_tile(
+                    b_base + up_offset * stride_bn,
+                    offs_n,
+                    kb,
+                    mask_n,
+                    K,
+                    stride_bn,
+                    stride_bk,
+                    B_MODE,
+                    BLOCK_K,
+                )
+            # per-k-block weight scales, a vector over n
+            if B_MODE != 0:
+                bs_base = b_scale_ptr + e.to(tl.int64) * stride_bsl + (k0 // GROUP_K) * stride_bsk
+                bs = tl.load(bs_base + (offs_n // B_SCALE_ROWS) * stride_bsn, mask=mask_n, other=0.0)
+                if GATED:
+                    bs_up = tl.load(
+                        bs_base + ((offs_n + up_offset) // B_SCALE_ROWS) * stride_bsn, mask=mask_n, other=0.0
+                    )
+
+            # ---- A tile(s) and the product
+            if B_MODE == 2:
+                # INT4: dot over even k with the low nibbles plus odd k with the high nibbles
+                ka = k0 + 2 * offs_kb
+                mask_a = mask_m[:, None] & (ka[None, :] < K)
+                a_ptrs = a_base + offs_m[:, None] * stride_am + ka[None, :] * stride_ak
+                a_even = tl.load(a_ptrs, mask=mask_a, other=0.0).to(tl.float32)
+                a_odd = tl.load(a_ptrs + stride_ak, mask=mask_a, other=0.0).to(tl.float32)
+                # A_MODE 4: per-tensor quant in-kernel
+                a_even = _round_to_fp8(tl.clamp(a_even / a_tensor_scale, -448.0, 448.0), UPCAST)
+                a_odd = _round_to_fp8(tl.clamp(a_odd / a_tensor_scale, -448.0, 448.0), UPCAST)
+                part = tl.dot(a_even, b0) + tl.dot(a_odd, b1)
+                acc += part * bs[None, :]
+                if GATED:
+                    part_up = tl.dot(a_even, u0) + tl.dot(a_odd, u1)
+                    acc_up += part_up * bs_up[None, :]
+            else:
+                ka = k0 + offs_kb
+                mask_a = mask_m[:, None] & (ka[None, :] < K)
+                a = tl.load(
+                    a_base + offs_m[:, None] * stride_am + ka[None, :] * stride_ak, mask=mask_a, other=0.0
+                )
+                if A_MODE == 1 or A_MODE == 2:
+                    a_s = tl.load(
+                        a_scale_ptr
+                        + e.to(tl.int64) * stride_asl
+                        + offs_m * stride_asm
+                        + (k0 // GROUP_K) * stride_ask,
+                        mask=mask_m,
+                        other=0.0,
+                    )
+                if A_MODE == 1:
+                    a = (a.to(tl.float32) * a_s[:, None]).to(tl.bfloat16)
+                if A_MODE == 3:
+                    af = a.to(tl.float32)
+                    a_s = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10) / 448.0
+                    a = _round_to_fp8(tl.clamp(af / a_s[:, None], -448.0, 448.0), UPCAST)
+                if A_MODE == 4:
+                    a = _round_to_fp8(tl.clamp(a.to(tl.float32) / a_tensor_scale, -448.0, 448.0), UPCAST)
+                if UPCAST and (A_MODE == 0 or A_MODE == 1):
+                    a = a.to(tl.float32)
+                    b0 = b0.to(tl.float32)
+                    if GATED:
+                        u0 = u0.to(tl.float32)
+                if B_MODE == 0:
+                    acc = tl.dot(a, b0, acc)
+                    if GATED:
+                        acc_up = tl.dot(a, u0, acc_up)
+                else:
+                    if A_MODE == 4:
+                        acc += tl.dot(a, b0) * bs[None, :]
+                        if GATED:
+                            acc_up += tl.dot(a, u0) * bs_up[None, :]
+                    else:
+                        acc += tl.dot(a, b0) * (a_s[:, None] * bs[None, :])
+                        if GATED:
+                            acc_up += tl.dot(a, u0) * (a_s[:, None] * bs_up[None, :])
+
+        # ---- epilogue
+        if A_MODE == 4:
+            acc = acc * a_tensor_scale
+            acc_up = acc_up * a_tensor_scale
+        if GATED:
+            h = acc / (1.0 + tl.exp(-acc)) * acc_up
+        else:
+            h = acc
+        mask_o = mask_m[:, None] & mask_n[None, :]
+        out_ptrs = (
+            out_ptr + e.to(tl.int64) * stride_ol + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        )
+        if OUT_MODE == 1:
+            # per-token-group requant: this block is exactly one 128-channel group of the row
+            h = tl.where(mask_n[None, :], h, 0.0)
+            h_s = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10) / 448.0
+            q = _round_to_fp8(tl.clamp(h / h_s[:, None], -448.0, 448.0), UPCAST)
+            tl.store(out_ptrs, q, mask=mask_o)
+            tl.store(
+                out_scale_ptr + e.to(tl.int64) * stride_osl + offs_m * stride_osm + pid_n * stride_osn,
+                h_s,
+                mask=mask_m,
+            )
+        elif OUT_MODE == 2:
+            hb = h.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptrs, hb, mask=mask_o)
+            block_amax = tl.max(tl.max(tl.where(mask_o, tl.abs(hb.to(tl.float32)), 0.0), axis=1), axis=0)
+            tl.atomic_max(amax_out_ptr, block_amax, sem="relaxed")
+        else:
+            tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask_o)
+
+
+@triton.jit
+def _masked_amax_kernel(
+    x_ptr,
+    counts_ptr,
+    amax_ptr,
+    M,
+    D,
+    stride_xl,
+    stride_xm,
+    stride_xd,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """amax over the valid rows of x [L, M, D] (folded into amax_ptr[0] by atomic max)."""
+    e = tl.program_id(0)
+    pid_m0 = tl.program_id(1)
+    grid_m = tl.num_programs(1)
+    count = tl.minimum(tl.load(counts_ptr + e), M)
+    base = x_ptr + e.to(tl.int64) * stride_xl
+    run = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for pid_m in range(pid_m0, tl.cdiv(count, BLOCK_M), grid_m):
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask = mask_m[:, None] & (offs_d[None, :] < D)
+            v = tl.load(
+                base + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd, mask=mask, other=0.0
+            )
+            run = tl.maximum(run, tl.abs(v.to(tl.float32)))
+    tl.atomic_max(amax_ptr, tl.max(tl.max(run, axis=1), axis=0), sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _device_facts(index: int) -> tuple[str, int]:
+    p = torch.cuda.get_device_properties(index)
+    return p.name, p.multi_processor_count
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
+    """`{device name: {"<kind>": {"BLOCK_M":..., "BLOCK_N":..., "BLOCK_K":..., "num_warps":...,
+    "num_stages":...}}}` where kind is `<a_mode>-<b_mode>-<gated>` (see `_kind`). Missing -> {}."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    return json.loads(p.read_text()).get("devices", {})
+
+
+def _kind(a_mode: int, b_mode: int, gated: bool) -> str:
+    return f"a{a_mode}-b{b_mode}-{'gated' if gated else 'plain'}"
+
+
+def heuristic_config(a_mode: int, b_mode: int, gated: bool, M: int) -> dict[str, int]:
+    """Decode-oriented default: 64-row blocks (wgmma's native M), 128-wide K (one scale group)."""
+    quantised = a_mode in (A_FP8G, A_BF16_QG, A_BF16_QT) or b_mode != B_BF16
+    return {
+        "BLOCK_M": 64 if M > 16 else 16,
+        "BLOCK_N": 128 if quantised else 64,
+        "BLOCK_K": 128,
+        "num_warps": 4,
+        "num_stages": 4 if not gated else 3,
+    }
+
+
+def _pick_config(
+    a_mode: int, b_mode: int, gated: bool, M: int, device: torch.device, override
+) -> dict[str, int]:
+    if override is not None:
+        return dict(override)
+    if device.type == "cuda":
+        name, _ = _device_facts(device.index if device.index is not None else torch.cuda.current_device())
+        cfg = load_table().get(name, {}).get(_kind(a_mode, b_mode, gated))
+        if cfg is not None:
+            cfg = dict(cfg)
+            if M <= 16:
+                cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 16)
+            return cfg
+    return heuristic_config(a_mode, b_mode, gated, M)
+
+
+def _launch(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    b: torch.Tensor,
+    b_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    out_scale: torch.Tensor | None,
+    counts: torch.Tensor,
+    *,
+    N: int,
+    K: int,
+    a_mode: int,
+    b_mode: int,
+    out_mode: int,
+    gated: bool,
+    up_offset: int = 0,
+    amax_in: torch.Tensor | None = None,
+    amax_out: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
+) -> None:
+    L, M = a.shape[0], a.shape[1]
+    if L == 0 or M == 0 or N == 0:
+        return
+    cfg = _pick_config(a_mode, b_mode, gated, M, a.device, config)
+    quantised = a_mode in (A_FP8G_DEQ, A_FP8G, A_BF16_QG, A_BF16_QT) or b_mode != B_BF16
+    if quantised and cfg["BLOCK_K"] != GROUP:
+        cfg["BLOCK_K"] = GROUP  # scales are per 128 channels of K: one group per K step
+    if out_mode == OUT_FP8G:
+        cfg["BLOCK_N"] = GROUP  # one requant group per program
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    n_blocks = triton.cdiv(N, bn)
+    num_sms = _device_facts(a.device.index or 0)[1] if a.is_cuda else 8
+    grid_m = min(triton.cdiv(M, bm), max(1, triton.cdiv(4 * num_sms, max(L * n_blocks, 1))))
+    dummy = counts  # placeholder pointer for unused operands (never dereferenced)
+    a_s = a_scale if a_scale is not None else dummy
+    b_s = b_scale if b_scale is not None else dummy
+    o_s = out_scale if out_scale is not None else dummy
+    a_s_strides = a_scale.stride() if a_scale is not None else (0, 0, 0)
+    b_s_strides = b_scale.stride() if b_scale is not None else (0, 0, 0)
+    o_s_strides = out_scale.stride() if out_scale is not None else (0, 0, 0)
+    _masked_gemm_kernel[(L, n_blocks, grid_m)](
+        a,
+        a_s,
+        b,
+        b_s,
+        out,
+        o_s,
+        counts,
+        amax_in if amax_in is not None else dummy,
+        amax_out if amax_out is not None else dummy,
+        M,
+        N,
+        K,
+        up_offset,
+        *a.stride(),
+        *a_s_strides,
+        *b.stride(),
+        *b_s_strides,
+        *out.stride(),
+        *o_s_strides,
+        A_MODE=a_mode,
+        B_MODE=b_mode,
+        OUT_MODE=out_mode,
+        GATED=gated,
+        B_SCALE_ROWS=GROUP if b_mode == B_FP8_BLOCK else 1,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_K=GROUP,
+        UPCAST=_INTERPRET,
+        num_warps=cfg.get("num_warps", 4),
+        num_stages=cfg.get("num_stages", 3),
+    )
+
+
+def _masked_amax(x: torch.Tensor, counts: torch.Tensor, amax: torch.Tensor) -> None:
+    L, M, D = x.shape
+    if L == 0 or M == 0 or D == 0:
+        return
+    bm, bd = 16, 256
+    grid_m = min(triton.cdiv(M, bm), 8)
+    _masked_amax_kernel[(L, grid_m)](x, counts, amax, M, D, *x.stride(), BLOCK_M=bm, BLOCK_D=bd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_counts(counts: torch.Tensor, L: int, device: torch.device) -> None:
+    if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int32 or tuple(counts.shape) != (L,):
+        raise ValueError(
+            f"counts must be a [L={L}] int32 tensor, got {getattr(counts, 'dtype', type(counts))} "
+            f"{tuple(getattr(counts, 'shape', ()))}"
+        )
+    if counts.device != device:
+        raise ValueError(f"counts is on {counts.device} but x is on {device}")
+    if not counts.is_contiguous():
+        raise ValueError("counts must be contiguous")
+
+
+def _check_device(name: str, t: torch.Tensor | None, device: torch.device) -> None:
+    if t is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+
+
+def _check_runnable(device: torch.device) -> None:
+    if device.type != "cuda" and not _INTERPRET:
+        raise ValueError(
+            f"masked grouped GEMM needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}"
+        )
+
+
+def _check_group_scale(name: str, s: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    if s is None:
+        raise ValueError(f"{name} is required for float8_e4m3fn input: float32 {list(shape)}")
+    if s.dtype != torch.float32 or tuple(s.shape) != shape:
+        raise ValueError(f"{name} must be float32 {list(shape)}, got {s.dtype} {list(s.shape)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_grouped_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Per-expert `out[e, :counts[e]] = a[e, :counts[e]] @ b[e]^T`.
+
+    Args:
+        a: `[L, M, K]` bfloat16, or float8_e4m3fn with `a_scale` `[L, M, K/128]` float32 (any
+            strides, e.g. DeepEP's column-major view). Rows >= counts[e] are never read.
+        b: `[L, N, K]` bfloat16, or float8_e4m3fn with `b_scale` `[L, ceil(N/128), ceil(K/128)]`
+            float32 (`quantize_fp8_block`). fp8 `a` with bf16 `b` is dequantised to bf16 in-kernel;
+            bf16 `a` with fp8 `b` is quantised per-token-group-128 in-kernel.
+        counts: `[L]` int32 valid rows per expert, on a's device (values above M act as M).
+        out_dtype: bfloat16 or float32.
+        config: block config override (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+    Returns: `[L, M, N]` out_dtype; rows >= counts[e] are undefined (not written).
+    """
+    if a.dim() != 3 or b.dim() != 3:
+        raise ValueError(f"a must be [L, M, K] and b [L, N, K], got {list(a.shape)} and {list(b.shape)}")
+    L, M, K = a.shape
+    if b.shape[0] != L or b.shape[2] != K:
+        raise ValueError(f"b must be [L={L}, N, K={K}], got {list(b.shape)}")
+    N = b.shape[1]
+    if a.dtype not in (torch.bfloat16, FP8_DTYPE):
+        raise ValueError(f"a.dtype must be bfloat16 or float8_e4m3fn, got {a.dtype}")
+    if b.dtype not in (torch.bfloat16, FP8_DTYPE):
+        raise ValueError(f"b.dtype must be bfloat16 or float8_e4m3fn, got {b.dtype}")
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
+    _check_counts(counts, L, a.device)
+    for name, t in (("b", b), ("a_scale", a_scale), ("b_scale", b_scale)):
+        _check_device(name, t, a.device)
+    _check_runnable(a.device)
+    quantised = a.dtype == FP8_DTYPE or b.dtype == FP8_DTYPE
+    if quantised and K % GROUP:
+        raise ValueError(f"K ({K}) must be a multiple of {GROUP} for float8 operands")
+    if a.dtype == FP8_DTYPE:
+        _check_group_scale("a_scale", a_scale, (L, M, K // GROUP))
+    if b.dtype == FP8_DTYPE:
+        _check_group_scale("b_scale", b_scale, (L, triton.cdiv(N, GROUP), K // GROUP))
+    if a.dtype == FP8_DTYPE:
+        a_mode = A_FP8G if b.dtype == FP8_DTYPE else A_FP8G_DEQ
+    else:
+        a_mode = A_BF16_QG if b.dtype == FP8_DTYPE else A_BF16
+    b_mode = B_FP8_BLOCK if b.dtype == FP8_DTYPE else B_BF16
+    out = torch.empty((L, M, N), dtype=out_dtype, device=a.device)
+    _launch(
+        a,
+        a_scale if a.dtype == FP8_DTYPE else None,
+        b,
+        b_scale if b.dtype == FP8_DTYPE else None,
+        out,
+        None,
+        counts,
+        N=N,
+        K=K,
+        a_mode=a_mode,
+        b_mode=b_mode,
+        out_mode=OUT_PLAIN,
+        gated=False,
+        config=config,
+    )
+    return out
+
+
+def masked_moe(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    scheme: str = "bf16",
+    x_scale: torch.Tensor | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    configs: tuple[dict[str, int] | None, dict[str, int] | None] = (None, None),
+) -> torch.Tensor:
+    """Expert MLP `down(silu(gate) * up)` over the valid rows of the low-latency layout (unweighted:
+    combine applies the top-k weights).
+
+    Args:
+        x: `[L, M, D]` bfloat16; or float8_e4m3fn with `x_scale` `[L, M, D/128]` float32 (possibly
+            a column-major view) for schemes `bf16` and `fp8_block`. Rows >= counts[e] are never read.
+        counts: `[L]` int32 valid rows per expert, on x's device.
+        w13: `[L, 2I, D]`: gate rows [0, I), up rows [I, 2I). bf16 (`bf16`), float8_e4m3fn with
+            `w13_scale` `[L, ceil(2I/128), D/128]` (`fp8_block`), or uint8 `[L, 2I, D/2]` packed int4
+            with `w13_scale` `[L, 2I, D/128]` (`w4a8`).
+        w2: `[L, D, I]` (or `[L, D, I/2]` uint8 for `w4a8`) with `w2_scale` likewise.
+        scheme: `bf16` | `fp8_block` | `w4a8`.
+            - bf16: bf16 dots; fp8 x is dequantised to bf16 in-kernel.
+            - fp8_block: fp8 dots with per-token-group-128 activation scales (from x_scale, or
+              quantised in-kernel from bf16 x) times 128x128 weight-block scales; the intermediate
+              is requantised per-token-group-128 (from its fp32 value) in the gate_up epilogue.
+            - w4a8: x must be bf16; it is quantised per-tensor to e4m3 in-kernel with scale =
+              max(amax over the valid rows of x, 1e-10) / 448 computed on device; int4 weights are
+              unpacked in-kernel to e4m3 and scaled per 128-group of K inside the K loop; the bf16
+              intermediate is requantised per-tensor the same way (amax folded by the gate_up
+              epilogue).
+        configs: block-config overrides for (gate_up, down).
+    Returns: `[L, M, D]` bfloat16; rows >= counts[e] are undefined (not written).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [L, M, D], got {list(x.shape)}")
+    L, M, D = x.shape
+    if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != L or w2.shape[0] != L:
+        raise ValueError(f"w13 and w2 must be [L={L}, ., .], got {list(w13.shape)} and {list(w2.shape)}")
+    _check_counts(counts, L, x.device)
+    for name, t in (
+        ("w13", w13),
+        ("w2", w2),
+        ("x_scale", x_scale),
+        ("w13_scale", w13_scale),
+        ("w2_scale", w2_scale),
+    ):
+        _check_device(name, t, x.device)
+    _check_runnable(x.device)
+    if x.dtype not in (torch.bfloat16, FP8_DTYPE):
+        raise ValueError(f"x.dtype must be bfloat16 or float8_e4m3fn, got {x.dtype}")
+    if x.dtype == FP8_DTYPE:
+        if scheme == "w4a8":
+            raise ValueError(
+                "scheme 'w4a8' takes bfloat16 x (it quantises per-tensor itself); got float8_e4m3fn"
+            )
+        if D % GROUP:
+            raise ValueError(f"D ({D}) must be a multiple of {GROUP} for float8_e4m3fn x")
+        _check_group_scale("x_scale", x_scale, (L, M, D // GROUP))
+
+    want = {"bf16": torch.bfloat16, "fp8_block": FP8_DTYPE, "w4a8": torch.uint8}[scheme]
+    if w13.dtype != want or w2.dtype != want:
+        what = "packed uint8 (quantize_w4a8)" if scheme == "w4a8" else str(want).replace("torch.", "")
+        raise ValueError(f"scheme {scheme!r} needs {what} w13/w2, got {w13.dtype}/{w2.dtype}")
+    packed = scheme == "w4a8"
+    two_i = w13.shape[1]
+    I = w2.shape[2] * (2 if packed else 1)
+    if two_i != 2 * I or w13.shape[2] * (2 if packed else 1) != D or w2.shape[1] != D:
+        raise ValueError(
+            f"scheme {scheme!r}: w13 must be [L, 2I, D{'/2' if packed else ''}] and w2 [L, D, I{'/2' if packed else ''}] "
+            f"for x [L, M, D={D}]; got w13 {list(w13.shape)}, w2 {list(w2.shape)}"
+        )
+    out = torch.empty((L, M, D), dtype=torch.bfloat16, device=x.device)
+    cfg1, cfg2 = configs
+
+    if scheme == "bf16":
+        h = torch.empty((L, M, I), dtype=torch.bfloat16, device=x.device)
+        a_mode = A_FP8G_DEQ if x.dtype == FP8_DTYPE else A_BF16
+        _launch(x, x_scale if x.dtype == FP8_DTYPE else None, w13, None, h, None, counts, N=I, K=D,
+                a_mode=a_mode, b_mode=B_BF16, out_mode=OUT_PLAIN, gated=True, up_offset=I, config=cfg1)  # fmt: skip
+        _launch(h, None, w2, None, out, None, counts, N=D, K=I,
+                a_mode=A_BF16, b_mode=B_BF16, out_mode=OUT_PLAIN, gated=False, config=cfg2)  # fmt: skip
+        return out
+
+    if D % GROUP or I % GROUP:
+        raise ValueError(f"scheme {scheme!r} needs D ({D}) and I ({I}) multiples of {GROUP}")
+
+    if scheme == "fp8_block":
+        _check_group_scale("w13_scale", w13_scale, (L, 2 * I // GROUP, D // GROUP))
+        _check_group_scale("w2_scale", w2_scale, (L, D // GROUP, I // GROUP))
+        h_q = torch.empty((L, M, I), dtype=FP8_DTYPE, device=x.device)
+        h_s = torch.empty((L, M, I // GROUP), dtype=torch.float32, device=x.device)
+        a_mode = A_FP8G if x.dtype == FP8_DTYPE else A_BF16_QG
+        _launch(x, x_scale if x.dtype == FP8_DTYPE else None, w13, w13_scale, h_q, h_s, counts, N=I, K=D,
+                a_mode=a_mode, b_mode=B_FP8_BLOCK, out_mode=OUT_FP8G, gated=True, up_offset=I, config=cfg1)  # fmt: skip
+        _launch(h_q, h_s, w2, w2_scale, out, None, counts, N=D, K=I,
+                a_mode=A_FP8G, b_mode=B_FP8_BLOCK, out_mode=OUT_PLAIN, gated=False, config=cfg2)  # fmt: skip
+        return out
+
+    # w4a8
+    _check_group_scale("w13_scale", w13_scale, (L, 2 * I, D // GROUP))
+    _check_group_scale("w2_scale", w2_scale, (L, D, I // GROUP))
+    amax = torch.zeros(2, dtype=torch.float32, device=x.device)  # [amax(x valid rows), amax(h)]
+    _masked_amax(x, counts, amax[0:1])
+    h = torch.empty((L, M, I), dtype=torch.bfloat16, device=x.device)
+    _launch(x, None, w13, w13_scale, h, None, counts, N=I, K=D, a_mode=A_BF16_QT, b_mode=B_INT4,
+            out_mode=OUT_AMAX, gated=True, up_offset=I, amax_in=amax[0:1], amax_out=amax[1:2], config=cfg1)  # fmt: skip
+    _launch(h, None, w2, w2_scale, out, None, counts, N=D, K=I, a_mode=A_BF16_QT, b_mode=B_INT4,
+            out_mode=OUT_PLAIN, gated=False, amax_in=amax[1:2], config=cfg2)  # fmt: skip
+    return out
+
+
+def masked_moe_reference(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    scheme: str = "bf16",
+    x_scale: torch.Tensor | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch float32 reference with the same activation-quantisation semantics as `masked_moe`
+    (host-side loop over experts; for tests and benchmarks only). Rows >= counts[e] are zero."""
+    from .quant import (
+        dequantize_fp8_block,
+        dequantize_w4a8,
+        per_tensor_quant_fp8,
+        per_token_group_dequant_fp8,
+        per_token_group_quant_fp8,
+    )
+
+    L, M, D = x.shape
+    out = torch.zeros((L, M, D), dtype=torch.float32, device=x.device)
+    n = counts.clamp(max=M).tolist()  # host sync: reference only
+    if scheme == "bf16":
+        w13f, w2f = w13.float(), w2.float()
+    elif scheme == "fp8_block":
+        w13f, w2f = dequantize_fp8_block(w13, w13_scale), dequantize_fp8_block(w2, w2_scale)
+    else:
+        w13f, w2f = dequantize_w4a8(w13, w13_scale), dequantize_w4a8(w2, w2_scale)
+    I = w2f.shape[2]
+
+    if scheme == "w4a8":
+        valid = torch.cat([x[e, : n[e]] for e in range(L)]).float()
+        s_x = per_tensor_quant_fp8(valid)[1] if valid.numel() else torch.full((1,), SCALE_EPS / FP8_MAX)
+        hs = []
+        for e in range(L):
+            xq = (x[e, : n[e]].float() / s_x).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s_x
+            gu = xq @ w13f[e].t()
+            hs.append((torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]).to(torch.bfloat16))
+        hv = torch.cat(hs).float()
+        s_h = per_tensor_quant_fp8(hv)[1] if hv.numel() else torch.full((1,), SCALE_EPS / FP8_MAX)
+        for e in range(L):
+            hq = (hs[e].float() / s_h).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s_h
+            out[e, : n[e]] = hq @ w2f[e].t()
+        return out
+
+    for e in range(L):
+        xe = x[e, : n[e]]
+        if x.dtype == FP8_DTYPE:
+            xs = x_scale[e, : n[e]]
+            xe = per_token_group_dequant_fp8(
+                xe, xs, GROUP, torch.bfloat16 if scheme == "bf16" else torch.float32
+            )
+        elif scheme == "fp8_block":
+            xq, xs = per_token_group_quant_fp8(xe.float(), GROUP)
+            xe = per_token_group_dequant_fp8(xq, xs, GROUP, torch.float32)
+        gu = xe.float() @ w13f[e].t()
+        h = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
+        if scheme == "fp8_block":
+            hq, hs_ = per_token_group_quant_fp8(h, GROUP)
+            h = per_token_group_dequant_fp8(hq, hs_, GROUP, torch.float32)
+        else:
+            h = h.to(torch.bfloat16).float()
+        out[e, : n[e]] = h @ w2f[e].t()
+    return out

@@ -1,0 +1,186 @@
+"""Masked grouped GEMM / expert MLP (low-latency layout) against torch references.
+
+Every case poisons the invalid rows of the input with NaN (they must never be read) and fills the
+outputs with NaN first (the kernels allocate with torch.empty; valid rows must all be written, so a
+NaN left there fails the check). Counts include 0 and M.
+
+Tolerances (relative to the reference's max |value| per expert, `_close`):
+- bf16: 2e-2 (bf16 operands, fp32 accumulation; the bf16 intermediate can round differently);
+  measured <= 1.1e-2.
+- fp8_block: 2e-2 (measured <= 0.7e-2). Both sides quantise identically; the kernel's fp32 sums
+  differ from the reference's in order, which can flip an e4m3 rounding of the requantised
+  intermediate (one e4m3 ulp is 2^-3 relative on that element).
+- w4a8: 8e-2 (measured <= 4.7e-2). The intermediate is rounded to bf16 and then requantised
+  per-tensor; a one-ulp bf16 difference between kernel and reference flips many e4m3 roundings,
+  and small elements sit near the bottom of the per-tensor range where an e4m3 step is coarse.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from ep_runtime.kernels.masked_grouped_gemm import masked_grouped_gemm, masked_moe, masked_moe_reference
+from ep_runtime.kernels.quant import (
+    FP8_DTYPE,
+    per_token_group_dequant_fp8,
+    per_token_group_quant_fp8,
+    quantize_fp8_block,
+    quantize_w4a8,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    not (INTERPRETED or torch.cuda.is_available()), reason="needs GPU or interpreter"
+)
+
+
+def _poison_rows(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    for e, c in enumerate(counts.tolist()):
+        if x.dtype == FP8_DTYPE:
+            x.view(torch.uint8)[e, c:] = 0x7F  # e4m3 NaN
+        else:
+            x[e, c:] = float("nan")
+    return x
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, counts: torch.Tensor, rtol: float) -> None:
+    for e, c in enumerate(counts.tolist()):
+        o, r = out[e, :c].float().cpu(), ref[e, :c].float().cpu()
+        assert not torch.isnan(o).any(), f"expert {e}: NaN in valid rows (unwritten or read poison)"
+        if c == 0:
+            continue
+        err = (o - r).abs().max().item()
+        scale = r.abs().max().item() + 1e-6
+        assert err <= rtol * scale, f"expert {e}: max err {err:.3g} vs max |ref| {scale:.3g} (rtol {rtol})"
+
+
+def _assert_not_written(out: torch.Tensor, counts: torch.Tensor) -> None:
+    """Rows >= counts[e] still hold the poison bytes: the kernels did no work for them."""
+    for e, c in enumerate(counts.tolist()):
+        assert bool((out[e, c:].reshape(-1).view(torch.uint8) == 0xFF).all()), (
+            f"expert {e}: rows >= {c} written"
+        )
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Make torch.empty return NaN-filled tensors so unwritten valid rows show up."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.view(torch.uint8).fill_(0x7F if t.dtype == FP8_DTYPE else 0xFF)
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _weights(L, I, D, scale=0.08):
+    w13 = (torch.randn(L, 2 * I, D) * scale).to(torch.bfloat16).to(DEVICE)
+    w2 = (torch.randn(L, D, I) * scale).to(torch.bfloat16).to(DEVICE)
+    return w13, w2
+
+
+COUNTS = [0, 24, 5]  # empty expert, full expert (M), partial
+
+
+@pytest.mark.parametrize("x_fp8", [False, True], ids=["x_bf16", "x_fp8_colmajor"])
+def test_masked_moe_bf16(rng_seed, poisoned_empty, x_fp8):
+    L, M = 3, 24
+    D, I = (256, 80) if x_fp8 else (96, 80)  # D, I not multiples of the blocks
+    counts = torch.tensor(COUNTS, dtype=torch.int32, device=DEVICE)
+    x = torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE)
+    w13, w2 = _weights(L, I, D)
+    x_scale = None
+    if x_fp8:
+        x, x_scale = per_token_group_quant_fp8(x, 128, column_major_scales=True)
+        assert x_scale.stride(-2) == 1
+    x = _poison_rows(x, counts)
+    out = masked_moe(x, counts, w13, w2, scheme="bf16", x_scale=x_scale)
+    assert out.shape == (L, M, D) and out.dtype == torch.bfloat16
+    ref = masked_moe_reference(x, counts, w13, w2, scheme="bf16", x_scale=x_scale)
+    _close(out, ref, counts.cpu(), 2e-2)
+    _assert_not_written(out, counts.cpu())
+
+
+@pytest.mark.parametrize("x_fp8", [False, True], ids=["x_bf16", "x_fp8"])
+def test_masked_moe_fp8_block(rng_seed, poisoned_empty, x_fp8):
+    L, M, D, I = 3, 24, 256, 128
+    counts = torch.tensor(COUNTS, dtype=torch.int32, device=DEVICE)
+    x = torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE)
+    w13, w2 = _weights(L, I, D)
+    w13_q, w13_s = quantize_fp8_block(w13)
+    w2_q, w2_s = quantize_fp8_block(w2)
+    x_scale = None
+    if x_fp8:
+        x, x_scale = per_token_group_quant_fp8(x, 128, column_major_scales=True)
+    x = _poison_rows(x, counts)
+    kw = dict(scheme="fp8_block", x_scale=x_scale, w13_scale=w13_s, w2_scale=w2_s)
+    out = masked_moe(x, counts, w13_q, w2_q, **kw)
+    ref = masked_moe_reference(x, counts, w13_q, w2_q, **kw)
+    _close(out, ref, counts.cpu(), 2e-2)
+    _assert_not_written(out, counts.cpu())
+
+
+def test_masked_moe_w4a8(rng_seed, poisoned_empty):
+    L, M, D, I = 3, 24, 256, 128
+    counts = torch.tensor(COUNTS, dtype=torch.int32, device=DEVICE)
+    x = _poison_rows(torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE), counts)
+    w13, w2 = _weights(L, I, D)
+    w13_p, w13_s = quantize_w4a8(w13)
+    w2_p, w2_s = quantize_w4a8(w2)
+    kw = dict(scheme="w4a8", w13_scale=w13_s, w2_scale=w2_s)
+    out = masked_moe(x, counts, w13_p, w2_p, **kw)
+    ref = masked_moe_reference(x, counts, w13_p, w2_p, **kw)
+    _close(out, ref, counts.cpu(), 8e-2)
+    _assert_not_written(out, counts.cpu())
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp8a_bf16b", "fp8a_fp8b"])
+def test_masked_grouped_gemm(rng_seed, poisoned_empty, mode):
+    L, M, K, N = 3, 24, 256, 72
+    counts = torch.tensor([7, 0, 24], dtype=torch.int32, device=DEVICE)
+    a = torch.randn(L, M, K).to(torch.bfloat16).to(DEVICE)
+    b = (torch.randn(L, N, K) * 0.1).to(torch.bfloat16).to(DEVICE)
+    a_scale = b_scale = None
+    a_ref, b_ref = a.float(), b.float()
+    if mode != "bf16":
+        a, a_scale = per_token_group_quant_fp8(a, 128)
+        a_ref = per_token_group_dequant_fp8(a, a_scale, 128, out_dtype=torch.bfloat16).float()
+    if mode == "fp8a_fp8b":
+        from ep_runtime.kernels.quant import dequantize_fp8_block
+
+        b, b_scale = quantize_fp8_block(b)
+        b_ref = dequantize_fp8_block(b, b_scale)
+        a_ref = per_token_group_dequant_fp8(a, a_scale, 128, out_dtype=torch.float32)
+    a = _poison_rows(a, counts)
+    out = masked_grouped_gemm(a, b, counts, a_scale=a_scale, b_scale=b_scale, out_dtype=torch.float32)
+    ref = torch.einsum("lmk,lnk->lmn", a_ref.cpu().double(), b_ref.cpu().double())
+    _close(out, ref, counts.cpu(), 2e-3 if mode != "fp8a_bf16b" else 5e-3)
+    _assert_not_written(out, counts.cpu())
+
+
+def test_masked_errors():
+    L, M, D, I = 2, 4, 128, 128
+    x = torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE)
+    counts = torch.tensor([1, 2], dtype=torch.int32, device=DEVICE)
+    w13, w2 = _weights(L, I, D)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        masked_moe(x, counts, w13, w2, scheme="int8")
+    with pytest.raises(ValueError, match="counts must be a"):
+        masked_moe(x, counts.long(), w13, w2)
+    with pytest.raises(ValueError, match="w13 must be"):
+        masked_moe(x, counts, w13[:, :100], w2)
+    with pytest.raises(ValueError, match="x_scale is required"):
+        masked_moe(x.to(FP8_DTYPE), counts, w13, w2)
+    with pytest.raises(ValueError, match="w4a8' takes bfloat16 x"):
+        masked_moe(x.to(FP8_DTYPE), counts, w13, w2, scheme="w4a8")
+    with pytest.raises(ValueError, match="packed uint8"):
+        masked_moe(x, counts, w13, w2, scheme="w4a8", w13_scale=torch.ones(1), w2_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="b must be"):
+        masked_grouped_gemm(x, w2[:, :, :64], counts)
