@@ -634,7 +634,7 @@ def masked_moe(
         raise ValueError(f"scheme {scheme!r} needs {what} w13/w2, got {w13.dtype}/{w2.dtype}")
     packed = scheme == "w4a8"
     two_i = w13.shape[1]
-    I = w2.shape[2] * (2 if packed else 1)
+    I = w2.shape[2] * (2 if packed else 1)  # noqa: E741 (DESIGN.md term)
     if two_i != 2 * I or w13.shape[2] * (2 if packed else 1) != D or w2.shape[1] != D:
         raise ValueError(
             f"scheme {scheme!r}: w13 must be [L, 2I, D{'/2' if packed else ''}] and w2 [L, D, I{'/2' if packed else ''}] "
@@ -710,7 +710,7 @@ def masked_moe_reference(
         w13f, w2f = dequantize_fp8_block(w13, w13_scale), dequantize_fp8_block(w2, w2_scale)
     else:
         w13f, w2f = dequantize_w4a8(w13, w13_scale), dequantize_w4a8(w2, w2_scale)
-    I = w2f.shape[2]
+    I = w2f.shape[2]  # noqa: E741
 
     if scheme == "w4a8":
         valid = torch.cat([x[e, : n[e]] for e in range(L)]).float()
