@@ -1,0 +1,395 @@
+"""`EPMoE`: one expert-parallel MoE layer on one rank (router -> dispatch -> experts -> combine).
+
+What an inference engine calls once per MoE layer per step. Built from a `RuntimePlan`
+(`ep_runtime.config.resolve_plan`): the plan names the dispatch backend and precision per mode,
+the expert implementation, the router GEMM and the low-latency capacity `C`.
+
+Mode per step:
+  - `normal` / `low_latency`: fixed by the file.
+  - `auto`: every step all-reduces (MAX) one 2-element device tensor `[T, is_prefill]` across the EP
+    group and reads it on the host: normal when any rank carries prefill or more than
+    `plan.normal_above_tokens` tokens, low-latency otherwise. We all-reduce rather than trust
+    `is_prefill` alone because every rank must pick the same collectives (a rank whose caller
+    disagreed would otherwise deadlock the group), and because the low-latency path needs the
+    group's max `T` anyway to size its rounds. That is one host sync per step, taken before dispatch
+    and outside dispatch, expert compute and combine (which make none of their own on the
+    low-latency path); `low_latency` mode takes the same all-reduce for its round count, `normal`
+    mode takes none.
+
+Chunking: a low-latency step runs `ceil(max_T / C)` rounds (at least one); every rank joins each
+round, sending an empty batch once its own tokens are exhausted, so nothing is dropped and ranks
+with zero tokens take part in every collective. Switching modes on a DeepEP buffer cleans its
+low-latency area (the DeepEP backend does this on entry to low-latency mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ep_runtime.comm import build_dispatchers, check_combined_once, check_conservation
+from ep_runtime.config import RuntimePlan
+from ep_runtime.experts import get_experts
+from ep_runtime.reference import reference_moe
+from ep_runtime.router import Router
+from ep_runtime.telemetry import PendingTelemetry, StageTimer, StepTelemetry
+from ep_runtime.types import Layout, Routing
+from ep_runtime.weights import (
+    ExpertProvider,
+    MoEWeights,
+    RouterWeights,
+    build_local_weights,
+    expert_provider,
+    local_expert_ids,
+)
+
+
+class EPMoE(torch.nn.Module):
+    """The routed-experts MoE block of one layer, expert-parallel over `plan.ep_size` ranks.
+
+    Args:
+        plan: the resolved runtime plan (`resolve_plan(load_config(path))`).
+        rank: this rank's index in the EP group, `[0, R)`.
+        group: the EP process group (None = the default group; may be absent on one rank).
+        weights: this rank's `MoEWeights` (router + `L` local experts in the plan's scheme); None
+            builds them from `plan.config.model` (checkpoint when set, else synthetic).
+        device: where tensors live; default `cpu`, or the current CUDA device for `cuda` plans.
+        mpi_comm: an `mpi4py.MPI.Comm` for DeepEP buffers when launched under MPI.
+        check_finite: raise when `hidden` holds NaN/Inf (a host sync per step: debugging aid).
+        debug: assert on device that router ids lie in `[0, E)` (no host sync).
+        collect_telemetry: gather per-rank load each step (one small all-reduce, no host sync).
+        placement: optional `[R][L]` global expert ids per rank (a permutation of `range(E)`);
+            default: rank `r` holds experts `[r*L, (r+1)*L)`.
+        layer_index: which layer's weights to build (default `model.layer_index`).
+    """
+
+    def __init__(
+        self,
+        plan: RuntimePlan,
+        *,
+        rank: int,
+        group: dist.ProcessGroup | None = None,
+        weights: MoEWeights | None = None,
+        device: torch.device | str | None = None,
+        mpi_comm: Any | None = None,
+        check_finite: bool = False,
+        debug: bool = False,
+        collect_telemetry: bool = True,
+        placement: Sequence[Sequence[int]] | None = None,
+        layer_index: int | None = None,
+    ):
+        super().__init__()
+        if not isinstance(plan, RuntimePlan):
+            raise ValueError(f"plan must be a RuntimePlan (resolve_plan(config)), got {type(plan).__name__}")
+        model = plan.config.model
+        self.plan = plan
+        self.model_cfg = model
+        self.num_ranks = plan.ep_size
+        self.num_local_experts = plan.num_local_experts
+        if not isinstance(rank, int) or not 0 <= rank < self.num_ranks:
+            raise ValueError(f"rank ({rank}) must be an int in [0, {self.num_ranks}) (parallel.ep_size)")
+        self.rank = rank
+        self.group = group
+        self._dist = dist.is_available() and dist.is_initialized()
+        if self._dist:
+            size, grank = dist.get_world_size(group), dist.get_rank(group)
+            if size != self.num_ranks:
+                raise ValueError(f"group has {size} ranks but parallel.ep_size is {self.num_ranks}")
+            if grank != rank:
+                raise ValueError(f"rank ({rank}) differs from this process's rank in group ({grank})")
+        elif self.num_ranks > 1 and mpi_comm is None:
+            raise ValueError(
+                f"parallel.ep_size is {self.num_ranks}: initialise torch.distributed (or pass mpi_comm) first"
+            )
+        self.mpi_comm = mpi_comm
+        self.device = self._resolve_device(plan, device)
+        self.layer_index = model.layer_index if layer_index is None else layer_index
+        self.check_finite = check_finite
+        self.debug = debug
+        self.collect_telemetry = collect_telemetry
+
+        # Placement: router ids are global expert ids; dispatch addresses slots (rank * L + local).
+        self.placement = placement
+        self.local_expert_ids = local_expert_ids(model.num_experts, self.num_ranks, rank, placement)
+        self._slot_of_expert = None
+        if placement is not None:
+            slot = torch.empty(model.num_experts, dtype=torch.int64)
+            for r, ids in enumerate(placement):
+                for j, e in enumerate(ids):
+                    slot[int(e)] = r * self.num_local_experts + j
+            self._slot_of_expert = slot.to(self.device)
+
+        if weights is None:
+            weights = build_local_weights(
+                model,
+                rank=rank,
+                ep_size=self.num_ranks,
+                device=self.device,
+                layer=self.layer_index,
+                placement=placement,
+            )
+        self._check_weights(weights)
+        self.weights = weights
+        self.router = Router(model, weights.router, impl=plan.router_gemm)
+
+        experts_cls = get_experts(plan.experts_impl)
+        for layout in plan.modes:
+            ok, reason = experts_cls.supports(plan, layout)
+            if not ok:
+                raise ValueError(
+                    f"kernels.experts '{plan.experts_impl}' cannot serve the {layout.value} layout: {reason}"
+                )
+        self.experts = experts_cls(plan)
+        kwargs = (
+            {"comm": mpi_comm} if mpi_comm is not None and plan.config.dispatch.backend == "deepep" else {}
+        )
+        self.dispatchers = build_dispatchers(plan, group, **kwargs)
+        self._pending: PendingTelemetry | None = None
+        self._telemetry: StepTelemetry | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------
+    # Construction helpers
+    # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_device(plan: RuntimePlan, device: torch.device | str | None) -> torch.device:
+        if device is None:
+            if plan.device == "cuda":
+                if not torch.cuda.is_available():
+                    raise ValueError("parallel.device is 'cuda' but no CUDA device is visible")
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cpu")
+        device = torch.device(device)
+        if device.type != plan.device:
+            raise ValueError(f"device ({device}) does not match parallel.device '{plan.device}'")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def _check_weights(self, weights: MoEWeights) -> None:
+        m = self.model_cfg
+        if not isinstance(weights, MoEWeights):
+            raise ValueError(f"weights must be MoEWeights, got {type(weights).__name__}")
+        ex = weights.experts
+        if ex.scheme != m.weights:
+            raise ValueError(
+                f"weights.experts.scheme '{ex.scheme}' does not match model.weights '{m.weights}'"
+            )
+        if ex.num_local_experts != self.num_local_experts:
+            raise ValueError(
+                f"weights hold {ex.num_local_experts} local experts, the plan needs {self.num_local_experts}"
+            )
+        if (ex.hidden_size, ex.intermediate_size) != (m.hidden_size, m.moe_intermediate_size):
+            raise ValueError(
+                f"weights are D={ex.hidden_size}, I={ex.intermediate_size}; the model is "
+                f"D={m.hidden_size}, I={m.moe_intermediate_size}"
+            )
+        if tuple(ex.expert_ids) != tuple(self.local_expert_ids):
+            raise ValueError(
+                f"weights hold experts {list(ex.expert_ids)[:8]}..., rank {self.rank} owns "
+                f"{list(self.local_expert_ids)[:8]}... (placement)"
+            )
+        if ex.w13.device != self.device or weights.router.weight.device != self.device:
+            raise ValueError(f"weights are on {ex.w13.device}, the layer on {self.device}")
+
+    # ------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------
+
+    def _check_input(self, hidden: torch.Tensor, is_prefill: bool) -> None:
+        d = self.model_cfg.hidden_size
+        if not isinstance(hidden, torch.Tensor):
+            raise ValueError(f"hidden must be a torch.Tensor [T, {d}], got {type(hidden).__name__}")
+        if hidden.dim() != 2 or hidden.shape[1] != d:
+            raise ValueError(f"hidden must be [T, {d}] (model.hidden_size), got {tuple(hidden.shape)}")
+        allowed = (torch.bfloat16, torch.float32) if self.device.type == "cpu" else (torch.bfloat16,)
+        if hidden.dtype not in allowed:
+            names = ", ".join(str(t).removeprefix("torch.") for t in allowed)
+            raise ValueError(f"hidden.dtype must be one of {names} on {self.device.type}, got {hidden.dtype}")
+        if hidden.device != self.device:
+            raise ValueError(f"hidden is on {hidden.device} but the layer is on {self.device}")
+        if not isinstance(is_prefill, bool):
+            raise ValueError(f"is_prefill must be a bool, got {type(is_prefill).__name__}")
+        if self.check_finite and not bool(torch.isfinite(hidden).all()):
+            raise ValueError("hidden holds non-finite values (NaN or Inf)")
+
+    def _all_reduce_max(self, values: list[int]) -> list[int]:
+        """Element-wise max of small host ints over the EP group (one collective, one host sync)."""
+        if self.num_ranks == 1:
+            return values
+        if not self._dist:
+            from mpi4py import MPI
+
+            return [int(self.mpi_comm.allreduce(v, op=MPI.MAX)) for v in values]
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return [int(v) for v in t.tolist()]
+
+    def _choose_layout(self, num_tokens: int, is_prefill: bool) -> tuple[Layout, int | None]:
+        mode = self.plan.mode
+        if mode == "normal":
+            return Layout.NORMAL, None
+        max_tokens, any_prefill = self._all_reduce_max([num_tokens, int(is_prefill)])
+        if mode == "low_latency":
+            return Layout.LOW_LATENCY, max_tokens
+        prefill_normal = self.plan.config.dispatch.auto.prefill_uses_normal and any_prefill
+        if prefill_normal or max_tokens > self.plan.normal_above_tokens:
+            return Layout.NORMAL, max_tokens
+        return Layout.LOW_LATENCY, max_tokens
+
+    def forward(self, hidden: torch.Tensor, *, is_prefill: bool = False) -> torch.Tensor:
+        """One MoE step on this rank's tokens.
+
+        Args:
+            hidden: `[T, D]` bfloat16 (float32 also accepted on CPU; it is rounded to bfloat16 for the
+                router and dispatch, and the output returns as float32). `T` may be 0; every rank
+                must call forward for every step.
+            is_prefill: the step carries prefill (auto mode then uses the normal layout).
+        Returns: `[T, D]` in `hidden.dtype`: the routed experts' weighted sum for each token.
+        """
+        if self._closed:
+            raise RuntimeError("EPMoE.forward called after close()")
+        self._check_input(hidden, is_prefill)
+        x = hidden if hidden.dtype == torch.bfloat16 else hidden.to(torch.bfloat16)
+        num_tokens = x.shape[0]
+        timer = StageTimer(self.device)
+        layout, max_tokens = self._choose_layout(num_tokens, is_prefill)
+        timer.lap("mode")
+
+        routing, _ = self.router(x)
+        if self._slot_of_expert is not None:
+            ids = routing.topk_ids
+            slots = torch.where(ids >= 0, self._slot_of_expert[ids.clamp(min=0)], -1)
+            routing = Routing(topk_ids=slots, topk_weights=routing.topk_weights)
+        if self.debug:
+            ids = routing.topk_ids
+            torch._assert_async(((ids >= 0) & (ids < self.model_cfg.num_experts)).all())
+        timer.lap("router")
+
+        counts = torch.zeros(self.num_local_experts, dtype=torch.int64, device=self.device)
+        if layout == Layout.NORMAL:
+            out = self._round(x, routing, layout, timer, counts)
+            num_rounds = 1
+        else:
+            cap = self.plan.for_layout(Layout.LOW_LATENCY).capacity
+            num_rounds = max(1, -(-max_tokens // cap))
+            outs = []
+            for i in range(num_rounds):
+                sl = slice(i * cap, (i + 1) * cap)  # empty past this rank's tokens: an empty round
+                part = Routing(topk_ids=routing.topk_ids[sl], topk_weights=routing.topk_weights[sl])
+                outs.append(self._round(x[sl], part, layout, timer, counts))
+            out = outs[0] if num_rounds == 1 else torch.cat(outs, 0)
+
+        per_rank = None
+        if self.collect_telemetry and self.num_ranks > 1 and self._dist:
+            per_rank = torch.zeros(self.num_ranks, dtype=torch.int64, device=self.device)
+            per_rank[self.rank] = counts.sum()
+            dist.all_reduce(per_rank, group=self.group)
+        elif self.collect_telemetry and self.num_ranks == 1:
+            per_rank = counts.sum().reshape(1)
+        self._pending = PendingTelemetry(
+            layout=layout.value,
+            num_rounds=num_rounds,
+            num_tokens=num_tokens,
+            max_tokens_any_rank=max_tokens,
+            tokens_per_local_expert=counts,
+            tokens_per_rank=per_rank,
+            timer=timer,
+        )
+        self._telemetry = None
+        return out if hidden.dtype == torch.bfloat16 else out.to(hidden.dtype)
+
+    def _round(
+        self, x: torch.Tensor, routing: Routing, layout: Layout, timer: StageTimer, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Dispatch, experts and combine of one batch (one low-latency round, or the normal step)."""
+        dispatcher = self.dispatchers[layout]
+        dispatched, handle = dispatcher.dispatch(x, routing)
+        timer.lap("dispatch")
+        check = self.plan.config.dispatch.check_conservation and self._dist
+        if check:
+            check_conservation(routing, dispatched, handle, self.group)
+        expert_out = self.experts.forward(dispatched, self.weights.experts)
+        counts += dispatched.num_recv_per_expert.to(torch.int64)
+        timer.lap("experts")
+        out = dispatcher.combine(expert_out, handle)
+        timer.lap("combine")
+        if check:
+            check_combined_once(dispatcher, routing, dispatched, handle, self.group)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # Telemetry, verification, teardown
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def last_telemetry(self) -> StepTelemetry | None:
+        """The last step's `StepTelemetry` (materialised on first read: waits for its events)."""
+        if self._telemetry is None and self._pending is not None:
+            self._telemetry = self._pending.resolve()
+            self._pending = None
+        return self._telemetry
+
+    def dispatch_precision(self, layout: Layout | str) -> str:
+        """`bf16` or `fp8`: the dispatch precision the plan resolved for `layout`."""
+        return self.plan.for_layout(Layout(layout)).precision.value
+
+    def reference_router(self) -> RouterWeights:
+        """The router weights this layer uses (identical on every rank)."""
+        return self.weights.router
+
+    def reference_weights_provider(self, device: torch.device | str | None = None) -> ExpertProvider:
+        """`e -> (w13 [2I, D], w2 [D, I])` float32 for any global expert `e`, rebuilt from the model's
+        seed or checkpoint in the plan's scheme (dequantised), one expert per call."""
+        return expert_provider(
+            self.model_cfg,
+            device=device or self.device,
+            layer=self.layer_index,
+            scheme=self.model_cfg.weights,
+        )
+
+    def reference_forward(
+        self,
+        hidden: torch.Tensor,
+        *,
+        layout: Layout | str | None = None,
+        quantize_activations: bool = True,
+        routing: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The single-process float32 reference of `forward(hidden)` (no communication): `[T, D]`
+        float32. `layout` selects the dispatch precision to model (default: the last step's layout,
+        else the plan's only or normal layout)."""
+        if layout is None:
+            last = self.last_telemetry
+            layout = Layout(last.layout) if last is not None else next(iter(self.plan.modes))
+        x = hidden.to(torch.bfloat16)
+        return reference_moe(
+            x,
+            self.weights.router,
+            self.reference_weights_provider(),
+            self.model_cfg,
+            scheme=self.model_cfg.weights,
+            dispatch_precision=self.dispatch_precision(layout),
+            quantize_activations=quantize_activations,
+            routing=routing,
+        )
+
+    def close(self) -> None:
+        """Free the communication buffers; the layer is unusable afterwards. Idempotent."""
+        if self._closed:
+            return
+        for d in self.dispatchers.values():
+            d.close()
+        self._closed = True
+
+    def extra_repr(self) -> str:
+        m = self.model_cfg
+        return (
+            f"rank={self.rank}/{self.num_ranks}, E={m.num_experts}, L={self.num_local_experts}, "
+            f"D={m.hidden_size}, I={m.moe_intermediate_size}, K={m.top_k}, weights={m.weights}, "
+            f"mode={self.plan.mode}, backend={self.plan.config.dispatch.backend}, experts={self.plan.experts_impl}"
+        )
