@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -57,7 +57,16 @@ class Dispatcher(ABC):
         """Return expert outputs to their source ranks and reduce them: `[T, D]` bfloat16."""
 
     def close(self) -> None:
-        """Free buffers; the dispatcher is unusable afterwards."""
+        """Free buffers; the dispatcher is unusable afterwards (default: nothing to free)."""
+        return None
+
+    @classmethod
+    def build_all(
+        cls, plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any
+    ) -> dict[Layout, Dispatcher]:
+        """One dispatcher per mode of `plan` (both under `mode: auto`). Backends whose modes share
+        state (DeepEP: one buffer for both layouts) override this; `kwargs` go to the constructor."""
+        return {layout: cls(plan, mode_plan, group, **kwargs) for layout, mode_plan in plan.modes.items()}
         return None
 
 
@@ -77,3 +86,22 @@ def get_backend(name: str) -> type[Dispatcher]:
 
 def available_backends() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def build_dispatchers(
+    plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any
+) -> dict[Layout, Dispatcher]:
+    """The dispatchers a rank needs for `plan`, one per mode, after checking `supports` for each.
+
+    Raises ValueError naming the backend, the mode and the reason when a mode cannot be served.
+    `kwargs` reach the backend's constructor (DeepEP: `comm=` an `mpi4py.MPI.Comm`).
+    """
+    backends = {mp.backend for mp in plan.modes.values()}
+    if len(backends) != 1:
+        raise ValueError(f"all modes of a plan must use one backend, got {sorted(backends)}")
+    cls = get_backend(backends.pop())
+    for layout, mode_plan in plan.modes.items():
+        ok, reason = cls.supports(plan, mode_plan)
+        if not ok:
+            raise ValueError(f"dispatch.backend '{cls.name}' cannot serve the {layout.value} mode: {reason}")
+    return cls.build_all(plan, group, **kwargs)

@@ -1,0 +1,365 @@
+"""The DeepEP dispatcher: `deep_ep.Buffer` (DeepEP's V1 API, revision 567632d).
+
+Normal layout: `get_dispatch_layout` + `dispatch` + `combine` (intranode NVLink kernels, BF16 rows or
+FP8 `(x, scales)` input, `Config` values from the file or DeepEP's defaults for the rank count).
+Low-latency layout: `low_latency_dispatch(use_fp8=...)` + `low_latency_combine` (the top-k weights are
+applied there); no host sync, CUDA-graph capturable.
+
+One `deep_ep.Buffer` serves both layouts of a run: `DeepEPBufferOwner` creates it (sized for every
+mode of the plan, `low_latency_mode=True` when the plan has the low-latency layout) and hands it to
+the normal and the low-latency dispatcher; `DeepEPDispatcher.build_all(plan, group)` wires that up.
+The owner cleans the low-latency buffer when the low-latency kernels follow normal ones, as DeepEP
+requires.
+
+`deep_ep` is an optional dependency (built from source); this module imports it lazily so that
+`import ep_runtime.comm` works without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ep_runtime.comm.base import Dispatcher, register
+from ep_runtime.config import ModePlan, RuntimePlan, max_buffer_bytes
+from ep_runtime.types import FP8_GROUP, DispatchedTokens, DispatchHandle, Layout, Precision, Routing
+
+INSTALL_HINT = (
+    "DeepEP is an optional dependency built from source; build deepseek-ai/DeepEP (revision 567632d works "
+    "with NCCL 2.28 / NVSHMEM 3.4), put deep_ep and deep_ep_cpp on PYTHONPATH; or use dispatch.backend: torch"
+)
+
+
+def import_deep_ep() -> tuple[Any | None, str]:
+    """Return `(deep_ep module, "")`, or `(None, reason)` when it cannot be imported."""
+    try:
+        import deep_ep  # noqa: PLC0415 - optional dependency
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken build's OSError
+        return None, f"`import deep_ep` failed ({type(exc).__name__}: {exc}). {INSTALL_HINT}"
+    return deep_ep, ""
+
+
+def _chunk_config(deep_ep: Any, num_sms: int, cfg: Any) -> Any:
+    return deep_ep.Config(
+        num_sms,
+        cfg.num_max_nvl_chunked_send_tokens,
+        cfg.num_max_nvl_chunked_recv_tokens,
+        cfg.num_max_rdma_chunked_send_tokens,
+        cfg.num_max_rdma_chunked_recv_tokens,
+    )
+
+
+class DeepEPBufferOwner:
+    """Owns the one `deep_ep.Buffer` that the normal and low-latency dispatchers of a run share.
+
+    Sizes: NVL bytes = max(plan, `Config.get_nvl_buffer_size_hint` of the dispatch and combine
+    configs) when the plan has the normal layout; RDMA bytes = max(plan,
+    `Buffer.get_low_latency_rdma_size_hint(C, D, R, E)`) when it has the low-latency layout.
+    Reference-counted: `acquire()` per user, `release()` per user; the last release destroys it.
+
+    Args:
+        plan: the resolved plan (model shape, `dispatch.deepep` tuning, buffer bytes).
+        group: the torch process group of the EP ranks (None with `comm`: use the MPI communicator).
+        comm: an `mpi4py.MPI.Comm` to initialise the buffer from when launched under MPI.
+    """
+
+    def __init__(self, plan: RuntimePlan, group: dist.ProcessGroup | None = None, comm: Any | None = None):
+        deep_ep, reason = import_deep_ep()
+        if deep_ep is None:
+            raise RuntimeError(reason)
+        self.deep_ep = deep_ep
+        self.plan = plan
+        model, tune = plan.config.model, plan.config.dispatch.deepep
+        self.num_ranks = plan.ep_size
+        self.hidden = model.hidden_size
+        self.num_experts = model.num_experts
+        self.num_local_experts = plan.num_local_experts
+        self.has_low_latency = Layout.LOW_LATENCY in plan.modes
+        self.capacity = plan.modes[Layout.LOW_LATENCY].capacity if self.has_low_latency else 0
+
+        # Buffer.num_sms is DeepEP class state read by its default configs; set it before building them.
+        deep_ep.Buffer.set_num_sms(tune.num_sms)
+        self.dispatch_config = (
+            _chunk_config(deep_ep, tune.num_sms, tune.normal_dispatch)
+            if tune.normal_dispatch
+            else deep_ep.Buffer.get_dispatch_config(self.num_ranks)
+        )
+        self.combine_config = (
+            _chunk_config(deep_ep, tune.num_sms, tune.normal_combine)
+            if tune.normal_combine
+            else deep_ep.Buffer.get_combine_config(self.num_ranks)
+        )
+        nvl, rdma = max_buffer_bytes(plan)
+        if Layout.NORMAL in plan.modes:
+            hidden_bytes = self.hidden * 2
+            for cfg in (self.dispatch_config, self.combine_config):
+                nvl = max(nvl, cfg.get_nvl_buffer_size_hint(hidden_bytes, self.num_ranks))
+                if self.num_ranks > 8:
+                    rdma = max(rdma, cfg.get_rdma_buffer_size_hint(hidden_bytes, self.num_ranks))
+        if self.has_low_latency:
+            hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(
+                self.capacity, self.hidden, self.num_ranks, self.num_experts
+            )
+            rdma = max(rdma, hint)
+        self.num_nvl_bytes, self.num_rdma_bytes = nvl, rdma
+        self.num_qps_per_rank = tune.num_qps_per_rank or (
+            self.num_local_experts if self.has_low_latency else 1
+        )
+        self.explicitly_destroy = tune.explicitly_destroy
+        if group is None and comm is None:
+            group = dist.group.WORLD
+        self.buffer = deep_ep.Buffer(
+            group,
+            num_nvl_bytes=nvl,
+            num_rdma_bytes=rdma,
+            low_latency_mode=self.has_low_latency,
+            num_qps_per_rank=self.num_qps_per_rank,
+            allow_nvlink_for_low_latency_mode=tune.allow_nvlink_for_low_latency_mode,
+            allow_mnnvl=tune.allow_mnnvl,
+            explicitly_destroy=self.explicitly_destroy,
+            comm=comm,
+        )
+        self.rank = self.buffer.rank
+        self._refs = 0
+        self._last_layout: Layout | None = None
+
+    def acquire(self) -> DeepEPBufferOwner:
+        if self.buffer is None:
+            raise RuntimeError("the DeepEP buffer was already destroyed")
+        self._refs += 1
+        return self
+
+    def release(self) -> None:
+        self._refs -= 1
+        if self._refs <= 0 and self.buffer is not None:
+            if self.explicitly_destroy:
+                self.buffer.destroy()
+            self.buffer = None
+
+    def enter(self, layout: Layout) -> Any:
+        """The buffer, made ready for `layout`: cleans the low-latency area after normal-mode use."""
+        if self.buffer is None:
+            raise RuntimeError("the DeepEP buffer was destroyed (dispatcher closed)")
+        if layout == Layout.LOW_LATENCY and self._last_layout == Layout.NORMAL:
+            self.buffer.clean_low_latency_buffer(self.capacity, self.hidden, self.num_experts)
+        self._last_layout = layout
+        return self.buffer
+
+
+@register
+class DeepEPDispatcher(Dispatcher):
+    """Dispatch/combine through DeepEP's kernels (NVLink intranode; RDMA/NVSHMEM low-latency).
+
+    Args:
+        plan, mode_plan, group: as for every dispatcher.
+        comm: an `mpi4py.MPI.Comm` to build the buffer from (when `group` is None).
+        owner: a `DeepEPBufferOwner` shared with the other mode's dispatcher; created when None.
+    """
+
+    name = "deepep"
+    layouts = frozenset({Layout.NORMAL, Layout.LOW_LATENCY})
+
+    def __init__(
+        self,
+        plan: RuntimePlan,
+        mode_plan: ModePlan,
+        group: dist.ProcessGroup | None = None,
+        *,
+        comm: Any | None = None,
+        owner: DeepEPBufferOwner | None = None,
+    ):
+        super().__init__(plan, mode_plan, group)
+        ok, reason = self.supports(plan, mode_plan)
+        if not ok:
+            raise ValueError(
+                f"dispatch.backend 'deepep' cannot serve the {mode_plan.layout.value} mode: {reason}"
+            )
+        self.owner = (owner or DeepEPBufferOwner(plan, group, comm)).acquire()
+        self.deep_ep = self.owner.deep_ep
+        model = plan.config.model
+        self.num_experts = model.num_experts
+        self.num_local_experts = plan.num_local_experts
+        self.hidden = model.hidden_size
+        self.is_fp8 = mode_plan.precision == Precision.FP8
+        self.capacity = mode_plan.capacity
+        self._topk_dtype = getattr(self.deep_ep, "topk_idx_t", torch.int64)
+        self._last: tuple[Routing, Any, DispatchedTokens] | None = None
+
+    @classmethod
+    def build_all(
+        cls, plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any
+    ) -> dict[Layout, Dispatcher]:
+        """One dispatcher per mode of the plan, all sharing one `deep_ep.Buffer`."""
+        owner = kwargs.pop("owner", None) or DeepEPBufferOwner(plan, group, kwargs.get("comm"))
+        return {layout: cls(plan, mp, group, owner=owner, **kwargs) for layout, mp in plan.modes.items()}
+
+    @classmethod
+    def supports(cls, plan: RuntimePlan, mode_plan: ModePlan) -> tuple[bool, str]:
+        if mode_plan.layout not in cls.layouts:
+            return False, f"layout {mode_plan.layout.value} is not implemented by the deepep backend"
+        if plan.device != "cuda":
+            return (
+                False,
+                "DeepEP needs parallel.device 'cuda' (CUDA GPUs); on cpu use dispatch.backend: torch",
+            )
+        deep_ep, reason = import_deep_ep()
+        if deep_ep is None:
+            return False, reason
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is visible; DeepEP needs CUDA GPUs"
+        model = plan.config.model
+        if mode_plan.layout == Layout.LOW_LATENCY:
+            if not mode_plan.capacity:
+                return False, "low-latency mode needs dispatch.num_max_dispatch_tokens_per_rank"
+        if mode_plan.precision == Precision.FP8:
+            if model.hidden_size % FP8_GROUP:
+                return False, f"fp8 dispatch needs model.hidden_size to be a multiple of {FP8_GROUP}"
+            if not deep_ep.Buffer.is_sm90_compiled():
+                return (
+                    False,
+                    "this DeepEP build lacks SM90 features (FP8); rebuild without DISABLE_SM90_FEATURES",
+                )
+        return True, "ok"
+
+    # ------------------------------------------------------------------------------------------
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[DispatchedTokens, DispatchHandle]:
+        """Send each token to the ranks that own its top-k experts.
+
+        Args:
+            x: `[T, D]` bfloat16 (CUDA) hidden states of this rank's tokens.
+            routing: `topk_ids` `[T, K]` int64 global ids (-1 = none), `topk_weights` `[T, K]` fp32.
+        Returns: the received tokens (normal: `[N_recv, D]` with local top-k ids/weights;
+            low-latency: `[L, C*R, D]`, fp8 scales column-major as DeepEP returns them) and the handle.
+        """
+        if x.dim() != 2 or x.shape[1] != self.hidden or x.dtype != torch.bfloat16:
+            raise ValueError(f"x must be [T, {self.hidden}] bfloat16, got {tuple(x.shape)} {x.dtype}")
+        if routing.num_tokens != x.shape[0]:
+            raise ValueError(f"routing has {routing.num_tokens} tokens but x has {x.shape[0]} rows")
+        if self.layout == Layout.NORMAL:
+            return self._dispatch_normal(x, routing)
+        return self._dispatch_low_latency(x, routing)
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Return expert outputs to their sources and reduce them: `[T, D]` bfloat16."""
+        if handle.layout != self.layout:
+            raise ValueError(
+                f"handle is for the {handle.layout.value} layout, this dispatcher serves {self.layout.value}"
+            )
+        if expert_out.dtype != torch.bfloat16:
+            raise ValueError(f"expert_out.dtype must be bfloat16, got {expert_out.dtype}")
+        buffer = self.owner.enter(self.layout)
+        if self.layout == Layout.NORMAL:
+            out, _, _ = buffer.combine(
+                expert_out.contiguous(), handle.state, config=self.owner.combine_config
+            )
+            return out
+        out, _, _ = buffer.low_latency_combine(
+            expert_out.contiguous(),
+            self._ids(handle.routing),
+            handle.routing.topk_weights.contiguous(),
+            handle.state,
+        )
+        return out
+
+    def close(self) -> None:
+        if self.owner is not None:
+            self._last = None
+            self.owner.release()
+            self.owner = None
+
+    # ------------------------------------------------------------------------------------------
+
+    def _ids(self, routing: Routing) -> torch.Tensor:
+        ids = routing.topk_ids
+        return (ids if ids.dtype == self._topk_dtype else ids.to(self._topk_dtype)).contiguous()
+
+    def _dispatch_normal(self, x: torch.Tensor, routing: Routing) -> tuple[DispatchedTokens, DispatchHandle]:
+        buffer = self.owner.enter(Layout.NORMAL)
+        if self.is_fp8:
+            from ep_runtime.kernels.quant import per_token_group_quant_fp8
+
+            x_in: Any = per_token_group_quant_fp8(x, group_size=FP8_GROUP)
+        else:
+            x_in = x
+        last = self._last
+        if last is not None and last[0] is routing:
+            # Same routing object as the previous dispatch: DeepEP's cached mode reuses the layout
+            # (no layout kernel, no CPU wait for the receive count).
+            recv, _, _, _, _, _ = buffer.dispatch(x_in, handle=last[1], config=self.owner.dispatch_config)
+            prev = last[2]
+            recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
+            dispatched = DispatchedTokens(
+                layout=Layout.NORMAL,
+                x=recv_x,
+                x_scale=recv_scale,
+                num_recv_per_expert=prev.num_recv_per_expert,
+                recv_topk_ids=prev.recv_topk_ids,
+                recv_topk_weights=prev.recv_topk_weights,
+            )
+            deep_handle = last[1]
+        else:
+            ids = self._ids(routing)
+            num_per_rank, _, num_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
+                ids, self.num_experts
+            )
+            recv, recv_ids, recv_weights, num_list, deep_handle, _ = buffer.dispatch(
+                x_in,
+                num_tokens_per_rank=num_per_rank,
+                is_token_in_rank=is_token_in_rank,
+                num_tokens_per_expert=num_per_expert,
+                topk_idx=ids,
+                topk_weights=routing.topk_weights.contiguous(),
+                config=self.owner.dispatch_config,
+            )
+            recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
+            dispatched = DispatchedTokens(
+                layout=Layout.NORMAL,
+                x=recv_x,
+                x_scale=recv_scale,
+                num_recv_per_expert=torch.tensor(num_list, dtype=torch.int32, device=x.device),
+                recv_topk_ids=recv_ids.to(torch.int64),
+                recv_topk_weights=recv_weights,
+            )
+            self._last = (routing, deep_handle, dispatched)
+        handle = DispatchHandle(
+            layout=Layout.NORMAL,
+            num_tokens=x.shape[0],
+            hidden_size=self.hidden,
+            routing=routing,
+            state=deep_handle,
+        )
+        return dispatched, handle
+
+    def _dispatch_low_latency(
+        self, x: torch.Tensor, routing: Routing
+    ) -> tuple[DispatchedTokens, DispatchHandle]:
+        if x.shape[0] > self.capacity:
+            raise ValueError(
+                f"low-latency dispatch got {x.shape[0]} tokens, more than the capacity C = "
+                f"dispatch.num_max_dispatch_tokens_per_rank ({self.capacity}); the layer must chunk the batch"
+            )
+        buffer = self.owner.enter(Layout.LOW_LATENCY)
+        recv, recv_count, deep_handle, _, _ = buffer.low_latency_dispatch(
+            x.contiguous(),
+            self._ids(routing),
+            self.capacity,
+            self.num_experts,
+            use_fp8=self.is_fp8,
+            async_finish=False,
+            return_recv_hook=False,
+        )
+        recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
+        dispatched = DispatchedTokens(
+            layout=Layout.LOW_LATENCY, x=recv_x, x_scale=recv_scale, num_recv_per_expert=recv_count
+        )
+        handle = DispatchHandle(
+            layout=Layout.LOW_LATENCY,
+            num_tokens=x.shape[0],
+            hidden_size=self.hidden,
+            routing=routing,
+            state=deep_handle,
+        )
+        return dispatched, handle
