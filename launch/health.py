@@ -1,0 +1,242 @@
+"""Bounded waiting and failure reports for one rank: stages, the step watchdog, fault injection.
+
+Every rank walks through the same named stages (`STAGES`). A `StageTracker` records the stage it
+is in, since when, and the limit that applies (from the file's `timeouts` section); the launchers
+read it to name the last stage a failed rank reached. A `Watchdog` thread enforces those limits
+inside the rank: when a stage overruns it writes a message naming the rank, the stage and the peers
+not heard from (read from the shared progress store), then calls the launcher's `on_expire` (MPI:
+`Abort`; default: exit the process), so a rank blocked in a collective cannot hang the job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ep_runtime.config import TimeoutsConfig
+
+STAGES = (
+    "start",
+    "rendezvous",
+    "process_group",
+    "build_layer",
+    "warmup",
+    "prefill",
+    "decode",
+    "verify",
+    "finish",
+    "done",
+)
+"""The stages of one rank, in order (also the names fault injection accepts)."""
+
+EXIT_WATCHDOG = 3
+"""Exit status of a rank process ended by its watchdog."""
+
+
+class LaunchError(RuntimeError):
+    """The job failed; the message names the rank(s), node(s) and last stage(s)."""
+
+
+class RankFailure(RuntimeError):
+    """An error inside one rank, annotated with the rank, node and stage it happened in."""
+
+    def __init__(self, rank: int, node: str, stage: str, message: str):
+        self.rank, self.node, self.stage = rank, node, stage
+        super().__init__(f"rank {rank} on {node} failed at stage '{stage}': {message}")
+
+    def __reduce__(self):  # keep the fields through pickling (Ray, MPI)
+        return (_rebuild_rank_failure, (self.rank, self.node, self.stage, self.args[0]))
+
+
+def _rebuild_rank_failure(rank: int, node: str, stage: str, full: str) -> RankFailure:
+    exc = RankFailure.__new__(RankFailure)
+    exc.rank, exc.node, exc.stage = rank, node, stage
+    RuntimeError.__init__(exc, full)
+    return exc
+
+
+def stage_limit(stage: str, timeouts: TimeoutsConfig) -> float | None:
+    """Seconds a rank may spend in `stage` (None: unbounded, e.g. the idle `done`)."""
+    if stage in ("rendezvous", "process_group"):
+        return timeouts.rendezvous_s
+    if stage in ("build_layer", "finish"):
+        return timeouts.collective_s
+    if stage in ("start", "warmup", "prefill", "decode", "verify"):
+        return timeouts.step_s
+    return None
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """Test-only fault injection: make `rank` misbehave on entering `stage`.
+
+    `kind`: `kill` (SIGKILL itself), `hang` (sleep forever; the watchdog must end it) or `raise`.
+    Written as `RANK:STAGE[:KIND]` (default kind `kill`), e.g. `1:decode:kill`.
+    """
+
+    rank: int
+    stage: str
+    kind: str = "kill"
+
+    KINDS = ("kill", "hang", "raise")
+
+    @classmethod
+    def parse(cls, text: str) -> FaultSpec:
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not parts[0].isdigit():
+            raise ValueError(f"fault spec '{text}' must be RANK:STAGE[:KIND], e.g. 1:decode:kill")
+        kind = parts[2] if len(parts) == 3 else "kill"
+        if parts[1] not in STAGES:
+            raise ValueError(f"fault stage '{parts[1]}' is unknown; allowed: {', '.join(STAGES)}")
+        if kind not in cls.KINDS:
+            raise ValueError(f"fault kind '{kind}' is unknown; allowed: {', '.join(cls.KINDS)}")
+        return cls(int(parts[0]), parts[1], kind)
+
+    def __str__(self) -> str:
+        return f"{self.rank}:{self.stage}:{self.kind}"
+
+    def maybe_trigger(self, rank: int, stage: str) -> None:
+        if rank != self.rank or stage != self.stage:
+            return
+        print(
+            f"[ep-launch] fault injection: rank {rank} {self.kind} at stage '{stage}'",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.kind == "hang":
+            while True:
+                time.sleep(3600)
+        else:
+            raise RuntimeError(f"injected fault at stage '{stage}'")
+
+
+class StageTracker:
+    """The stage one rank is in (thread-safe), with step counters for progress displays.
+
+    `publish(rank, snapshot)` (optional) is called on every stage change and step, e.g. to write
+    the shared progress store that peers' watchdogs read.
+    """
+
+    def __init__(self, rank: int, node: str, timeouts: TimeoutsConfig):
+        self.rank = rank
+        self.node = node
+        self.timeouts = timeouts
+        self._lock = threading.Lock()
+        self._stage = "start"
+        self._since = time.monotonic()
+        self._limit = stage_limit("start", timeouts)
+        self._step = 0
+        self._steps = 0
+        self.expired: str | None = None
+        self.error: str | None = None
+        self.publish: Callable[[dict[str, Any]], None] | None = None
+
+    def enter(self, stage: str, steps: int = 0) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"stage '{stage}' is unknown; allowed: {', '.join(STAGES)}")
+        with self._lock:
+            self._stage, self._since = stage, time.monotonic()
+            self._limit = stage_limit(stage, self.timeouts)
+            self._step, self._steps = 0, steps
+        self._publish()
+
+    def step(self, done: int) -> None:
+        with self._lock:
+            self._step = done
+        self._publish()
+
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "rank": self.rank,
+                "node": self.node,
+                "pid": os.getpid(),
+                "stage": self._stage,
+                "elapsed_s": time.monotonic() - self._since,
+                "limit_s": self._limit,
+                "step": self._step,
+                "steps": self._steps,
+                "expired": self.expired,
+                "error": self.error,
+            }
+
+    def _publish(self) -> None:
+        if self.publish is not None:
+            try:
+                self.publish(self.snapshot())
+            except Exception:  # noqa: BLE001 - progress is best effort; the watchdog reports failures
+                pass
+
+
+class Watchdog:
+    """Ends a rank whose current stage overruns its limit.
+
+    Args:
+        tracker: the rank's stage tracker.
+        peers: optional `() -> str` describing peers not heard from (read from the progress store).
+        on_expire: called with the message once a limit is exceeded; default prints it and exits
+            the process with `EXIT_WATCHDOG` after `grace_s` (so a launcher polling the tracker
+            can read the message first).
+    """
+
+    def __init__(
+        self,
+        tracker: StageTracker,
+        *,
+        peers: Callable[[], str] | None = None,
+        on_expire: Callable[[str], None] | None = None,
+        grace_s: float = 2.0,
+        poll_s: float = 0.25,
+    ):
+        self.tracker = tracker
+        self.peers = peers
+        self.on_expire = on_expire
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"ep-watchdog-{tracker.rank}", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            snap = self.tracker.snapshot()
+            limit = snap["limit_s"]
+            if limit is None or snap["elapsed_s"] <= limit:
+                continue
+            msg = (
+                f"rank {snap['rank']} on {snap['node']}: stage '{snap['stage']}' exceeded its timeout "
+                f"({limit:g} s; step {snap['step']}/{snap['steps']})"
+            )
+            if self.peers is not None:
+                try:
+                    msg += f"; {self.peers()}"
+                except Exception as exc:  # noqa: BLE001 - the store may be gone with rank 0
+                    msg += f"; peers unknown (progress store unreachable: {exc})"
+            self.tracker.expired = msg
+            print(f"[ep-launch] watchdog: {msg}", file=sys.stderr, flush=True)
+            if self.on_expire is not None:
+                self.on_expire(msg)
+            else:
+                time.sleep(self.grace_s)
+                os._exit(EXIT_WATCHDOG)
+            return
