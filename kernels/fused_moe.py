@@ -55,6 +55,100 @@ def align_buffer_size(num_slots: int, block_m: int, num_experts: int) -> int:
     return triton.cdiv(worst, block_m) * block_m
 
 
+@triton.jit
+def _moe_align_kernel(
+    # pointers
+    ids_ptr,
+    map_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_post_ptr,
+    # sizes
+    num_slots,
+    num_experts,
+    size,
+    # meta
+    HAS_MAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One program per expert bucket. Each program histograms all slots (redundantly, so no second
+    launch or grid sync is needed), takes its padded start from the prefix sum, then writes its slots
+    in slot order, its padding sentinels and its blocks' expert id. Program 0 also writes the padded
+    total and the tail past it (sentinels, expert id -1)."""
+    e = tl.program_id(0)
+    bins = tl.arange(0, NUM_BINS)
+    counts = tl.zeros((NUM_BINS,), dtype=tl.int32)
+    for start in range(0, num_slots, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=-1)
+        ok = (ids >= 0) & (ids < num_experts)
+        if HAS_MAP:
+            ids = tl.load(map_ptr + ids, mask=ok, other=-1).to(ids.dtype)
+            ok = ok & (ids >= 0) & (ids < num_experts)
+        b = tl.where(ok, ids, num_experts).to(tl.int32)
+        counts += tl.histogram(b, NUM_BINS)
+    padded = tl.where(bins < num_experts, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    my_start = tl.sum(tl.where(bins < e, padded, 0), axis=0)
+    my_count = tl.sum(tl.where(bins == e, counts, 0), axis=0)
+    my_padded = tl.sum(tl.where(bins == e, padded, 0), axis=0)
+
+    running = my_start
+    for start in range(0, num_slots, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=-1)
+        ok = (ids >= 0) & (ids < num_experts)
+        if HAS_MAP:
+            ids = tl.load(map_ptr + ids, mask=ok, other=-1).to(ids.dtype)
+            ok = ok & (ids >= 0) & (ids < num_experts)
+        mine = ok & (ids == e)
+        rank = tl.cumsum(mine.to(tl.int32), axis=0) - 1
+        tl.store(sorted_ids_ptr + running + rank, offs.to(tl.int32), mask=mine)
+        running += tl.sum(mine.to(tl.int32), axis=0)
+    offs_p = tl.arange(0, BLOCK_M)
+    pad_pos = my_start + my_count + offs_p
+    tl.store(
+        sorted_ids_ptr + pad_pos,
+        tl.full((BLOCK_M,), 0, tl.int32) + num_slots,
+        mask=pad_pos < my_start + my_padded,
+    )
+    for blk in range(my_start // BLOCK_M, (my_start + my_padded) // BLOCK_M):
+        tl.store(expert_ids_ptr + blk, e)
+    if e == 0:
+        total = tl.sum(padded, axis=0)
+        tl.store(num_post_ptr, total)
+        for start in range(total, size, CHUNK):
+            offs = start + tl.arange(0, CHUNK)
+            tl.store(sorted_ids_ptr + offs, tl.full((CHUNK,), 0, tl.int32) + num_slots, mask=offs < size)
+            blk = offs // BLOCK_M
+            tl.store(
+                expert_ids_ptr + blk,
+                tl.full((CHUNK,), -1, tl.int32),
+                mask=(offs < size) & (offs % BLOCK_M == 0),
+            )
+
+
+def _check_align_args(topk_ids, block_m, num_experts, expert_map) -> None:
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
+        raise ValueError(
+            f"topk_ids must be a [T, K] tensor, got {getattr(topk_ids, 'shape', type(topk_ids))}"
+        )
+    if topk_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"topk_ids.dtype must be int64 (or int32), got {topk_ids.dtype}")
+    if not isinstance(block_m, int) or block_m <= 0:
+        raise ValueError(f"block_m must be a positive int, got {block_m!r}")
+    if not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if expert_map is not None:
+        if expert_map.dim() != 1 or expert_map.shape[0] != num_experts:
+            raise ValueError(f"expert_map must be [num_experts={num_experts}], got {tuple(expert_map.shape)}")
+        if expert_map.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"expert_map.dtype must be int32, got {expert_map.dtype}")
+        if expert_map.device != topk_ids.device:
+            raise ValueError(f"expert_map is on {expert_map.device} but topk_ids is on {topk_ids.device}")
+
+
 def moe_align_block_size(
     topk_ids: torch.Tensor, block_m: int, num_experts: int, expert_map: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,26 +169,47 @@ def moe_align_block_size(
             `S = align_buffer_size(T*K, block_m, num_experts)` (worst case, so no host sync).
         expert_ids: `[S / block_m]` int32 expert of each M-block, -1 for blocks past the padded total.
         num_tokens_post_padded: `[1]` int32 on topk_ids' device, the padded total.
+    One Triton launch on CUDA (and under the interpreter); plain torch ops otherwise. No host sync.
     """
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
-        raise ValueError(
-            f"topk_ids must be a [T, K] tensor, got {getattr(topk_ids, 'shape', type(topk_ids))}"
-        )
-    if topk_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"topk_ids.dtype must be int64 (or int32), got {topk_ids.dtype}")
-    if not isinstance(block_m, int) or block_m <= 0:
-        raise ValueError(f"block_m must be a positive int, got {block_m!r}")
-    if not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    _check_align_args(topk_ids, block_m, num_experts, expert_map)
     dev = topk_ids.device
-    if expert_map is not None:
-        if expert_map.dim() != 1 or expert_map.shape[0] != num_experts:
-            raise ValueError(f"expert_map must be [num_experts={num_experts}], got {tuple(expert_map.shape)}")
-        if expert_map.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"expert_map.dtype must be int32, got {expert_map.dtype}")
-        if expert_map.device != dev:
-            raise ValueError(f"expert_map is on {expert_map.device} but topk_ids is on {dev}")
+    num_slots = topk_ids.numel()
+    size = align_buffer_size(num_slots, block_m, num_experts)
+    if num_slots == 0:
+        return (
+            torch.full((size,), num_slots, dtype=torch.int32, device=dev),
+            torch.full((size // block_m,), -1, dtype=torch.int32, device=dev),
+            torch.zeros(1, dtype=torch.int32, device=dev),
+        )
+    if not (topk_ids.is_cuda or _INTERPRET):
+        return _moe_align_torch(topk_ids, block_m, num_experts, expert_map)
+    ids = topk_ids.reshape(-1).contiguous()
+    sorted_ids = torch.empty(size, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(size // block_m, dtype=torch.int32, device=dev)
+    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    _moe_align_kernel[(num_experts,)](
+        ids,
+        expert_map if expert_map is not None else ids,
+        sorted_ids,
+        expert_ids,
+        num_post,
+        num_slots,
+        num_experts,
+        size,
+        HAS_MAP=expert_map is not None,
+        BLOCK_M=block_m,
+        NUM_BINS=triton.next_power_of_2(num_experts + 1),
+        CHUNK=1024,
+    )
+    return sorted_ids, expert_ids, num_post
 
+
+def _moe_align_torch(
+    topk_ids: torch.Tensor, block_m: int, num_experts: int, expert_map: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_align_block_size` with torch ops only (stable sort by expert; no host sync)."""
+    _check_align_args(topk_ids, block_m, num_experts, expert_map)
+    dev = topk_ids.device
     num_slots = topk_ids.numel()
     size = align_buffer_size(num_slots, block_m, num_experts)
     num_blocks = size // block_m
@@ -160,7 +275,7 @@ def _load_b_tile(
         return tl.load(b_ptrs, mask=offs_k[:, None] < k_rem, other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots", "top_k"])
 def _fused_moe_gemm_kernel(
     # pointers
     a_ptr,

@@ -1,10 +1,13 @@
-"""moe_align_block_size against a Python-loop reference (CPU; the same torch ops run on GPU)."""
+"""moe_align_block_size (the Triton kernel, under the interpreter on CPU) and its torch-ops fallback
+against a Python-loop reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ep_runtime.kernels.fused_moe import align_buffer_size, moe_align_block_size
+from ep_runtime.kernels.fused_moe import _moe_align_torch, align_buffer_size, moe_align_block_size
+
+IMPLS = {"triton": moe_align_block_size, "torch": _moe_align_torch}
 
 
 def ref_align(topk_ids, block_m, num_experts, expert_map=None):
@@ -31,8 +34,8 @@ def ref_align(topk_ids, block_m, num_experts, expert_map=None):
     return ids, blocks, len(ids)
 
 
-def check_align(topk_ids, block_m, num_experts, expert_map=None):
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, block_m, num_experts, expert_map)
+def check_align(topk_ids, block_m, num_experts, expert_map=None, impl="triton"):
+    sorted_ids, expert_ids, num_post = IMPLS[impl](topk_ids, block_m, num_experts, expert_map)
     ids, blocks, total = ref_align(
         topk_ids.cpu(), block_m, num_experts, None if expert_map is None else expert_map.cpu()
     )
@@ -50,36 +53,42 @@ def check_align(topk_ids, block_m, num_experts, expert_map=None):
     return total
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("block_m", [1, 4, 16])
-def test_align_random_with_skips(rng_seed, block_m):
+def test_align_random_with_skips(rng_seed, block_m, impl):
     ids = torch.randint(-1, 7, (23, 3))
-    check_align(ids, block_m, 7)
+    check_align(ids, block_m, 7, impl=impl)
+    check_align(torch.randint(-1, 5, (700, 4)), block_m, 5, impl=impl)  # several 1024-slot chunks
 
 
-def test_align_t0_and_t1(rng_seed):
-    assert check_align(torch.empty(0, 8, dtype=torch.long), 16, 5) == 0
-    check_align(torch.tensor([[4, 0, -1]]), 4, 5)
-    check_align(torch.tensor([[-1, -1]]), 4, 5)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_align_t0_and_t1(rng_seed, impl):
+    assert check_align(torch.empty(0, 8, dtype=torch.long), 16, 5, impl=impl) == 0
+    check_align(torch.tensor([[4, 0, -1]]), 4, 5, impl=impl)
+    check_align(torch.tensor([[-1, -1]]), 4, 5, impl=impl)
 
 
-def test_align_zero_token_experts_and_all_on_one():
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_align_zero_token_experts_and_all_on_one(impl):
     ids = torch.tensor([[2, 2], [2, 5], [5, 2]])
-    check_align(ids, 4, 6)  # experts 0, 1, 3, 4 have no tokens
+    check_align(ids, 4, 6, impl=impl)  # experts 0, 1, 3, 4 have no tokens
     one = torch.full((37, 1), 3, dtype=torch.long)
-    assert check_align(one, 16, 5) == 48
+    assert check_align(one, 16, 5, impl=impl) == 48
 
 
-def test_align_out_of_range_ids_are_skipped():
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_align_out_of_range_ids_are_skipped(impl):
     ids = torch.tensor([[0, 9], [-3, 1]])
-    check_align(ids, 2, 3)
+    check_align(ids, 2, 3, impl=impl)
 
 
-def test_align_expert_map(rng_seed):
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_align_expert_map(rng_seed, impl):
     num_experts = 10
     expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
     expert_map[torch.tensor([1, 4, 7])] = torch.tensor([0, 1, 2], dtype=torch.int32)
     ids = torch.randint(-1, num_experts, (19, 4))
-    check_align(ids, 4, num_experts, expert_map)
+    check_align(ids, 4, num_experts, expert_map, impl=impl)
 
 
 def test_align_errors():

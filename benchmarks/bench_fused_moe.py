@@ -1,0 +1,424 @@
+"""Fused MoE (normal layout) benchmark: Triton fused_moe vs a torch per-expert loop, with rooflines.
+
+    python benchmarks/bench_fused_moe.py [--quick] [--tune] [--out DIR] [--budget-s S]
+
+Per (model shape, T): bf16 and fp8_block fused_moe (fused top-k sum on at K > 2; at K = 8, T >= 512
+the unfused bf16 path too), a w4a8 row at one shape, and the baseline (bf16 torch.mm per expert).
+Our rows are timed as CUDA-graph replays (the call never syncs with the host, so it captures); decode
+rows also give the eager time. Rooflines measured in the same run: weight bytes actually touched
+(distinct experts hit x bytes per expert) over the device-to-device copy bandwidth, and FLOPs over
+the measured bf16 (fp8) matmul rate. `--tune` sweeps a few block configs per shape bucket first (each
+GEMM timed alone) and writes the winners as a config table next to the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ep_runtime.kernels import fused_moe as fm  # noqa: E402
+from ep_runtime.kernels.quant import (  # noqa: E402
+    per_token_group_quant_fp8,
+    quantize_fp8_block,
+    quantize_w4a8,
+)
+
+from benchmarks.common import (  # noqa: E402
+    bench_us,
+    measure_copy_bandwidth,
+    measure_matmul_flops,
+    print_table,
+    write_results,
+)
+
+SHAPES = {
+    "dsv3_e128": dict(L=128, D=7168, I=2048, K=8, Ts=[1, 16, 128, 512, 2048, 8192]),
+    "dsv3_e32": dict(L=32, D=7168, I=2048, K=8, Ts=[1, 128, 2048, 8192]),
+    "qwen3_30b": dict(L=128, D=2048, I=768, K=8, Ts=[1, 128, 2048, 8192]),
+    "mixtral": dict(L=8, D=4096, I=14336, K=2, Ts=[1, 128, 2048, 8192]),
+}
+QUICK_TS = {"dsv3_e128": [1, 128, 2048], "dsv3_e32": [2048], "qwen3_30b": [128, 2048], "mixtral": [128]}
+W4A8_AT = ("dsv3_e32", 2048)
+SMOKE = {"tiny": dict(L=8, D=256, I=128, K=8, Ts=[2, 64])}
+"""--smoke: CPU under TRITON_INTERPRET=1, tiny shape, dummy ceilings: checks the script, not speed."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs and baseline
+# ------------------------------------------------------------------------------------------------
+
+
+def routing(T, K, L, device="cuda"):
+    ids = torch.rand(T, L, device=device).argsort(dim=1)[:, :K].contiguous()
+    w = torch.rand(T, K, device=device) + 0.1
+    return ids, (w / w.sum(1, keepdim=True)).float()
+
+
+def make_bf16_weights(L, D, inter, device="cuda"):
+    w13 = torch.randn(L, 2 * inter, D, device=device, dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(L, D, inter, device=device, dtype=torch.bfloat16) * 0.02
+    return w13, w2
+
+
+def quantize_per_expert(fn, w):
+    qs, ss = zip(*(fn(w[e]) for e in range(w.shape[0])), strict=True)
+    return torch.stack(qs), torch.stack(ss)
+
+
+def torch_loop(x, w13, w2, ids, w):
+    """Baseline: bf16 torch.mm per expert (host syncs to find each expert's rows)."""
+    T, D = x.shape
+    inter = w2.shape[2]
+    out = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+    for e in range(w13.shape[0]):
+        t, k = torch.nonzero(ids == e, as_tuple=True)
+        if t.numel() == 0:
+            continue
+        h = x[t] @ w13[e].t()
+        act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        y = act @ w2[e].t()
+        out.index_add_(0, t, y.float() * w[t, k, None])
+    return out.to(torch.bfloat16)
+
+
+def graph_us(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    t = bench_us(g.replay, warmup=5, rep=40)
+    del g
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# Tuning: each GEMM timed alone through the launcher, per BLOCK_M
+# ------------------------------------------------------------------------------------------------
+
+
+def candidates(rows_per_expert: float, scheme: str):
+    """(BLOCK_M, [gate_up candidates], [down candidates]) lists for one bucket."""
+
+    def c(bn, bk, w, s, g=8):
+        return dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)
+
+    fp8 = scheme != "bf16"
+    if rows_per_expert <= 12:
+        gu = [c(64, 128, 4, 4, 1), c(32, 128, 4, 4, 1)]
+        dn = [c(64, 128, 4, 4, 1), c(128, 128, 4, 4, 1)]
+        if not fp8:
+            gu.append(c(64, 256, 4, 3, 1))
+            dn.append(c(64, 256, 4, 3, 1))
+        return [(16, gu, dn)]
+    if rows_per_expert <= 96:
+        gu = [c(64, 128, 4, 4), c(128, 128 if fp8 else 64, 8, 4)]
+        dn = [c(128, 128, 4, 4), c(256, 128 if fp8 else 64, 8, 3)]
+        return [(64, gu, dn)]
+    if fp8:
+        gu = [c(128, 128, 8, 3), c(128, 128, 8, 4)]
+        dn = [c(128, 128, 8, 3), c(256, 128, 8, 3)]
+    else:
+        gu = [c(128, 64, 8, 3), c(128, 64, 8, 4), c(64, 64, 4, 4)]
+        dn = [c(256, 64, 8, 3), c(128, 64, 8, 4), c(128, 64, 4, 4)]
+    return [(128, gu, dn)]
+
+
+def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
+    T, D = x.shape
+    K = ids.shape[1]
+    L, inter = w13.shape[0], w13.shape[1] // 2
+    if scheme == "bf16":
+        a1, a1s = x, None
+        act = torch.randn(T * K, inter, device=x.device, dtype=torch.bfloat16)
+        a2, a2s = act, None
+    else:
+        a1, a1s = per_token_group_quant_fp8(x)
+        a2, a2s = per_token_group_quant_fp8(torch.randn(T * K, inter, device=x.device, dtype=torch.bfloat16))
+    flat_w = w.reshape(-1)
+    best = None
+    log = []
+    for bm, gus, dns in candidates(T * K / L, scheme):
+        align = fm.moe_align_block_size(ids, bm, L)
+        act_out = torch.empty(T * K, inter, device=x.device, dtype=torch.bfloat16)
+        acc = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+        atomic = K > 2
+
+        def time_one(cfg, gate_up, bm=bm, align=align, act_out=act_out, acc=acc, atomic=atomic):
+            if gate_up:
+                fn = functools.partial(
+                    fm._launch_gemm,
+                    a1,
+                    w13,
+                    act_out,
+                    a1s,
+                    s13,
+                    None,
+                    align,
+                    n=inter,
+                    k=D,
+                    num_slots=T * K,
+                    top_k=K,
+                    up_offset=inter,
+                    scheme=scheme,
+                    gate_up=True,
+                    mul_weight=False,
+                    atomic=False,
+                    block_m=bm,
+                    cfg=cfg,
+                )
+            else:
+                fn = functools.partial(
+                    fm._launch_gemm,
+                    a2,
+                    w2,
+                    acc,
+                    a2s,
+                    s2,
+                    flat_w,
+                    align,
+                    n=D,
+                    k=inter,
+                    num_slots=T * K,
+                    top_k=K,
+                    up_offset=0,
+                    scheme=scheme,
+                    gate_up=False,
+                    mul_weight=True,
+                    atomic=atomic,
+                    block_m=bm,
+                    cfg=cfg,
+                )
+            try:
+                return bench_us(fn, warmup=3, rep=15)
+            except Exception as exc:  # a config the compiler rejects (shared memory) just loses
+                log.append(f"config {cfg} failed: {type(exc).__name__}")
+                return float("inf")
+
+        res = {}
+        for name, cands in (("gate_up", gus), ("down", dns)):
+            scored = []
+            for cfg in cands:
+                if time.time() > deadline and scored:
+                    break
+                scored.append((time_one(cfg, name == "gate_up"), cfg))
+            res[name] = min(scored, key=lambda s: s[0])
+        total = res["gate_up"][0] + res["down"][0]
+        log.append(f"BM={bm}: gate_up {res['gate_up'][0]:.1f} us, down {res['down'][0]:.1f} us")
+        if best is None or total < best[0]:
+            best = (total, dict(BLOCK_M=bm, gate_up=res["gate_up"][1], down=res["down"][1]))
+        if time.time() > deadline:
+            break
+    return best[1], log
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark
+# ------------------------------------------------------------------------------------------------
+
+
+def bytes_per_expert(D, inter, scheme):
+    n = 3 * D * inter
+    if scheme == "bf16":
+        return 2 * n
+    if scheme == "fp8_block":
+        return n + 4 * 3 * (D // 128) * (inter // 128)
+    return n // 2 + 4 * 3 * n // 128
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few shapes and T only")
+    ap.add_argument("--tune", action="store_true", help="sweep block configs per bucket first")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new rows after this")
+    ap.add_argument(
+        "--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES)
+    )
+    ap.add_argument("--no-fp8", action="store_true")
+    ap.add_argument("--ts", default=None, help="comma-separated T values (overrides the per-shape lists)")
+    ap.add_argument("--smoke", action="store_true", help="CPU + interpreter dry run of the script")
+    args = ap.parse_args(argv)
+    global graph_us
+    if args.smoke:
+        SHAPES.clear()
+        SHAPES.update(SMOKE)
+        args.shapes = "tiny"
+        globals()["W4A8_AT"] = ("tiny", 64)
+        graph_us = functools.partial(bench_us, warmup=1, rep=10)  # noqa: F811
+    elif not torch.cuda.is_available():
+        print("bench_fused_moe needs a CUDA GPU")
+        return 1
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    torch.manual_seed(0)
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    if args.smoke:
+        copy_bw, mm_bf16, mm_fp8 = 1e12, 1e12, 1e12
+    else:
+        copy_bw = measure_copy_bandwidth()
+        mm_bf16 = measure_matmul_flops(torch.bfloat16)
+        mm_fp8 = measure_matmul_flops(torch.float8_e4m3fn)
+    print(
+        f"copy {copy_bw / 1e12:.2f} TB/s, bf16 mm {mm_bf16 / 1e12:.0f} TFLOP/s, fp8 mm {mm_fp8 / 1e12:.0f} TFLOP/s"
+    )
+    dkey = fm.device_key(dev)
+    table_path = fm.CONFIG_DIR / "fused_moe.json"
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    tuned = table.setdefault(dkey, {})
+    rows, tune_log = [], []
+    out_dir = args.out
+
+    def flush():
+        payload = dict(
+            ceilings=dict(copy_bytes_per_s=copy_bw, bf16_flops=mm_bf16, fp8_flops=mm_fp8),
+            timing="our rows: CUDA-graph replay medians (triton do_bench); torch loop: eager",
+            rows=rows,
+            tune_log=tune_log,
+        )
+        write_results("fused_moe", payload, out_dir)
+        cfg_out = (out_dir or fm.CONFIG_DIR) / "fused_moe.json"
+        cfg_out.parent.mkdir(parents=True, exist_ok=True)
+        cfg_out.write_text(json.dumps(table, indent=1, sort_keys=True))
+
+    schemes = ["bf16"] if args.no_fp8 else ["bf16", "fp8_block"]
+    for sname in args.shapes.split(","):
+        sh = SHAPES[sname]
+        L, D, inter, K = sh["L"], sh["D"], sh["I"], sh["K"]
+        Ts = QUICK_TS.get(sname, []) if args.quick else sh["Ts"]
+        if args.ts:
+            Ts = [int(t) for t in args.ts.split(",")]
+        if not Ts or time.time() > deadline:
+            continue
+        w13, w2 = make_bf16_weights(L, D, inter, dev)
+        q = {"bf16": (w13, None, w2, None)}
+        if "fp8_block" in schemes:
+            a, b = quantize_per_expert(quantize_fp8_block, w13)
+            c, d = quantize_per_expert(quantize_fp8_block, w2)
+            q["fp8_block"] = (a, b, c, d)
+        for T in Ts:
+            if time.time() > deadline:
+                rows.append(dict(shape=sname, T=T, skipped="time budget"))
+                continue
+            ids, w = routing(T, K, L, dev)
+            x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+            n_touched = int(torch.unique(ids).numel())
+            flops = 2.0 * T * K * 3 * D * inter
+            ref = torch_loop(x, w13, w2, ids, w)
+            t_torch = bench_us(functools.partial(torch_loop, x, w13, w2, ids, w), warmup=2, rep=20)
+            variants = [(s, None) for s in schemes]
+            if K == 8 and (T >= 512 or args.smoke):
+                variants.append(("bf16", False))
+            if (sname, T) == W4A8_AT:
+                variants.append(("w4a8", None))
+            for scheme, fused in variants:
+                if scheme == "w4a8":
+                    a, b = quantize_per_expert(quantize_w4a8, w13)
+                    c, d = quantize_per_expert(quantize_w4a8, w2)
+                    ws = (a, b, c, d)
+                else:
+                    ws = q[scheme]
+                skey = fm.shape_key(L, inter, D, scheme)
+                bucket = str(fm.t_bucket(T))
+                if args.tune and fused is None and time.time() < deadline:
+                    cfg, lg = tune_bucket(x, ws[0], ws[1], ws[2], ws[3], ids, w, scheme, deadline)
+                    tuned.setdefault(skey, {})[bucket] = cfg
+                    tune_log.append(dict(shape=sname, T=T, scheme=scheme, chosen=cfg, log=lg))
+                cfg = tuned.get(skey, {}).get(bucket) or fm.get_config(T, K, L, inter, D, scheme, dev)
+                fn = functools.partial(
+                    fm.fused_moe,
+                    x,
+                    ws[0],
+                    ws[2],
+                    ids,
+                    w,
+                    scheme=scheme,
+                    w13_scale=ws[1],
+                    w2_scale=ws[3],
+                    fused_topk_sum=fused,
+                    config=cfg,
+                )
+                try:
+                    out = fn()
+                    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                    t_us = graph_us(fn)
+                    t_eager = bench_us(fn, warmup=3, rep=20) if T <= 128 else None
+                except Exception as exc:
+                    rows.append(
+                        dict(shape=sname, T=T, scheme=scheme, error=f"{type(exc).__name__}: {exc}"[:300])
+                    )
+                    print(rows[-1])
+                    continue
+                touched = n_touched * bytes_per_expert(D, inter, scheme)
+                rate = mm_bf16 if scheme == "bf16" else mm_fp8
+                floor_us = max(touched / copy_bw, flops / rate) * 1e6
+                rows.append(
+                    dict(
+                        shape=sname,
+                        L=L,
+                        D=D,
+                        I=inter,
+                        K=K,
+                        T=T,
+                        scheme=scheme,
+                        topk_sum="fused" if (fused if fused is not None else K > 2) else "unfused",
+                        us=round(t_us, 2),
+                        eager_us=None if t_eager is None else round(t_eager, 2),
+                        torch_us=round(t_torch, 2),
+                        speedup_vs_torch=round(t_torch / t_us, 2),
+                        weight_GBps=round(touched / t_us / 1e3, 1),
+                        frac_copy_bw=round(touched / copy_bw * 1e6 / t_us, 3),
+                        tflops=round(flops / t_us / 1e6, 1),
+                        frac_mm=round(flops / rate * 1e6 / t_us, 3),
+                        frac_roofline=round(floor_us / t_us, 3),
+                        rel_err_vs_torch=round(err, 4),
+                        config=cfg,
+                    )
+                )
+                r = rows[-1]
+                print(
+                    f"{sname} T={T} {scheme} {r['topk_sum']}: {t_us:.1f} us (eager {r['eager_us']}), "
+                    f"torch {t_torch:.1f}, {r['tflops']} TFLOP/s, {r['weight_GBps']} GB/s, "
+                    f"roofline {r['frac_roofline']:.2f}, err {err:.3g}",
+                    flush=True,
+                )
+            flush()
+        del w13, w2, q
+        if not args.smoke:
+            torch.cuda.empty_cache()
+    flush()
+    cols = [
+        "shape",
+        "T",
+        "scheme",
+        "topk_sum",
+        "us",
+        "eager_us",
+        "torch_us",
+        "speedup_vs_torch",
+        "tflops",
+        "weight_GBps",
+        "frac_copy_bw",
+        "frac_mm",
+        "frac_roofline",
+    ]
+    print_table("fused_moe", [r for r in rows if "us" in r], cols)
+    print(f"total {time.time() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
