@@ -33,7 +33,7 @@ _UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIG_KEYS = ("BLOCK_T", "BLOCK_E", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "tiles_per_split"])
 def _router_gemm_kernel(
     x_ptr,
     w_ptr,
@@ -54,7 +54,7 @@ def _router_gemm_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    ATOMIC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Program (e-block, t-block, k-split) accumulates x[t-block, k-range] @ w[e-block, k-range]^T."""
@@ -83,7 +83,7 @@ def _router_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wd
     out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_e[None, :] * stride_oe
     mask = mask_t[:, None] & mask_e[None, :]
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
@@ -186,7 +186,7 @@ def _router_gemm_triton(
         BLOCK_T=bt,
         BLOCK_E=be,
         BLOCK_K=bk,
-        SPLIT_K=split_k,
+        ATOMIC=split_k > 1,
         UPCAST=_UPCAST,
         num_warps=config.get("num_warps", 4),
         num_stages=config.get("num_stages", 3),

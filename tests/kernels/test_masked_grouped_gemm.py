@@ -1,3 +1,4 @@
+# ruff: noqa: E741  (I is the intermediate size, DESIGN.md)
 """Masked grouped GEMM / expert MLP (low-latency layout) against torch references.
 
 Every case poisons the invalid rows of the input with NaN (they must never be read) and fills the

@@ -1,0 +1,182 @@
+"""Router GEMM: every implementation vs cuBLAS with fp32 output, T in 1..8192.
+
+    python benchmarks/bench_router_gemm.py [--tune] [--out-dir DIR] [--table PATH] [--quick]
+
+Shapes: D 7168 / E 256 (DeepSeek-V3), D 2048 / E 128 (Qwen3-30B-A3B), D 4096 / E 8 (Mixtral).
+Baseline: `torch.mm(x, w.t(), out_dtype=torch.float32)` measured in the same run. Roofline: the
+bytes of weight + x read and logits written, over the copy bandwidth measured in the same run.
+`auto` is the shipped dispatcher (the selection table); `triton` the heuristic config; with
+`--tune` a small sweep of Triton configs runs per (shape, T), the best Triton config and cuBLAS
+are compared, and the winners are written as the selection table for this device
+(`kernels/configs/router_gemm.json`, other devices' entries kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ep_runtime.kernels import router_gemm as rg  # noqa: E402
+
+from benchmarks.common import bench_us, measure_copy_bandwidth, print_table, write_results  # noqa: E402
+
+SHAPES = [(7168, 256, "DeepSeek-V3"), (2048, 128, "Qwen3-30B-A3B"), (4096, 8, "Mixtral-8x7B")]
+T_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def candidate_configs(T: int, D: int, E: int, num_sms: int) -> list[dict[str, int]]:
+    """The tuning sweep: split-K GEMV-style tiles for small T, larger tiles (split or not) above."""
+    out = []
+    e_blocks = [16] if E <= 16 else ([32, 64] if E >= 64 else [16, 32])
+    if T <= 64:
+        bt = max(16, min(64, triton.next_power_of_2(T)))
+        for be in e_blocks:
+            for bk in (128, 256):
+                k_tiles = triton.cdiv(D, bk)
+                tiles = triton.cdiv(E, be) * triton.cdiv(T, bt)
+                for waves in (1, 2, 4):
+                    sk = max(1, min(k_tiles, waves * num_sms // tiles))
+                    out.append(
+                        dict(BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=3)
+                    )
+    else:
+        for bt in (64, 128):
+            for be in sorted(
+                {min(128, max(16, triton.next_power_of_2(E))), min(64, max(16, triton.next_power_of_2(E)))}
+            ):
+                tiles = triton.cdiv(E, be) * triton.cdiv(T, bt)
+                k_tiles = triton.cdiv(D, 64)
+                for sk in sorted({1, max(1, min(k_tiles, 2 * num_sms // tiles))}):
+                    out.append(
+                        dict(BLOCK_T=bt, BLOCK_E=be, BLOCK_K=64, SPLIT_K=sk, num_warps=4, num_stages=4)
+                    )
+    uniq = []
+    for c in out:
+        if c not in uniq:
+            uniq.append(c)
+    return uniq
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--tune", action="store_true", help="sweep Triton configs and rewrite the selection table"
+    )
+    ap.add_argument("--out-dir", default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--table", default=str(rg.CONFIG_PATH), help="selection table to write with --tune")
+    ap.add_argument("--quick", action="store_true", help="fewer T values")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_router_gemm needs a CUDA GPU")
+
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(0)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bw = measure_copy_bandwidth()
+    print(f"{name}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    t_values = [1, 8, 64, 512, 4096] if args.quick else T_VALUES
+    rows, table = [], {}
+    for D, E, model in SHAPES:
+        w = (torch.randn(E, D, device=dev) * 0.02).to(torch.bfloat16)
+        buckets = []
+        for T in t_values:
+            x = torch.randn(T, D, device=dev).to(torch.bfloat16)
+            ref = x.double() @ w.double().t()
+            nbytes = (E * D + T * D) * 2 + T * E * 4
+            roof_us = nbytes / bw * 1e6
+            t_cublas = bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="cublas"))
+            t_auto = bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="auto"))
+            t_heur = bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="triton"))
+            err = (rg.router_gemm(x, w, impl="triton").double() - ref).abs().max().item()
+            row = dict(model=model, D=D, E=E, T=T, cublas_us=t_cublas, auto_us=t_auto, triton_heur_us=t_heur)
+            best_cfg, best_t = None, float("inf")
+            if args.tune:
+                for cfg in candidate_configs(T, D, E, num_sms):
+                    try:
+                        t = bench_us(
+                            lambda cfg=cfg, x=x, w=w: rg.router_gemm(x, w, impl="triton", config=cfg),
+                            warmup=5,
+                            rep=20,
+                        )
+                    except Exception as exc:  # a config that does not compile is skipped, not fatal
+                        print(f"skip {cfg}: {type(exc).__name__}: {exc}"[:200])
+                        continue
+                    if t < best_t:
+                        best_cfg, best_t = cfg, t
+                row["triton_best_us"] = best_t
+                row["best_config"] = json.dumps(best_cfg)
+                impl = "triton" if best_t < t_cublas else "cublas"
+                buckets.append({"max_t": T, "impl": impl, "config": best_cfg if impl == "triton" else None})
+            best = min(t_cublas, t_auto, t_heur, best_t)
+            row.update(
+                speedup_auto_vs_cublas=t_cublas / t_auto,
+                roofline_us=roof_us,
+                frac_roofline_auto=roof_us / t_auto,
+                frac_roofline_best=roof_us / best,
+                triton_max_abs_err=err,
+            )
+            rows.append(row)
+            print(
+                f"{model} T={T}: cublas {t_cublas:.2f} auto {t_auto:.2f} heur {t_heur:.2f}"
+                + (f" tuned {best_t:.2f} {best_cfg}" if args.tune else "")
+            )
+        if buckets:
+            buckets[-1]["max_t"] = None  # the last bucket covers everything larger
+            table[f"{D},{E}"] = _merge_buckets(buckets)
+
+    cols = ["model", "T", "cublas_us", "auto_us", "triton_heur_us"]
+    cols += ["triton_best_us"] if args.tune else []
+    cols += ["speedup_auto_vs_cublas", "roofline_us", "frac_roofline_auto"]
+    print_table(f"router GEMM on {name} (copy bw {bw / 1e12:.2f} TB/s)", rows, cols)
+    payload = {"copy_bandwidth_Bps": bw, "rows": rows, "tuned": bool(args.tune)}
+    if args.tune:
+        path = Path(args.table)
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        doc.setdefault(
+            "doc", "router_gemm selection: devices -> 'D,E' -> T buckets (max_t inclusive, null = rest)"
+        )
+        doc.setdefault("devices", {})[name] = table
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {path}")
+        payload["table"] = table
+        if path.resolve() == rg.CONFIG_PATH.resolve():
+            # re-measure the dispatcher with the new table (the table must never lose to cuBLAS)
+            rg.load_table.cache_clear()
+            for row in rows:
+                w = (torch.randn(row["E"], row["D"], device=dev) * 0.02).to(torch.bfloat16)
+                x = torch.randn(row["T"], row["D"], device=dev).to(torch.bfloat16)
+                row["auto_tuned_us"] = bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="auto"))
+                row["speedup_tuned_vs_cublas"] = row["cublas_us"] / row["auto_tuned_us"]
+            cols = [
+                "model",
+                "T",
+                "cublas_us",
+                "auto_tuned_us",
+                "speedup_tuned_vs_cublas",
+                "frac_roofline_best",
+            ]
+            print_table(f"router GEMM with the tuned table on {name}", rows, cols)
+    write_results("router_gemm", payload, Path(args.out_dir) if args.out_dir else None)
+
+
+def _merge_buckets(buckets: list[dict]) -> list[dict]:
+    """Merge neighbouring buckets with the same choice (keeps the table short)."""
+    merged: list[dict] = []
+    for b in buckets:
+        if merged and merged[-1]["impl"] == b["impl"] and merged[-1]["config"] == b["config"]:
+            merged[-1]["max_t"] = b["max_t"]
+        else:
+            merged.append(dict(b))
+    return merged
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Quantisation, router GEMM and masked grouped GEMM at real shapes on CUDA (compiled Triton).
+
+Same checks as tests/kernels (NaN poison in invalid rows and in outputs, counts 0 and M), plus: the
+Triton group-quant kernel is bit-exact with the torch implementation, and no kernel path
+synchronises with the host (`torch.cuda.set_sync_debug_mode("error")`).
+"""
+
+# ruff: noqa: E741  (I is the intermediate size, DESIGN.md)
+from __future__ import annotations
+
+import pytest
+import torch
+from ep_runtime.kernels.masked_grouped_gemm import masked_grouped_gemm, masked_moe, masked_moe_reference
+from ep_runtime.kernels.quant import (
+    _per_token_group_quant_fp8_torch,
+    per_tensor_quant_fp8,
+    per_token_group_quant_fp8,
+    quantize_fp8_block,
+    quantize_w4a8,
+)
+from ep_runtime.kernels.router_gemm import router_gemm
+
+from tests.kernels.test_masked_grouped_gemm import _assert_not_written, _close, _poison_rows
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled (0xFF bytes) tensors so unwritten valid rows show up."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.view(torch.uint8).fill_(0x7F if t.dtype == torch.float8_e4m3fn else 0xFF)
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+class _NoSync:
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        return False
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_group_quant_triton_bit_exact(rng_seed, column_major):
+    x = (torch.randn(3, 96, 7168, device="cuda") * 3).to(torch.bfloat16)
+    with _NoSync():
+        x_q, s = per_token_group_quant_fp8(x, 128, column_major_scales=column_major)
+        xq_t, s_t = per_tensor_quant_fp8(x)
+    ref_q, ref_s = _per_token_group_quant_fp8_torch(x, 128, column_major)
+    assert torch.equal(x_q.view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(s, ref_s) and s.stride() == ref_s.stride()
+    assert s_t.device.type == "cuda" and s_t.shape == (1,)
+
+
+@pytest.mark.parametrize("shape", [(7168, 256), (2048, 128), (4096, 8)])
+@pytest.mark.parametrize("T", [0, 1, 7, 64, 300, 2048])
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_router_gemm_gpu(rng_seed, shape, T, impl):
+    D, E = shape
+    x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
+    with _NoSync():
+        out = router_gemm(x, w, impl=impl)
+    assert out.dtype == torch.float32 and out.shape == (T, E)
+    ref = x.double() @ w.double().t()
+    mag = x.double().abs() @ w.double().abs().t()
+    assert bool(((out.double() - ref).abs() <= 1e-3 * mag + 1e-5).all())
+
+
+SCHEMES = ["bf16", "bf16_fp8x", "fp8_block", "fp8_block_fp8x", "w4a8"]
+TOL = {"bf16": 2e-2, "bf16_fp8x": 2e-2, "fp8_block": 2e-2, "fp8_block_fp8x": 2e-2, "w4a8": 8e-2}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("model", [(8, 2048, 768), (4, 7168, 2048)], ids=["qwen3", "dsv3"])
+def test_masked_moe_gpu(rng_seed, poisoned_empty, scheme, model):
+    L, D, I = model
+    M = 256
+    counts = torch.randint(1, M, (L,), dtype=torch.int32)
+    counts[0], counts[-1] = 0, M
+    counts = counts.cuda()
+    x = torch.randn(L, M, D, device="cuda").to(torch.bfloat16)
+    w13 = (torch.randn(L, 2 * I, D, device="cuda") * 0.02).to(torch.bfloat16)
+    w2 = (torch.randn(L, D, I, device="cuda") * 0.02).to(torch.bfloat16)
+    kw: dict = dict(scheme=scheme.replace("_fp8x", ""))
+    if scheme.startswith("fp8_block"):
+        w13, kw["w13_scale"] = quantize_fp8_block(w13)
+        w2, kw["w2_scale"] = quantize_fp8_block(w2)
+    elif scheme == "w4a8":
+        w13, kw["w13_scale"] = quantize_w4a8(w13)
+        w2, kw["w2_scale"] = quantize_w4a8(w2)
+    if scheme.endswith("_fp8x"):
+        x, kw["x_scale"] = per_token_group_quant_fp8(x, 128, column_major_scales=True)
+    x = _poison_rows(x, counts.cpu())
+    with _NoSync():
+        out = masked_moe(x, counts, w13, w2, **kw)
+    ref = masked_moe_reference(x, counts, w13, w2, **kw)
+    _close(out, ref, counts.cpu(), TOL[scheme])
+    _assert_not_written(out, counts.cpu())
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp8a_bf16b", "fp8a_fp8b", "bf16a_fp8b"])
+def test_masked_grouped_gemm_gpu(rng_seed, poisoned_empty, mode):
+    from ep_runtime.kernels.quant import dequantize_fp8_block, per_token_group_dequant_fp8
+
+    L, M, K, N = 6, 192, 2048, 1000
+    counts = torch.tensor([0, 192, 1, 77, 128, 5], dtype=torch.int32, device="cuda")
+    a = torch.randn(L, M, K, device="cuda").to(torch.bfloat16)
+    b = (torch.randn(L, N, K, device="cuda") * 0.05).to(torch.bfloat16)
+    a_scale = b_scale = None
+    a_ref, b_ref = a.double(), b.double()
+    if mode.startswith("fp8a"):
+        a, a_scale = per_token_group_quant_fp8(a, 128, column_major_scales=True)
+        dq = torch.bfloat16 if mode == "fp8a_bf16b" else torch.float32
+        a_ref = per_token_group_dequant_fp8(a, a_scale, 128, out_dtype=dq).double()
+    if mode.endswith("fp8b"):
+        b, b_scale = quantize_fp8_block(b)
+        b_ref = dequantize_fp8_block(b, b_scale).double()
+    if mode == "bf16a_fp8b":
+        aq, as_ = per_token_group_quant_fp8(a, 128)
+        a_ref = per_token_group_dequant_fp8(aq, as_, 128, out_dtype=torch.float32).double()
+    a = _poison_rows(a, counts.cpu())
+    with _NoSync():
+        out = masked_grouped_gemm(a, b, counts, a_scale=a_scale, b_scale=b_scale, out_dtype=torch.float32)
+    ref = torch.einsum("lmk,lnk->lmn", a_ref, b_ref)
+    _close(out, ref, counts.cpu(), 1e-2 if mode == "bf16a_fp8b" else 5e-3)
+    _assert_not_written(out, counts.cpu())
