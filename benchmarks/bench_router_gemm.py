@@ -96,6 +96,10 @@ def main() -> None:
             t_heur = bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="triton"))
             err = (rg.router_gemm(x, w, impl="triton").double() - ref).abs().max().item()
             row = dict(model=model, D=D, E=E, T=T, cublas_us=t_cublas, auto_us=t_auto, triton_heur_us=t_heur)
+            if T == 64:  # the split-K output must be zeroed first: what that alone costs
+                row["zeros_us"] = bench_us(
+                    lambda T=T, E=E: torch.zeros((T, E), dtype=torch.float32, device=dev)
+                )
             best_cfg, best_t = None, float("inf")
             if args.tune:
                 for cfg in candidate_configs(T, D, E, num_sms):

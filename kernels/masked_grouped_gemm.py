@@ -2,7 +2,7 @@
 
 DeepEP's low-latency dispatch hands each rank `x [L, M, D]` (`M = C*R` rows per local expert) with
 `counts [L]` int32: only the first `counts[e]` rows of expert `e` are valid. The kernels here run
-one GEMM per expert over the valid rows only. The grid is `(L, N-blocks, GRID_M)` and each program
+one GEMM per expert over the valid rows only. The grid is `(GRID_M, N-blocks, L)` and each program
 walks the M-blocks below `cdiv(counts[e], BLOCK_M)`, so rows at or past the count are never read
 and time grows with the valid rows, not with M. No host syncs: counts stay on the device.
 
@@ -139,12 +139,14 @@ def _masked_gemm_kernel(
     GROUP_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Program (expert e, n-block, m-lane) computes out[e, m-blocks, n-block] for the valid m-blocks
+    """Program (m-lane, n-block, expert e) computes out[e, m-blocks, n-block] for the valid m-blocks
     m-lane, m-lane + GRID_M, ... of expert e (none when counts[e] == 0)."""
-    e = tl.program_id(0)
+    # m-lanes on the fastest grid axis: lanes of one (expert, n-block) run side by side and share
+    # the weight tile through L2
+    pid_m0 = tl.program_id(0)
+    grid_m = tl.num_programs(0)
     pid_n = tl.program_id(1)
-    pid_m0 = tl.program_id(2)
-    grid_m = tl.num_programs(2)
+    e = tl.program_id(2)
     count = tl.minimum(tl.load(counts_ptr + e), M)
     num_m_blocks = tl.cdiv(count, BLOCK_M)
 
@@ -195,11 +197,13 @@ def _masked_gemm_kernel(
             # ---- A tile(s) and the product
             if B_MODE == 2:
                 # INT4: dot over even k with the low nibbles plus odd k with the high nibbles
-                ka = k0 + 2 * offs_kb
+                # one contiguous [BLOCK_M, BLOCK_K] load, split into even / odd columns in registers
+                ka = k0 + tl.arange(0, BLOCK_K)
                 mask_a = mask_m[:, None] & (ka[None, :] < K)
-                a_ptrs = a_base + offs_m[:, None] * stride_am + ka[None, :] * stride_ak
-                a_even = tl.load(a_ptrs, mask=mask_a, other=0.0).to(tl.float32)
-                a_odd = tl.load(a_ptrs + stride_ak, mask=mask_a, other=0.0).to(tl.float32)
+                a_full = tl.load(
+                    a_base + offs_m[:, None] * stride_am + ka[None, :] * stride_ak, mask=mask_a, other=0.0
+                )
+                a_even, a_odd = tl.split(tl.reshape(a_full.to(tl.float32), (BLOCK_M, BLOCK_K // 2, 2)))
                 # A_MODE 4: per-tensor quant in-kernel
                 a_even = _round_to_fp8(tl.clamp(a_even / a_tensor_scale, -448.0, 448.0), UPCAST)
                 a_odd = _round_to_fp8(tl.clamp(a_odd / a_tensor_scale, -448.0, 448.0), UPCAST)
@@ -400,7 +404,7 @@ def _launch(
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_blocks = triton.cdiv(N, bn)
     num_sms = _device_facts(a.device.index or 0)[1] if a.is_cuda else 8
-    grid_m = min(triton.cdiv(M, bm), max(1, triton.cdiv(4 * num_sms, max(L * n_blocks, 1))))
+    grid_m = min(triton.cdiv(M, bm), max(4, triton.cdiv(2 * num_sms, max(L * n_blocks, 1))))
     dummy = counts  # placeholder pointer for unused operands (never dereferenced)
     a_s = a_scale if a_scale is not None else dummy
     b_s = b_scale if b_scale is not None else dummy
@@ -408,7 +412,7 @@ def _launch(
     a_s_strides = a_scale.stride() if a_scale is not None else (0, 0, 0)
     b_s_strides = b_scale.stride() if b_scale is not None else (0, 0, 0)
     o_s_strides = out_scale.stride() if out_scale is not None else (0, 0, 0)
-    _masked_gemm_kernel[(L, n_blocks, grid_m)](
+    _masked_gemm_kernel[(grid_m, n_blocks, L)](
         a,
         a_s,
         b,

@@ -185,3 +185,16 @@ def test_masked_errors():
         masked_moe(x, counts, w13, w2, scheme="w4a8", w13_scale=torch.ones(1), w2_scale=torch.ones(1))
     with pytest.raises(ValueError, match="b must be"):
         masked_grouped_gemm(x, w2[:, :, :64], counts)
+
+
+def test_masked_grouped_gemm_lanes_loop(rng_seed, poisoned_empty):
+    """More valid M-blocks than m-lanes: each program walks several blocks (stride GRID_M)."""
+    L, M, K, N = 3, 80, 64, 48
+    counts = torch.tensor([80, 70, 3], dtype=torch.int32, device=DEVICE)
+    a = _poison_rows(torch.randn(L, M, K).to(torch.bfloat16).to(DEVICE), counts.cpu())
+    b = (torch.randn(L, N, K) * 0.1).to(torch.bfloat16).to(DEVICE)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)
+    out = masked_grouped_gemm(a, b, counts, out_dtype=torch.float32, config=cfg)
+    ref = torch.einsum("lmk,lnk->lmn", torch.nan_to_num(a.double().cpu()), b.double().cpu())
+    _close(out, ref, counts.cpu(), 1e-3)
+    _assert_not_written(out, counts.cpu())
