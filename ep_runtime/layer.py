@@ -149,6 +149,8 @@ class EPMoE(torch.nn.Module):
         self.dispatchers = build_dispatchers(plan, group, **kwargs)
         self._pending: PendingTelemetry | None = None
         self._telemetry: StepTelemetry | None = None
+        self.last_routing: Routing | None = None
+        """The last step's router decision (global expert ids), for verification."""
         self._closed = False
 
     # ------------------------------------------------------------------------------------------
@@ -261,6 +263,7 @@ class EPMoE(torch.nn.Module):
         timer.lap("mode")
 
         routing, _ = self.router(x)
+        self.last_routing = routing
         if self._slot_of_expert is not None:
             ids = routing.topk_ids
             slots = torch.where(ids >= 0, self._slot_of_expert[ids.clamp(min=0)], -1)

@@ -121,7 +121,8 @@ class TorchExperts(Experts):
             h[s:e] = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
         h = torch.where(is_valid, h, 0)
         if per_tensor:
-            h = _qdq_tensor(h)
+            # The masked W4A8 kernel keeps the intermediate in bf16 before quantising it per tensor.
+            h = _qdq_tensor(h.to(torch.bfloat16).to(cdtype))
         elif self.gemm_quant:
             h = _qdq_group(h)
         out = torch.empty(num_local, rows_per_expert, hidden, dtype=cdtype, device=x.device)
