@@ -110,6 +110,7 @@ class FaultSpec:
             flush=True,
         )
         if self.kind == "kill":
+            time.sleep(0.5)  # as if it died mid-stage: its stage report has left the process
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.kind == "hang":
             while True:
@@ -121,8 +122,8 @@ class FaultSpec:
 class StageTracker:
     """The stage one rank is in (thread-safe), with step counters for progress displays.
 
-    `publish(rank, snapshot)` (optional) is called on every stage change and step, e.g. to write
-    the shared progress store that peers' watchdogs read.
+    Every callable in `listeners` gets the snapshot on each stage change and step, e.g. to write
+    the shared progress store that peers' watchdogs read, or the Ray driver's progress board.
     """
 
     def __init__(self, rank: int, node: str, timeouts: TimeoutsConfig):
@@ -137,7 +138,7 @@ class StageTracker:
         self._steps = 0
         self.expired: str | None = None
         self.error: str | None = None
-        self.publish: Callable[[dict[str, Any]], None] | None = None
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def enter(self, stage: str, steps: int = 0) -> None:
         if stage not in STAGES:
@@ -170,12 +171,16 @@ class StageTracker:
                 "steps": self._steps,
                 "expired": self.expired,
                 "error": self.error,
+                "wall": time.time(),
             }
 
     def _publish(self) -> None:
-        if self.publish is not None:
+        if not self.listeners:
+            return
+        snap = self.snapshot()
+        for listener in self.listeners:
             try:
-                self.publish(self.snapshot())
+                listener(snap)
             except Exception:  # noqa: BLE001 - progress is best effort; the watchdog reports failures
                 pass
 
@@ -233,6 +238,7 @@ class Watchdog:
                 except Exception as exc:  # noqa: BLE001 - the store may be gone with rank 0
                     msg += f"; peers unknown (progress store unreachable: {exc})"
             self.tracker.expired = msg
+            self.tracker._publish()
             print(f"[ep-launch] watchdog: {msg}", file=sys.stderr, flush=True)
             if self.on_expire is not None:
                 self.on_expire(msg)

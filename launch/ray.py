@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ep_runtime.launch.health import FaultSpec, LaunchError, RankFailure, StageTracker
+from ep_runtime.launch.health import FaultSpec, LaunchError, StageTracker
 from ep_runtime.launch.worker import LOOPBACK, RankInfo, RankWorker, Rendezvous, bind_rendezvous
 
 from ep_runtime.config import EPConfig, RuntimePlan, parse_config, resolve_plan
@@ -67,9 +67,12 @@ class _RankActor:
         fault: str | None,
         steps: int | None,
         verify: bool | None,
+        board: Any = None,
     ) -> dict[str, Any]:
         plan = resolve_plan(parse_config(config))
         self._tracker = StageTracker(info.rank, info.node, plan.config.timeouts)
+        if board is not None:
+            self._tracker.listeners.append(lambda snap: board.report.remote(snap))  # fire and forget
         worker = RankWorker(
             plan,
             info,
@@ -85,6 +88,20 @@ class _RankActor:
 
     def status(self) -> dict[str, Any] | None:
         return None if self._tracker is None else self._tracker.snapshot()
+
+
+class _ProgressBoard:
+    """The driver-side record of every rank's last stage (a zero-CPU actor): it outlives any rank,
+    so the stage a killed rank last reached is known even when its process is gone."""
+
+    def __init__(self) -> None:
+        self._snaps: dict[int, dict[str, Any]] = {}
+
+    def report(self, snap: dict[str, Any]) -> None:
+        self._snaps[int(snap["rank"])] = snap
+
+    def get(self) -> dict[int, dict[str, Any]]:
+        return dict(self._snaps)
 
 
 def _ip_key(ip: str) -> tuple[int, Any]:
@@ -236,11 +253,14 @@ def run_with_ray(
         port = ray.get(ranked[0].bind_rendezvous.remote(host), timeout=timeouts.rendezvous_s)
         rendezvous = Rendezvous(host, port)
         data = config.model_dump(mode="json")
+        board = ray.remote(_ProgressBoard).options(num_cpus=0).remote()
+        actors.append(board)
+        fault_s = str(fault) if fault else None
         refs = {
-            actor.run.remote(data, info, rendezvous, str(fault) if fault else None, steps, verify): info.rank
+            actor.run.remote(data, info, rendezvous, fault_s, steps, verify, board): info.rank
             for actor, info in zip(ranked, infos, strict=True)
         }
-        return _watch(ray, refs, ranked, ranked_nodes, progress)
+        return _watch(ray, refs, ranked, ranked_nodes, progress, board)
     finally:
         for a in actors:
             try:
@@ -262,6 +282,7 @@ def _watch(
     actors: list[Any],
     nodes: list[dict[str, Any]],
     progress: Callable[[dict[int, dict[str, Any]]], None] | None,
+    board: Any,
 ) -> list[dict[str, Any]]:
     """Gather results; turn the first failure (death, error, overrun) into a `LaunchError`."""
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -280,9 +301,9 @@ def _watch(
                 results[rank] = ray.get(ref)
             except RayTaskError as exc:
                 cause = getattr(exc, "cause", None) or exc
-                failures[rank] = ("error", str(cause) if isinstance(cause, RankFailure) else f"{cause}")
+                failures.setdefault(rank, ("error", str(cause)))
             except RayActorError as exc:
-                failures[rank] = ("died", _death_reason(exc))
+                failures.setdefault(rank, ("died", _death_reason(exc)))
             except GetTimeoutError:
                 pending[ref] = rank
         live = {ref: r for ref, r in pending.items()}
@@ -323,14 +344,23 @@ def _watch(
             if time.monotonic() - failed_at > 3.0 or not pending:
                 break
     if failures:
+        try:  # the board has the stage each rank reported last, dead ones included
+            for r, snap in ray.get(board.get.remote(), timeout=5).items():
+                if r in failures and (r not in status or snap.get("wall", 0) >= status[r].get("wall", 0)):
+                    status[r] = snap
+        except Exception:  # noqa: BLE001 - fall back to the last polled status
+            pass
         raise LaunchError(_failure_message(failures, status, nodes))
     return [results[r] for r in range(len(actors))]
 
 
 def _death_reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    detail = next((line for line in text if "exit" in line.lower() or "killed" in line.lower()), "")
-    return "its actor process died (killed or crashed)" + (f": {detail.strip()}" if detail else "")
+    import re
+
+    kind = re.search(r"Worker exit type: (\w+)", str(exc))
+    return "its actor process died (killed or crashed" + (
+        f"; Ray exit type {kind.group(1)})" if kind else ")"
+    )
 
 
 _SEVERITY = {"died": 0, "hung": 1, "timed out": 2, "error": 3}
@@ -339,16 +369,20 @@ _SEVERITY = {"died": 0, "hung": 1, "timed out": 2, "error": 3}
 def _failure_message(
     failures: dict[int, tuple[str, str]], status: dict[int, dict[str, Any]], nodes: list[dict[str, Any]]
 ) -> str:
-    ordered = sorted(failures.items(), key=lambda kv: (_SEVERITY[kv[1][0]], kv[0]))
-    lines = []
-    for r, (kind, detail) in ordered:
+    """Deaths first (a killed rank shows up at its peers as connection errors), then overruns,
+    then errors; each line names the rank, node, pid, last stage and step."""
+    entries = []
+    for r, (kind, detail) in failures.items():
         snap = status.get(r) or {}
+        if kind == "died" and snap.get("expired"):
+            kind, detail = "timed out", f"{snap['expired']} (ended by its watchdog)"
+        entries.append((_SEVERITY[kind], r, kind, detail, snap))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    lines, heads = [], []
+    for _, r, kind, detail, snap in entries:
         stage = snap.get("stage", "start")
-        where = f"node {nodes[r]['ip']} ({nodes[r]['host']}, pid {nodes[r]['pid']})"
         step = f", step {snap['step']}/{snap['steps']}" if snap.get("steps") else ""
+        where = f"node {nodes[r]['ip']} ({nodes[r]['host']}, pid {nodes[r]['pid']})"
         lines.append(f"rank {r} on {where} {kind} at stage '{stage}'{step}: {detail}")
-    first_rank, (first_kind, _) = ordered[0]
-    head = f"job failed: rank {first_rank} {first_kind}"
-    if len(lines) > 1:
-        head += f" ({len(lines) - 1} other rank(s) failed after it)"
-    return head + "\n  " + "\n  ".join(lines)
+        heads.append(f"rank {r} {kind} at stage '{stage}'")
+    return "job failed: " + "; ".join(heads) + "\n  " + "\n  ".join(lines)

@@ -326,8 +326,8 @@ class RankWorker:
                 f"could not reach rank 0's rendezvous store at {host}:{port} within {t.rendezvous_s:g} s "
                 f"(timeouts.rendezvous_s): {exc}"
             ) from exc
-        self.tracker.publish = self._publish_progress
-        self.tracker._publish()
+        self.tracker.listeners.append(self._publish_progress)
+        self._publish_progress(self.tracker.snapshot())
         self._store.set(f"ep/arrived/{rank}", self.info.node)
         keys = [f"ep/arrived/{r}" for r in range(ws)]
         try:
@@ -342,7 +342,6 @@ class RankWorker:
     def _publish_progress(self, snap: dict[str, Any]) -> None:
         with self._store_lock:
             if self._progress_store is not None:
-                snap = dict(snap, wall=time.time())
                 self._progress_store.set(f"ep/progress/{self.info.rank}", json.dumps(snap))
 
     def progress_snapshots(self) -> dict[int, dict[str, Any]]:
@@ -379,7 +378,9 @@ class RankWorker:
                     f"last report {ago:.1f} s ago)"
                 )
         if not behind:
-            return "every peer reached this rank's stage and step (the stall is in this rank)"
+            return (
+                "no peer is behind this rank's stage and step (the stall is in this step, here or in a peer)"
+            )
         return "peers not heard from: " + "; ".join(behind)
 
     def _init_process_group(self, device: torch.device) -> None:
