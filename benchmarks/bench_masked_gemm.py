@@ -85,16 +85,14 @@ def torch_loop(x_bf16, n: int, w13, w2, I: int):  # noqa: E741
     return outs
 
 
-def tune(dev, num_rows: int = 8) -> dict:
-    """Sweep configs per kernel kind at the DeepSeek-V3 decode shape; returns {kind: config}."""
+def tune(dev, best: dict, num_rows: int = 8) -> None:
+    """Sweep configs per kernel kind at the DeepSeek-V3 decode shape; fills `best` {kind: config}."""
     name, L, D, I = MODELS[0]  # noqa: E741
     cands = [
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
     ]
-    best: dict[str, dict] = {}
     counts = torch.full((L,), num_rows, dtype=torch.int32, device=dev)
     for scheme in SCHEMES:
         w = make_weights(L, D, I, scheme, dev)
@@ -112,8 +110,8 @@ def tune(dev, num_rows: int = 8) -> dict:
                 try:
                     t = bench_us(
                         lambda cfgs=cfgs, x=x, xs=xs, w=w: run_moe(x, xs, counts, w, tuple(cfgs)),
-                        warmup=5,
-                        rep=20,
+                        warmup=3,
+                        rep=10,
                     )
                 except Exception as exc:  # a config that fails to compile is skipped
                     print(f"skip {kind} {c}: {type(exc).__name__}: {exc}"[:200])
@@ -125,7 +123,6 @@ def tune(dev, num_rows: int = 8) -> dict:
                 chosen[stage] = best[kind]
         del w, x, xs
         torch.cuda.empty_cache()
-    return best
 
 
 def main() -> None:
@@ -143,70 +140,80 @@ def main() -> None:
 
     tuned = None
     if args.tune:
-        tuned = tune(dev)
-        path = mg.CONFIG_PATH
-        doc = json.loads(path.read_text()) if path.exists() else {}
-        doc.setdefault(
-            "doc", "masked_grouped_gemm block configs: devices -> kernel kind (a<mode>-b<mode>-gated|plain)"
-        )
-        doc.setdefault("devices", {})[name] = tuned
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-        mg.load_table.cache_clear()
-        print(f"wrote {path}")
+        tuned = {}
+        try:
+            tune(dev, tuned)
+        except KeyboardInterrupt:
+            print("tuning interrupted: keeping the kinds tuned so far")
+        if tuned:
+            path = mg.CONFIG_PATH
+            doc = json.loads(path.read_text()) if path.exists() else {}
+            doc.setdefault(
+                "doc",
+                "masked_grouped_gemm block configs: devices -> kernel kind (a<mode>-b<mode>-gated|plain)",
+            )
+            doc.setdefault("devices", {})[name] = tuned
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=1) + "\n")
+            mg.load_table.cache_clear()
+            print(f"wrote {path}")
 
     models = MODELS[:1] if args.quick else MODELS
     rows_list = [1, 8, 128] if args.quick else ROWS
-    rows = []
-    for model, L, D, I in models:  # noqa: E741
-        for scheme in SCHEMES:
-            w = make_weights(L, D, I, scheme, dev)
-            wb = weight_bytes(w)
-            x, xs = make_input(L, CAPACITY, D, scheme, dev)
-            base_w = make_weights(L, D, I, "bf16", dev) if scheme == "bf16" else None
-            for n in rows_list:
+    rows: list[dict] = []
+    scaling: list[dict] = []
+    try:
+        for model, L, D, I in models:  # noqa: E741
+            for scheme in SCHEMES:
+                try:
+                    _bench_scheme(rows, model, L, D, I, scheme, rows_list, bw, dev)
+                except Exception as exc:  # record and go on
+                    print(f"{model} {scheme}: FAILED {type(exc).__name__}: {exc}"[:300])
+                    rows.append(dict(model=model, scheme=scheme, error=f"{type(exc).__name__}: {exc}"[:300]))
+                torch.cuda.empty_cache()
+        # time follows the valid rows, not the capacity M
+        model, L, D, I = MODELS[1]  # noqa: E741
+        w = make_weights(L, D, I, "bf16", dev)
+        for M in SCALING_M:
+            x, _ = make_input(L, M, D, "bf16", dev)
+            for n in SCALING_ROWS:
                 counts = torch.full((L,), n, dtype=torch.int32, device=dev)
-                t = bench_us(lambda counts=counts, x=x, xs=xs, w=w: run_moe(x, xs, counts, w))
-                act_bytes = L * n * D * (x.element_size() + 2)
-                roof = (wb + act_bytes) / bw * 1e6
-                row = dict(
-                    model=model, scheme=scheme, L=L, D=D, I=I, rows_per_expert=n, us=t, roofline_us=roof
-                )
-                row["frac_hbm"] = roof / t
-                row["weight_GBps"] = wb / (t * 1e-6) / 1e9
-                if base_w is not None:
-                    xb = x
-                    row["torch_loop_us"] = bench_us(
-                        lambda n=n, xb=xb, b=base_w, i=I: torch_loop(xb, n, b["w13"], b["w2"], i),
-                        warmup=3,
-                        rep=20,
-                    )
-                    row["speedup_vs_loop"] = row["torch_loop_us"] / t
-                rows.append(row)
-                print(row)
-            del w, x, xs, base_w
-            torch.cuda.empty_cache()
+                t = bench_us(lambda counts=counts, x=x: run_moe(x, None, counts, w))
+                scaling.append(dict(model=model, M=M, rows_per_expert=n, us=t))
+            del x
+    except KeyboardInterrupt:
+        print("interrupted: writing what was measured")
     cols = ["model", "scheme", "rows_per_expert", "us", "roofline_us", "frac_hbm", "weight_GBps"]
     cols += ["torch_loop_us", "speedup_vs_loop"]
-    print_table(f"masked expert MLP on {name} (copy bw {bw / 1e12:.2f} TB/s, M={CAPACITY})", rows, cols)
-
-    # time follows the valid rows, not the capacity M
-    model, L, D, I = MODELS[1]  # noqa: E741
-    w = make_weights(L, D, I, "bf16", dev)
-    scaling = []
-    for M in SCALING_M:
-        x, _ = make_input(L, M, D, "bf16", dev)
-        for n in SCALING_ROWS:
-            counts = torch.full((L,), n, dtype=torch.int32, device=dev)
-            t = bench_us(lambda counts=counts, x=x: run_moe(x, None, counts, w))
-            scaling.append(dict(model=model, M=M, rows_per_expert=n, us=t))
-        del x
+    ok = [r for r in rows if "error" not in r]
+    print_table(f"masked expert MLP on {name} (copy bw {bw / 1e12:.2f} TB/s, M={CAPACITY})", ok, cols)
     print_table("masked MLP time vs capacity M and valid rows (bf16)", scaling)
     write_results(
         "masked_gemm",
         {"copy_bandwidth_Bps": bw, "capacity": CAPACITY, "rows": rows, "scaling": scaling, "tuned": tuned},
         Path(args.out_dir) if args.out_dir else None,
     )
+
+
+def _bench_scheme(rows, model, L, D, I, scheme, rows_list, bw, dev) -> None:  # noqa: E741
+    w = make_weights(L, D, I, scheme, dev)
+    wb = weight_bytes(w)
+    x, xs = make_input(L, CAPACITY, D, scheme, dev)
+    for n in rows_list:
+        counts = torch.full((L,), n, dtype=torch.int32, device=dev)
+        t = bench_us(lambda counts=counts: run_moe(x, xs, counts, w))
+        act_bytes = L * n * D * (x.element_size() + 2)
+        roof = (wb + act_bytes) / bw * 1e6
+        row = dict(model=model, scheme=scheme, L=L, D=D, I=I, rows_per_expert=n, us=t, roofline_us=roof)
+        row["frac_hbm"] = roof / t
+        row["weight_GBps"] = wb / (t * 1e-6) / 1e9
+        if scheme == "bf16":
+            row["torch_loop_us"] = bench_us(
+                lambda n=n: torch_loop(x, n, w["w13"], w["w2"], I), warmup=3, rep=20
+            )
+            row["speedup_vs_loop"] = row["torch_loop_us"] / t
+        rows.append(row)
+        print(row)
 
 
 if __name__ == "__main__":

@@ -83,62 +83,35 @@ def main() -> None:
     print(f"{name}: copy bandwidth {bw / 1e12:.2f} TB/s")
     t_values = [1, 8, 64, 512, 4096] if args.quick else T_VALUES
     rows, table = [], {}
-    for D, E, model in SHAPES:
-        w = (torch.randn(E, D, device=dev) * 0.02).to(torch.bfloat16)
-        buckets = []
-        for T in t_values:
-            x = torch.randn(T, D, device=dev).to(torch.bfloat16)
-            ref = x.double() @ w.double().t()
-            nbytes = (E * D + T * D) * 2 + T * E * 4
-            roof_us = nbytes / bw * 1e6
-            t_cublas = bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="cublas"))
-            t_auto = bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="auto"))
-            t_heur = bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="triton"))
-            err = (rg.router_gemm(x, w, impl="triton").double() - ref).abs().max().item()
-            row = dict(model=model, D=D, E=E, T=T, cublas_us=t_cublas, auto_us=t_auto, triton_heur_us=t_heur)
-            if T == 64:  # the split-K output must be zeroed first: what that alone costs
-                row["zeros_us"] = bench_us(
-                    lambda T=T, E=E: torch.zeros((T, E), dtype=torch.float32, device=dev)
-                )
-            best_cfg, best_t = None, float("inf")
-            if args.tune:
-                for cfg in candidate_configs(T, D, E, num_sms):
+    try:
+        for D, E, model in SHAPES:
+            w = (torch.randn(E, D, device=dev) * 0.02).to(torch.bfloat16)
+            buckets: list[dict] = []
+            try:
+                for T in t_values:
                     try:
-                        t = bench_us(
-                            lambda cfg=cfg, x=x, w=w: rg.router_gemm(x, w, impl="triton", config=cfg),
-                            warmup=5,
-                            rep=20,
+                        row, bucket = _measure(model, D, E, T, w, bw, num_sms, args.tune, dev)
+                    except Exception as exc:  # record and go on: one bad point must not lose the rest
+                        print(f"{model} T={T}: FAILED {type(exc).__name__}: {exc}"[:300])
+                        rows.append(
+                            dict(model=model, D=D, E=E, T=T, error=f"{type(exc).__name__}: {exc}"[:300])
                         )
-                    except Exception as exc:  # a config that does not compile is skipped, not fatal
-                        print(f"skip {cfg}: {type(exc).__name__}: {exc}"[:200])
                         continue
-                    if t < best_t:
-                        best_cfg, best_t = cfg, t
-                row["triton_best_us"] = best_t
-                row["best_config"] = json.dumps(best_cfg)
-                impl = "triton" if best_t < t_cublas else "cublas"
-                buckets.append({"max_t": T, "impl": impl, "config": best_cfg if impl == "triton" else None})
-            best = min(t_cublas, t_auto, t_heur, best_t)
-            row.update(
-                speedup_auto_vs_cublas=t_cublas / t_auto,
-                roofline_us=roof_us,
-                frac_roofline_auto=roof_us / t_auto,
-                frac_roofline_best=roof_us / best,
-                triton_max_abs_err=err,
-            )
-            rows.append(row)
-            print(
-                f"{model} T={T}: cublas {t_cublas:.2f} auto {t_auto:.2f} heur {t_heur:.2f}"
-                + (f" tuned {best_t:.2f} {best_cfg}" if args.tune else "")
-            )
-        if buckets:
-            buckets[-1]["max_t"] = None  # the last bucket covers everything larger
-            table[f"{D},{E}"] = _merge_buckets(buckets)
+                    rows.append(row)
+                    if bucket is not None:
+                        buckets.append(bucket)
+            finally:
+                if buckets:
+                    buckets[-1]["max_t"] = None  # the last bucket covers everything larger
+                    table[f"{D},{E}"] = _merge_buckets(buckets)
+    except KeyboardInterrupt:
+        print("interrupted: writing what was measured")
+    rows_ok = [r for r in rows if "error" not in r]
 
     cols = ["model", "T", "cublas_us", "auto_us", "triton_heur_us"]
     cols += ["triton_best_us"] if args.tune else []
     cols += ["speedup_auto_vs_cublas", "roofline_us", "frac_roofline_auto"]
-    print_table(f"router GEMM on {name} (copy bw {bw / 1e12:.2f} TB/s)", rows, cols)
+    print_table(f"router GEMM on {name} (copy bw {bw / 1e12:.2f} TB/s)", rows_ok, cols)
     payload = {"copy_bandwidth_Bps": bw, "rows": rows, "tuned": bool(args.tune)}
     if args.tune:
         path = Path(args.table)
@@ -154,11 +127,15 @@ def main() -> None:
         if path.resolve() == rg.CONFIG_PATH.resolve():
             # re-measure the dispatcher with the new table (the table must never lose to cuBLAS)
             rg.load_table.cache_clear()
-            for row in rows:
-                w = (torch.randn(row["E"], row["D"], device=dev) * 0.02).to(torch.bfloat16)
-                x = torch.randn(row["T"], row["D"], device=dev).to(torch.bfloat16)
-                row["auto_tuned_us"] = bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="auto"))
-                row["speedup_tuned_vs_cublas"] = row["cublas_us"] / row["auto_tuned_us"]
+            try:
+                for row in rows_ok:
+                    w = (torch.randn(row["E"], row["D"], device=dev) * 0.02).to(torch.bfloat16)
+                    x = torch.randn(row["T"], row["D"], device=dev).to(torch.bfloat16)
+                    row["auto_tuned_us"] = bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="auto"))
+                    row["speedup_tuned_vs_cublas"] = row["cublas_us"] / row["auto_tuned_us"]
+            except KeyboardInterrupt:
+                print("interrupted while re-measuring")
+            rows_ok = [r for r in rows_ok if "auto_tuned_us" in r]
             cols = [
                 "model",
                 "T",
@@ -167,8 +144,52 @@ def main() -> None:
                 "speedup_tuned_vs_cublas",
                 "frac_roofline_best",
             ]
-            print_table(f"router GEMM with the tuned table on {name}", rows, cols)
+            print_table(f"router GEMM with the tuned table on {name}", rows_ok, cols)
     write_results("router_gemm", payload, Path(args.out_dir) if args.out_dir else None)
+
+
+def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | None]:
+    """One (shape, T) point: cuBLAS, the dispatcher, the heuristic Triton config and (tune) a sweep."""
+    x = torch.randn(T, D, device=dev).to(torch.bfloat16)
+    ref = x.double() @ w.double().t()
+    nbytes = (E * D + T * D) * 2 + T * E * 4
+    roof_us = nbytes / bw * 1e6
+    t_cublas = bench_us(lambda: rg.router_gemm(x, w, impl="cublas"))
+    t_auto = bench_us(lambda: rg.router_gemm(x, w, impl="auto"))
+    t_heur = bench_us(lambda: rg.router_gemm(x, w, impl="triton"))
+    err = (rg.router_gemm(x, w, impl="triton").double() - ref).abs().max().item()
+    row = dict(model=model, D=D, E=E, T=T, cublas_us=t_cublas, auto_us=t_auto, triton_heur_us=t_heur)
+    if T == 64:  # the split-K output must be zeroed first: what that alone costs
+        row["zeros_us"] = bench_us(lambda: torch.zeros((T, E), dtype=torch.float32, device=dev))
+    best_cfg, best_t, bucket = None, float("inf"), None
+    if tune:
+        for cfg in candidate_configs(T, D, E, num_sms):
+            try:
+                t = bench_us(
+                    lambda cfg=cfg: rg.router_gemm(x, w, impl="triton", config=cfg), warmup=3, rep=10
+                )
+            except Exception as exc:  # a config that does not compile is skipped, not fatal
+                print(f"skip {cfg}: {type(exc).__name__}: {exc}"[:200])
+                continue
+            if t < best_t:
+                best_cfg, best_t = cfg, t
+        row["triton_best_us"] = best_t
+        row["best_config"] = json.dumps(best_cfg)
+        impl = "triton" if best_t < t_cublas else "cublas"
+        bucket = {"max_t": T, "impl": impl, "config": best_cfg if impl == "triton" else None}
+    best = min(t_cublas, t_auto, t_heur, best_t)
+    row.update(
+        speedup_auto_vs_cublas=t_cublas / t_auto,
+        roofline_us=roof_us,
+        frac_roofline_auto=roof_us / t_auto,
+        frac_roofline_best=roof_us / best,
+        triton_max_abs_err=err,
+    )
+    print(
+        f"{model} T={T}: cublas {t_cublas:.2f} auto {t_auto:.2f} heur {t_heur:.2f}"
+        + (f" tuned {best_t:.2f} {best_cfg}" if tune else "")
+    )
+    return row, bucket
 
 
 def _merge_buckets(buckets: list[dict]) -> list[dict]:
