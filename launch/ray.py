@@ -20,11 +20,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ep_runtime.launch.health import FaultSpec, LaunchError, StageTracker
+from ep_runtime.launch.health import FaultSpec, LaunchError, RankFailure, StageTracker
 from ep_runtime.launch.worker import LOOPBACK, RankInfo, RankWorker, Rendezvous, bind_rendezvous
 
 from ep_runtime.config import EPConfig, RuntimePlan, parse_config, resolve_plan
@@ -168,6 +169,7 @@ def _connect(address: str | None, plan: RuntimePlan, log_to_driver: bool) -> tup
     if embedded:
         need_cpus = plan.ep_size * plan.config.parallel.cpus_per_rank
         ray.init(
+            address="local",  # always a new cluster: never join one found on this machine
             num_cpus=int(max(os.cpu_count() or 1, -(-need_cpus // 1))),
             _node_ip_address=LOOPBACK,
             **common,
@@ -292,6 +294,7 @@ def _watch(
     status: dict[int, dict[str, Any]] = {}
     misses: dict[int, int] = {}
     failures: dict[int, tuple[str, str]] = {}
+    stages: dict[int, str] = {}  # the stage a rank's own error names (it wins over snapshots)
     failed_at: float | None = None
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
@@ -302,6 +305,8 @@ def _watch(
             except RayTaskError as exc:
                 cause = getattr(exc, "cause", None) or exc
                 failures.setdefault(rank, ("error", str(cause)))
+                if isinstance(cause, RankFailure):
+                    stages[rank] = cause.stage
             except RayActorError as exc:
                 failures.setdefault(rank, ("died", _death_reason(exc)))
             except GetTimeoutError:
@@ -348,8 +353,10 @@ def _watch(
             for r, snap in ray.get(board.get.remote(), timeout=5).items():
                 if r in failures and (r not in status or snap.get("wall", 0) >= status[r].get("wall", 0)):
                     status[r] = snap
-        except Exception:  # noqa: BLE001 - fall back to the last polled status
-            pass
+        except Exception as exc:  # noqa: BLE001 - fall back to the last polled status
+            print(f"[ep-launch] progress board unavailable: {exc}", file=sys.stderr)
+        for r, stage in stages.items():
+            status[r] = {**status.get(r, {}), "stage": stage}
         raise LaunchError(_failure_message(failures, status, nodes))
     return [results[r] for r in range(len(actors))]
 

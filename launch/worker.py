@@ -316,6 +316,8 @@ class RankWorker:
                     host, port, ws, True, timeout=timeout, wait_for_workers=False,
                     master_listen_fd=self.listen_socket.fileno(),
                 )  # fmt: skip
+                self.listen_socket.detach()  # the store owns (and closes) the descriptor now
+                self.listen_socket = None
             else:
                 self._store = dist.TCPStore(host, port, ws, False, timeout=timeout)
             # A second connection for progress reports and the watchdog, whose reads must not
@@ -627,6 +629,6 @@ class RankWorker:
         with self._store_lock:
             self._progress_store = None
         self._store = None
-        if self.listen_socket is not None:
+        if self.listen_socket is not None:  # never handed to a store
             self.listen_socket.close()
             self.listen_socket = None
