@@ -2,7 +2,8 @@
 low-latency layout (`ep_runtime.kernels`). No host synchronisation.
 
 Input precision handling (DESIGN.md precision policy):
-  - `bf16` weights: fp8-dispatched activations are dequantised to bfloat16 first;
+  - `bf16` weights: fp8-dispatched activations are dequantised to bfloat16 first (normal layout) or
+    by the masked kernel's operand load (low-latency layout);
   - `fp8_block`: activations reach the kernels as fp8 with group-128 scales (bf16 dispatch is
     quantised here);
   - `w4a8`: normal layout as `fp8_block`; low-latency input is bfloat16 (the policy forces bf16
@@ -83,7 +84,11 @@ class TritonExperts(Experts):
         return out.to(output_dtype(dispatched))
 
     def forward_low_latency(self, dispatched: DispatchedTokens, weights: LocalExperts) -> torch.Tensor:
-        x, x_scale = self._activations(dispatched, want_fp8=self.scheme == "fp8_block")
+        if self.scheme == "bf16" and dispatched.is_fp8:
+            # The masked kernel dequantises fp8 activations in its operand load for bf16 weights.
+            x, x_scale = dispatched.x, dispatched.x_scale
+        else:
+            x, x_scale = self._activations(dispatched, want_fp8=self.scheme == "fp8_block")
         out = self._masked_moe(
             x,
             dispatched.num_recv_per_expert.to(torch.int32),

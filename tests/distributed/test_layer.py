@@ -117,6 +117,7 @@ def _run_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
                     tokens_per_rank=tel.tokens_per_rank,
                     imbalance_ranks=tel.imbalance_ranks,
                     stage_ms=tel.stage_ms,
+                    total_ms=tel.total_ms,
                     top_k=plan.config.model.top_k,
                 )
             )
@@ -144,6 +145,7 @@ def _check(all_results: list[list[dict]], world: int) -> None:
                     f"{where}: {r['rounds']} rounds, expected {spec['rounds']}"
                 )
             assert set(r["stage_ms"]) == {"mode", "router", "dispatch", "experts", "combine"}
+            assert abs(sum(r["stage_ms"].values()) - r["total_ms"]) < 1e-3 * max(1.0, r["total_ms"]), where
             if r["tokens_per_rank"] is not None and spec.get("layers", 1) == 1:
                 # Every (token, expert) pair of every rank was received exactly once somewhere.
                 assert sum(r["tokens_per_rank"]) == r["top_k"] * sum(spec["tokens"]), where
@@ -171,6 +173,16 @@ CASES_2 = [
             dict(tokens=[7, 1], layout="normal", rounds=1),  # 7 > C on one rank
             dict(tokens=[2, 2], prefill=True, layout="normal"),
             dict(tokens=[0, 0], layout="low_latency", rounds=1),  # nobody has tokens
+        ],
+    ),
+    dict(
+        name="auto-chunked",
+        mode="auto",
+        dispatch=dict(auto=dict(normal_above_tokens=10)),
+        steps=[
+            dict(tokens=[9, 2], layout="low_latency", rounds=3),  # 9 > C but <= normal_above_tokens
+            dict(tokens=[11, 0], layout="normal", rounds=1),
+            dict(tokens=[1, 3], layout="low_latency", rounds=1),
         ],
     ),
     dict(
@@ -366,8 +378,11 @@ def test_input_and_construction_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "fp8_block", "w4a8"])
-def test_experts_implementations_agree(scheme, rng_seed):
+@pytest.mark.parametrize(
+    "scheme,fp8_in",
+    [("bf16", False), ("bf16", True), ("fp8_block", True), ("fp8_block", False), ("w4a8", False)],
+)
+def test_experts_implementations_agree(scheme, fp8_in, rng_seed):
     """torch and triton (interpreted) experts vs float32 references on the same inputs, both
     layouts: the low-latency one against the kernels' own masked reference (per-tensor w4a8)."""
     from ep_runtime.kernels.masked_grouped_gemm import masked_moe_reference
@@ -384,7 +399,6 @@ def test_experts_implementations_agree(scheme, rng_seed):
         "torch": get_experts("torch")(plan),
         "triton": get_experts("triton")(dataclasses.replace(plan, experts_impl="triton")),
     }
-    fp8_in = scheme == "fp8_block"
 
     # Low-latency layout: [L, M, D] with garbage past each expert's count.
     counts = torch.tensor([3, 0, 6, 1], dtype=torch.int32)
@@ -413,7 +427,7 @@ def test_experts_implementations_agree(scheme, rng_seed):
     ids = torch.tensor([[0, 2], [-1, 3], [2, -1], [1, 0], [-1, -1]])
     w = torch.rand(5, 2)
     w13f, w2f = ex.dequantized()
-    xin = qdq_per_token_group(xn.float()) if scheme != "bf16" else xn.float()
+    xin = qdq_per_token_group(xn.float()) if scheme != "bf16" or fp8_in else xn.float()
     ref = torch.zeros(5, D)
     for t in range(5):
         for k in range(2):

@@ -1,0 +1,173 @@
+"""EPMoE on 2 GPUs (NCCL) against the float32 reference: torch and DeepEP backends, Triton and torch
+experts, every weights scheme, auto mode switching normal <-> low-latency, chunked low-latency
+rounds, a zero-token rank.
+
+Launches its own 2 processes (torch.multiprocessing). Every case records its result instead of
+stopping the run, so one failure still shows the others. The DeepEP cases need `deep_ep`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+HIDDEN = 2048  # one of DeepEP's low-latency hidden sizes
+INTER = 256
+NUM_EXPERTS = 16
+TOP_K = 4
+CAPACITY = 32
+# Relative Frobenius error vs the reference run on the layer's own routing (bf16 GEMMs on GPU;
+# w4a8 low-latency quantises per tensor where the reference uses group-128 scales).
+TOL = {"bf16": 2e-2, "fp8_block": 4e-2, "w4a8": 4e-2}
+TOL_W4A8_LL = 0.15
+
+# (tokens per rank, is_prefill, expected layout, expected rounds)
+STEPS = [
+    ((300, 200), True, "normal", 1),
+    ((20, 32), False, "low_latency", 1),
+    ((70, 5), False, "low_latency", 3),  # chunked: 70 > C, below normal_above_tokens
+    ((0, 20), False, "low_latency", 1),  # zero-token rank
+    ((150, 0), False, "normal", 1),  # > normal_above_tokens on one rank; zero tokens on the other
+    ((16, 16), False, "low_latency", 1),  # back to low-latency after normal (DeepEP buffer clean)
+]
+
+
+def _plan(backend: str, scheme: str, experts: str):
+    from ep_runtime.config import parse_config, resolve_plan
+
+    cfg = parse_config(
+        {
+            "model": {
+                "hidden_size": HIDDEN,
+                "num_experts": NUM_EXPERTS,
+                "top_k": TOP_K,
+                "moe_intermediate_size": INTER,
+                "scoring": "sigmoid",
+                "n_group": 4,
+                "topk_group": 2,
+                "use_correction_bias": True,
+                "routed_scaling_factor": 2.5,
+                "weights": scheme,
+                "seed": 3,
+            },
+            "parallel": {"ep_size": WORLD, "device": "cuda"},
+            "dispatch": {
+                "backend": backend,
+                "mode": "auto",
+                "num_max_dispatch_tokens_per_rank": CAPACITY,
+                "auto": {"normal_above_tokens": 96},
+                "check_conservation": backend == "torch",
+            },
+            "kernels": {"experts": experts},
+        }
+    )
+    return resolve_plan(cfg)
+
+
+def _case(rank: int, backend: str, scheme: str, experts: str) -> list[str]:
+    from ep_runtime.layer import EPMoE
+
+    failures = []
+    layer = EPMoE(_plan(backend, scheme, experts), rank=rank)
+    try:
+        for step, (tokens, is_prefill, layout, rounds) in enumerate(STEPS):
+            g = torch.Generator(device="cuda").manual_seed(100 * step + rank)
+            h = torch.randn(tokens[rank], HIDDEN, generator=g, device="cuda").to(torch.bfloat16)
+            y = layer(h, is_prefill=is_prefill)
+            tel = layer.last_telemetry
+            where = f"{backend}/{experts}/{scheme} step {step} rank {rank}"
+            if y.shape != h.shape or y.dtype != torch.bfloat16:
+                failures.append(f"{where}: output {tuple(y.shape)} {y.dtype}")
+            if (tel.layout, tel.num_rounds) != (layout, rounds):
+                failures.append(f"{where}: ran {tel.layout} x{tel.num_rounds}, expected {layout} x{rounds}")
+            if tokens[rank] == 0:
+                continue
+            r = layer.last_routing
+            ref = layer.reference_forward(h, layout=tel.layout, routing=(r.topk_ids, r.topk_weights))
+            rel = float((y.float() - ref).norm() / ref.norm())
+            tol = TOL_W4A8_LL if (scheme, tel.layout) == ("w4a8", "low_latency") else TOL[scheme]
+            if not rel < tol:
+                failures.append(f"{where}: relative error {rel:.4g} >= {tol}")
+            if not torch.isfinite(y).all():
+                failures.append(f"{where}: non-finite output")
+    except Exception:  # noqa: BLE001 - recorded
+        failures.append(f"{backend}/{experts}/{scheme} rank {rank}: {traceback.format_exc()}")
+    finally:
+        layer.close()
+    return failures
+
+
+def _worker(rank: int, init_file: str, cases: list[tuple[str, str, str]], queue) -> None:
+    failures: list[str] = []
+    try:
+        torch.cuda.set_device(rank)
+        dist.init_process_group(
+            "nccl",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=timedelta(seconds=120),
+            device_id=torch.device("cuda", rank),
+        )
+        for backend, experts, scheme in cases:
+            failures += _case(rank, backend, scheme, experts)
+            dist.barrier()
+    except BaseException:  # noqa: BLE001 - reported
+        failures.append(f"rank {rank}: {traceback.format_exc()}")
+    finally:
+        queue.put((rank, failures))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cases: list[tuple[str, str, str]]) -> list[str]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_worker, args=(r, init_file, cases, queue)) for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        failures: list[str] = []
+        try:
+            for _ in range(WORLD):
+                _, f = queue.get(timeout=480)
+                failures += f
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    return failures
+
+
+def _deep_ep_available() -> bool:
+    from ep_runtime.comm.deepep import import_deep_ep
+
+    return import_deep_ep()[0] is not None
+
+
+@pytest.mark.gpu(count=2)
+def test_layer_torch_backend():
+    cases = [("torch", "triton", s) for s in ("bf16", "fp8_block", "w4a8")] + [
+        ("torch", "torch", "fp8_block")
+    ]
+    failures = _run(cases)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu(count=2)
+def test_layer_deepep_backend():
+    if not _deep_ep_available():
+        pytest.skip("deep_ep is not importable")
+    cases = [("deepep", "triton", s) for s in ("bf16", "fp8_block", "w4a8")]
+    failures = _run(cases)
+    assert not failures, "\n".join(failures)
