@@ -41,7 +41,20 @@ def import_deep_ep() -> tuple[Any | None, str]:
     return deep_ep, ""
 
 
-def _chunk_config(deep_ep: Any, num_sms: int, cfg: Any) -> Any:
+def _chunk_config(deep_ep: Any, num_sms: int, cfg: Any, path: str) -> Any:
+    """A `deep_ep.Config` from the file's values, checked against DeepEP's own assertions."""
+    if cfg.num_max_nvl_chunked_send_tokens >= cfg.num_max_nvl_chunked_recv_tokens:
+        raise ValueError(
+            f"{path}.num_max_nvl_chunked_send_tokens ({cfg.num_max_nvl_chunked_send_tokens}) must be < "
+            f"num_max_nvl_chunked_recv_tokens ({cfg.num_max_nvl_chunked_recv_tokens}) for DeepEP"
+        )
+    rdma_recv = -(-cfg.num_max_rdma_chunked_recv_tokens // cfg.num_max_rdma_chunked_send_tokens)
+    rdma_recv *= cfg.num_max_rdma_chunked_send_tokens  # DeepEP rounds it up to a multiple of send
+    if cfg.num_max_rdma_chunked_send_tokens > rdma_recv // 2:
+        raise ValueError(
+            f"{path}.num_max_rdma_chunked_send_tokens ({cfg.num_max_rdma_chunked_send_tokens}) must be <= half of "
+            f"num_max_rdma_chunked_recv_tokens ({cfg.num_max_rdma_chunked_recv_tokens}) for DeepEP"
+        )
     return deep_ep.Config(
         num_sms,
         cfg.num_max_nvl_chunked_send_tokens,
@@ -49,6 +62,15 @@ def _chunk_config(deep_ep: Any, num_sms: int, cfg: Any) -> Any:
         cfg.num_max_rdma_chunked_send_tokens,
         cfg.num_max_rdma_chunked_recv_tokens,
     )
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """`[len]` int32 on `device` from a host list. On CUDA the copy goes through pinned memory and is
+    non-blocking, so it does not synchronise the stream behind the dispatch kernel (a pageable copy may)."""
+    t = torch.tensor(values, dtype=torch.int32)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class DeepEPBufferOwner:
@@ -82,12 +104,12 @@ class DeepEPBufferOwner:
         # Buffer.num_sms is DeepEP class state read by its default configs; set it before building them.
         deep_ep.Buffer.set_num_sms(tune.num_sms)
         self.dispatch_config = (
-            _chunk_config(deep_ep, tune.num_sms, tune.normal_dispatch)
+            _chunk_config(deep_ep, tune.num_sms, tune.normal_dispatch, "dispatch.deepep.normal_dispatch")
             if tune.normal_dispatch
             else deep_ep.Buffer.get_dispatch_config(self.num_ranks)
         )
         self.combine_config = (
-            _chunk_config(deep_ep, tune.num_sms, tune.normal_combine)
+            _chunk_config(deep_ep, tune.num_sms, tune.normal_combine, "dispatch.deepep.normal_combine")
             if tune.normal_combine
             else deep_ep.Buffer.get_combine_config(self.num_ranks)
         )
@@ -103,6 +125,12 @@ class DeepEPBufferOwner:
                 self.capacity, self.hidden, self.num_ranks, self.num_experts
             )
             rdma = max(rdma, hint)
+        nvl, rdma = -(-nvl // 128) * 128, -(-rdma // 128) * 128  # DeepEP needs 128-byte multiples
+        if rdma > 0 and nvl > 2**31 - 1:
+            raise ValueError(
+                f"DeepEP needs the NVL buffer (dispatch.buffer.num_nvl_bytes, {nvl}) <= 2^31 - 1 bytes when an "
+                "RDMA/low-latency buffer is also allocated; lower it or the normal-mode chunk sizes"
+            )
         self.num_nvl_bytes, self.num_rdma_bytes = nvl, rdma
         self.num_qps_per_rank = tune.num_qps_per_rank or (
             self.num_local_experts if self.has_low_latency else 1
@@ -319,7 +347,7 @@ class DeepEPDispatcher(Dispatcher):
                 layout=Layout.NORMAL,
                 x=recv_x,
                 x_scale=recv_scale,
-                num_recv_per_expert=torch.tensor(num_list, dtype=torch.int32, device=x.device),
+                num_recv_per_expert=_to_device(num_list, x.device),
                 recv_topk_ids=recv_ids.to(torch.int64),
                 recv_topk_weights=recv_weights,
             )

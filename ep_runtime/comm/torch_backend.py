@@ -332,7 +332,7 @@ class TorchDispatcher(Dispatcher):
         header[:, : 4 * L] = _as_bytes(num_send_per_expert.view(R, L))
         payload[num_tokens + 1 :] = header.view(R * H, W)
         slot_src = torch.full((E * C + 1,), num_tokens, dtype=torch.int64, device=dev)
-        token_of_pair = torch.arange(num_tokens, device=dev).repeat_interleave(top_k)
+        token_of_pair = torch.arange(num_tokens * top_k, device=dev) // top_k
         slot_src.scatter_(0, send_slot, token_of_pair)
         header_src = num_tokens + 1 + torch.arange(R * H, device=dev).view(R, H)
         send_src = torch.cat([header_src, slot_src[: E * C].view(R, L * C)], dim=1).reshape(-1)
