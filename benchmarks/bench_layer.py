@@ -137,6 +137,8 @@ def _median(xs: list[float]) -> float:
 
 def _isolated_stages(layer, h: torch.Tensor, layout, iters: int) -> dict[str, float]:
     """Router, dispatch, experts and combine each timed on its own (fixed counts on every rank)."""
+    from ep_runtime.types import Routing
+
     device = h.device
     t = _Timer(device)
     router_ms, dispatch_ms, combine_ms, experts_ms = [], [], [], []
@@ -157,8 +159,11 @@ def _isolated_stages(layer, h: torch.Tensor, layout, iters: int) -> dict[str, fl
     _sync(device)
     for _ in range(iters):
         dist.barrier()
+        # A fresh Routing object each time, as in a real step (DeepEP's dispatcher would otherwise
+        # reuse the cached layout of an identical routing object).
+        fresh = Routing(topk_ids=routing.topk_ids, topk_weights=routing.topk_weights)
         a = t.mark()
-        d2, h2 = dispatcher.dispatch(h, routing)
+        d2, h2 = dispatcher.dispatch(h, fresh)
         b = t.mark()
         dispatcher.combine(expert_out, h2)  # same routing: same receive shape as expert_out
         c = t.mark()
