@@ -213,7 +213,9 @@ class DeepEPDispatcher(Dispatcher):
         self.is_fp8 = mode_plan.precision == Precision.FP8
         self.capacity = mode_plan.capacity
         self._topk_dtype = getattr(self.deep_ep, "topk_idx_t", torch.int64)
-        self._last: tuple[Routing, Any, DispatchedTokens] | None = None
+        # Normal mode: (routing, DeepEP handle, counts, recv_topk_ids, recv_topk_weights) of the last
+        # uncached dispatch, for the cached path (the received rows themselves are not kept).
+        self._last: tuple[Routing, Any, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build_all(
@@ -317,15 +319,14 @@ class DeepEPDispatcher(Dispatcher):
             # Same routing object as the previous dispatch: DeepEP's cached mode reuses the layout
             # (no layout kernel, no CPU wait for the receive count).
             recv, _, _, _, _, _ = buffer.dispatch(x_in, handle=last[1], config=self.owner.dispatch_config)
-            prev = last[2]
             recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
             dispatched = DispatchedTokens(
                 layout=Layout.NORMAL,
                 x=recv_x,
                 x_scale=recv_scale,
-                num_recv_per_expert=prev.num_recv_per_expert,
-                recv_topk_ids=prev.recv_topk_ids,
-                recv_topk_weights=prev.recv_topk_weights,
+                num_recv_per_expert=last[2],
+                recv_topk_ids=last[3],
+                recv_topk_weights=last[4],
             )
             deep_handle = last[1]
         else:
@@ -351,7 +352,13 @@ class DeepEPDispatcher(Dispatcher):
                 recv_topk_ids=recv_ids.to(torch.int64),
                 recv_topk_weights=recv_weights,
             )
-            self._last = (routing, deep_handle, dispatched)
+            self._last = (
+                routing,
+                deep_handle,
+                dispatched.num_recv_per_expert,
+                dispatched.recv_topk_ids,
+                dispatched.recv_topk_weights,
+            )
         handle = DispatchHandle(
             layout=Layout.NORMAL,
             num_tokens=x.shape[0],
