@@ -23,7 +23,13 @@ import torch
 import torch.distributed as dist
 
 from ep_runtime.comm.base import Dispatcher, register
-from ep_runtime.config import ModePlan, RuntimePlan, max_buffer_bytes
+from ep_runtime.config import (
+    DEEPEP_LOW_LATENCY_HIDDEN_SIZES,
+    DEEPEP_LOW_LATENCY_MAX_TOPK,
+    ModePlan,
+    RuntimePlan,
+    max_buffer_bytes,
+)
 from ep_runtime.types import FP8_GROUP, DispatchedTokens, DispatchHandle, Layout, Precision, Routing
 
 INSTALL_HINT = (
@@ -166,14 +172,23 @@ class DeepEPBufferOwner:
                 self.buffer.destroy()
             self.buffer = None
 
-    def enter(self, layout: Layout) -> Any:
-        """The buffer, made ready for `layout`: cleans the low-latency area after normal-mode use."""
+    def enter(self, layout: Layout, *, is_dispatch: bool = True) -> Any:
+        """The buffer, made ready for `layout`: a low-latency dispatch that follows normal-mode
+        kernels first cleans the low-latency area (DeepEP requires it). Under CUDA graphs this
+        host-side bookkeeping runs at capture only: replaying a captured low-latency step after
+        normal-mode work needs `clean_low_latency()` first."""
         if self.buffer is None:
             raise RuntimeError("the DeepEP buffer was destroyed (dispatcher closed)")
-        if layout == Layout.LOW_LATENCY and self._last_layout == Layout.NORMAL:
-            self.buffer.clean_low_latency_buffer(self.capacity, self.hidden, self.num_experts)
+        if is_dispatch and layout == Layout.LOW_LATENCY and self._last_layout == Layout.NORMAL:
+            self.clean_low_latency()
         self._last_layout = layout
         return self.buffer
+
+    def clean_low_latency(self) -> None:
+        """Zero the low-latency signalling area (`Buffer.clean_low_latency_buffer`)."""
+        if self.buffer is not None and self.has_low_latency:
+            self.buffer.clean_low_latency_buffer(self.capacity, self.hidden, self.num_experts)
+            self._last_layout = Layout.LOW_LATENCY
 
 
 @register
@@ -205,6 +220,12 @@ class DeepEPDispatcher(Dispatcher):
                 f"dispatch.backend 'deepep' cannot serve the {mode_plan.layout.value} mode: {reason}"
             )
         self.owner = (owner or DeepEPBufferOwner(plan, group, comm)).acquire()
+        if mode_plan.layout == Layout.LOW_LATENCY and mode_plan.capacity != self.owner.capacity:
+            self.owner.release()
+            raise ValueError(
+                f"the shared DeepEP buffer was sized for capacity {self.owner.capacity}, this low-latency "
+                f"dispatcher needs {mode_plan.capacity} (dispatch.num_max_dispatch_tokens_per_rank)"
+            )
         self.deep_ep = self.owner.deep_ep
         model = plan.config.model
         self.num_experts = model.num_experts
@@ -243,6 +264,14 @@ class DeepEPDispatcher(Dispatcher):
         if mode_plan.layout == Layout.LOW_LATENCY:
             if not mode_plan.capacity:
                 return False, "low-latency mode needs dispatch.num_max_dispatch_tokens_per_rank"
+            if model.hidden_size not in DEEPEP_LOW_LATENCY_HIDDEN_SIZES:
+                sizes = ", ".join(map(str, DEEPEP_LOW_LATENCY_HIDDEN_SIZES))
+                return False, f"DeepEP low-latency kernels support model.hidden_size in {sizes}"
+            if model.top_k > DEEPEP_LOW_LATENCY_MAX_TOPK:
+                return (
+                    False,
+                    f"DeepEP low-latency kernels support model.top_k <= {DEEPEP_LOW_LATENCY_MAX_TOPK}",
+                )
         if mode_plan.precision == Precision.FP8:
             if model.hidden_size % FP8_GROUP:
                 return False, f"fp8 dispatch needs model.hidden_size to be a multiple of {FP8_GROUP}"
@@ -280,7 +309,7 @@ class DeepEPDispatcher(Dispatcher):
             )
         if expert_out.dtype != torch.bfloat16:
             raise ValueError(f"expert_out.dtype must be bfloat16, got {expert_out.dtype}")
-        buffer = self.owner.enter(self.layout)
+        buffer = self.owner.enter(self.layout, is_dispatch=False)
         if self.layout == Layout.NORMAL:
             out, _, _ = buffer.combine(
                 expert_out.contiguous(), handle.state, config=self.owner.combine_config
