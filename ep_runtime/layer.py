@@ -316,6 +316,7 @@ class EPMoE(torch.nn.Module):
         check = self.plan.config.dispatch.check_conservation and self._dist
         if check:
             check_conservation(routing, dispatched, handle, self.group)
+            timer.lap("checks")
         expert_out = self.experts.forward(dispatched, self.weights.experts)
         counts += dispatched.num_recv_per_expert.to(torch.int64)
         timer.lap("experts")
@@ -323,6 +324,7 @@ class EPMoE(torch.nn.Module):
         timer.lap("combine")
         if check:
             check_combined_once(dispatcher, routing, dispatched, handle, self.group)
+            timer.lap("checks")
         return out
 
     # ------------------------------------------------------------------------------------------

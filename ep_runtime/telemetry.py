@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-STAGES = ("mode", "router", "dispatch", "experts", "combine")
-"""Stage names in step order. `mode` is the per-step mode decision (one all-reduce), 0 when fixed."""
+STAGES = ("mode", "router", "dispatch", "experts", "combine", "checks")
+"""Stage names in step order. `mode` is the per-step mode decision (one all-reduce; ~0 in normal
+mode); `checks` the debug conservation checks (`dispatch.check_conservation`, 0 when off)."""
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def _check(all_results: list[list[dict]], world: int) -> None:
                 assert r["rounds"] == spec["rounds"], (
                     f"{where}: {r['rounds']} rounds, expected {spec['rounds']}"
                 )
-            assert set(r["stage_ms"]) == {"mode", "router", "dispatch", "experts", "combine"}
+            assert set(r["stage_ms"]) == {"mode", "router", "dispatch", "experts", "combine", "checks"}
             assert abs(sum(r["stage_ms"].values()) - r["total_ms"]) < 1e-3 * max(1.0, r["total_ms"]), where
             if r["tokens_per_rank"] is not None and spec.get("layers", 1) == 1:
                 # Every (token, expert) pair of every rank was received exactly once somewhere.
@@ -168,6 +168,7 @@ CASES_2 = [
     dict(
         name="bf16-auto",
         mode="auto",
+        dispatch=dict(check_conservation=True),
         steps=[
             dict(tokens=[3, 0], layout="low_latency", rounds=1),  # zero-token rank
             dict(tokens=[7, 1], layout="normal", rounds=1),  # 7 > C on one rank
@@ -202,6 +203,7 @@ CASES_2 = [
     dict(
         name="w4a8",
         mode="auto",
+        dispatch=dict(check_conservation=True),
         model=dict(weights="w4a8"),
         steps=[dict(tokens=[6, 2], prefill=True, layout="normal"), dict(tokens=[3, 4], layout="low_latency")],
     ),
@@ -284,6 +286,7 @@ CASES_4 = [
         name="ll-4-chunked-fp8",
         mode="low_latency",
         C=3,
+        dispatch=dict(check_conservation=True),
         model=dict(weights="fp8_block"),
         steps=[dict(tokens=[7, 0, 3, 1], rounds=3)],
     ),
