@@ -299,8 +299,36 @@ CASES_4 = [
 ]
 
 
-def test_epmoe_two_ranks():
-    _check(run_ranks(_run_cases, 2, CASES_2, timeout=240), 2)
+def _write_qwen_checkpoint(path, num_experts: int = 8) -> str:
+    """A Qwen-MoE-named checkpoint of layer 0, sharded in two files with an index."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(21)
+    tensors = {"model.layers.0.mlp.gate.weight": torch.randn(num_experts, D, generator=g) / D**0.5}
+    for e in range(num_experts):
+        b = f"model.layers.0.mlp.experts.{e}"
+        tensors[f"{b}.gate_proj.weight"] = torch.randn(I, D, generator=g) / D**0.5
+        tensors[f"{b}.up_proj.weight"] = torch.randn(I, D, generator=g) / D**0.5
+        tensors[f"{b}.down_proj.weight"] = torch.randn(D, I, generator=g) / I**0.5
+    keys = sorted(tensors)
+    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2 :]}
+    for name, ks in shards.items():
+        save_file({k: tensors[k].bfloat16() for k in ks}, str(path / name))
+    index = {"weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return str(path)
+
+
+def test_epmoe_two_ranks(tmp_path):
+    checkpoint = dict(
+        name="checkpoint-fp8",
+        mode="auto",
+        model=dict(checkpoint=_write_qwen_checkpoint(tmp_path), weights="fp8_block"),
+        steps=[dict(tokens=[6, 5], prefill=True, layout="normal"), dict(tokens=[3, 2], layout="low_latency")],
+    )
+    _check(run_ranks(_run_cases, 2, [*CASES_2, checkpoint], timeout=240), 2)
 
 
 def test_epmoe_one_rank():
