@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,15 @@ SHAPES = {
 }
 QUICK_TS = {"dsv3_e128": [1, 128, 2048], "dsv3_e32": [2048], "qwen3_30b": [128, 2048], "mixtral": [128]}
 W4A8_AT = ("dsv3_e32", 2048)
+TUNE_AT = {
+    ("dsv3_e128", "bf16"): (1, 128, 2048, 8192),
+    ("dsv3_e128", "fp8_block"): (128, 2048, 8192),
+    ("dsv3_e32", "bf16"): (128, 2048, 8192),
+    ("dsv3_e32", "fp8_block"): (2048, 8192),
+    ("qwen3_30b", "bf16"): (128, 2048),
+    ("mixtral", "bf16"): (128, 2048),
+}
+"""(shape, scheme) -> T values swept under --tune (other T use the nearest tuned bucket)."""
 SMOKE = {"tiny": dict(L=8, D=256, I=128, K=8, Ts=[2, 64])}
 """--smoke: CPU under TRITON_INTERPRET=1, tiny shape, dummy ceilings: checks the script, not speed."""
 
@@ -125,15 +135,16 @@ def candidates(rows_per_expert: float, scheme: str):
             dn.append(c(64, 256, 4, 3, 1))
         return [(16, gu, dn)]
     if rows_per_expert <= 96:
-        gu = [c(64, 128, 4, 4), c(128, 128 if fp8 else 64, 8, 4)]
-        dn = [c(128, 128, 4, 4), c(256, 128 if fp8 else 64, 8, 3)]
+        gu = [c(64, 128, 4, 4), c(128, 64, 8, 4)] if not fp8 else [c(64, 128, 4, 4), c(64, 128, 4, 3)]
+        dn = [c(128, 128, 4, 4), c(256, 64, 8, 3)] if not fp8 else [c(128, 128, 4, 4), c(64, 128, 4, 4)]
         return [(64, gu, dn)]
+    # Registers (ptxas for sm_90a): fp8 gate_up BLOCK_N=128 spills at BLOCK_M=128, 64 does not.
     if fp8:
-        gu = [c(128, 128, 8, 3), c(128, 128, 8, 4)]
-        dn = [c(128, 128, 8, 3), c(256, 128, 8, 3)]
+        gu = [c(64, 128, 8, 3), c(64, 128, 8, 4)]
+        dn = [c(128, 128, 8, 3), c(128, 128, 8, 4), c(64, 128, 4, 4)]
     else:
         gu = [c(128, 64, 8, 3), c(128, 64, 8, 4), c(64, 64, 4, 4)]
-        dn = [c(256, 64, 8, 3), c(128, 64, 8, 4), c(128, 64, 4, 4)]
+        dn = [c(256, 64, 8, 3), c(256, 64, 8, 4), c(128, 64, 8, 4)]
     return [(128, gu, dn)]
 
 
@@ -230,6 +241,13 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
 # ------------------------------------------------------------------------------------------------
 
 
+def nearest(entries, T):
+    """The tuned entry whose bucket is nearest T in log scale (as fm.get_config picks), or None."""
+    if not entries:
+        return None
+    return entries[min(entries, key=lambda b: abs(math.log2(int(b)) - math.log2(max(T, 1))))]
+
+
 def bytes_per_expert(D, inter, scheme):
     n = 3 * D * inter
     if scheme == "bf16":
@@ -245,6 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="sweep block configs per bucket first")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new rows after this")
+    ap.add_argument("--tune-budget-s", type=float, default=120.0, help="stop tuning after this")
     ap.add_argument(
         "--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES)
     )
@@ -264,6 +283,7 @@ def main(argv=None) -> int:
         return 1
     t_start = time.time()
     deadline = t_start + args.budget_s
+    tune_deadline = t_start + args.tune_budget_s
     torch.manual_seed(0)
     dev = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
@@ -319,6 +339,12 @@ def main(argv=None) -> int:
             flops = 2.0 * T * K * 3 * D * inter
             ref = torch_loop(x, w13, w2, ids, w)
             t_torch = bench_us(functools.partial(torch_loop, x, w13, w2, ids, w), warmup=2, rep=20)
+            align_us = {
+                name: round(bench_us(functools.partial(f, ids, 16 if T * K / L <= 12 else 128, L), 3, 10), 2)
+                for name, f in (("triton", fm.moe_align_block_size), ("torch", fm._moe_align_torch))
+            }
+            rows.append(dict(shape=sname, T=T, align_us=align_us))
+            print(f"{sname} T={T} align (eager) {align_us}")
             variants = [(s, None) for s in schemes]
             if K == 8 and (T >= 512 or args.smoke):
                 variants.append(("bf16", False))
@@ -333,11 +359,16 @@ def main(argv=None) -> int:
                     ws = q[scheme]
                 skey = fm.shape_key(L, inter, D, scheme)
                 bucket = str(fm.t_bucket(T))
-                if args.tune and fused is None and time.time() < deadline:
-                    cfg, lg = tune_bucket(x, ws[0], ws[1], ws[2], ws[3], ids, w, scheme, deadline)
+                want_tune = args.smoke or T in TUNE_AT.get((sname, scheme), ())
+                if args.tune and want_tune and fused is None and time.time() < tune_deadline:
+                    cfg, lg = tune_bucket(x, ws[0], ws[1], ws[2], ws[3], ids, w, scheme, tune_deadline)
                     tuned.setdefault(skey, {})[bucket] = cfg
                     tune_log.append(dict(shape=sname, T=T, scheme=scheme, chosen=cfg, log=lg))
-                cfg = tuned.get(skey, {}).get(bucket) or fm.get_config(T, K, L, inter, D, scheme, dev)
+                cfg = (
+                    tuned.get(skey, {}).get(bucket)
+                    or nearest(tuned.get(skey), T)
+                    or fm.get_config(T, K, L, inter, D, scheme, dev)
+                )
                 fn = functools.partial(
                     fm.fused_moe,
                     x,

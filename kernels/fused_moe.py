@@ -121,9 +121,9 @@ def _moe_align_kernel(
         for start in range(total, size, CHUNK):
             offs = start + tl.arange(0, CHUNK)
             tl.store(sorted_ids_ptr + offs, tl.full((CHUNK,), 0, tl.int32) + num_slots, mask=offs < size)
-            blk = offs // BLOCK_M
+            tail_blk = offs // BLOCK_M
             tl.store(
-                expert_ids_ptr + blk,
+                expert_ids_ptr + tail_blk,
                 tl.full((CHUNK,), -1, tl.int32),
                 mask=(offs < size) & (offs % BLOCK_M == 0),
             )
@@ -259,6 +259,7 @@ def _load_b_tile(
     SCHEME: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """[BLOCK_K, BLOCK_N] weight tile; w4a8 unpacks two int4 per byte (low nibble = even k) to e4m3."""
     if SCHEME == 2:
@@ -269,7 +270,7 @@ def _load_b_tile(
         hi = (hi ^ 8) - 8
         w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
         return w.to(tl.float16).to(tl.float8e4nv)
-    elif SCHEME == 1:
+    elif SCHEME == 1 or EVEN_K:
         return tl.load(b_ptrs)
     else:
         return tl.load(b_ptrs, mask=offs_k[:, None] < k_rem, other=0.0)
@@ -316,6 +317,7 @@ def _fused_moe_gemm_kernel(
     MUL_WEIGHT: tl.constexpr,
     ATOMIC: tl.constexpr,
     UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """One program = one M-block of one expert x one N-block.
 
@@ -382,13 +384,14 @@ def _fused_moe_gemm_kernel(
         b_step = BLOCK_K * stride_bk
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_rem = K - kb * BLOCK_K
-        if SCHEME == 0:
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_rem), other=0.0)
+        # Padding rows read row 0 (a_row was clamped) and are dropped at the store: no row mask.
+        if EVEN_K:
+            a = tl.load(a_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        b = _load_b_tile(b_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N)
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_rem, other=0.0)
+        b = _load_b_tile(b_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N, EVEN_K)
         if GATE_UP:
-            b_up = _load_b_tile(b_up_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N)
+            b_up = _load_b_tile(b_up_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N, EVEN_K)
         if SCHEME == 0:
             if UPCAST:
                 a = a.to(tl.float32)
@@ -399,7 +402,7 @@ def _fused_moe_gemm_kernel(
             if GATE_UP:
                 acc_up = tl.dot(a, b_up, acc_up)
         else:
-            a_s = tl.load(a_s_ptrs + kb * stride_ask, mask=row_ok, other=0.0)
+            a_s = tl.load(a_s_ptrs + kb * stride_ask)
             b_s = tl.load(b_s_ptrs + kb * stride_bsk)
             acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
             if GATE_UP:
@@ -474,7 +477,8 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, scheme: str)
     if rows <= 64:
         gemm = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
         return dict(BLOCK_M=64, gate_up=dict(gemm), down=dict(gemm, BLOCK_N=128))
-    gate_up = dict(BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3 if scheme == "bf16" else 4)
+    # fp8: two [128, 64] accumulators (plus the scaled-dot temporaries) already use ~255 registers.
+    gate_up = dict(BLOCK_N=128 if scheme == "bf16" else 64, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=4)
     down = dict(BLOCK_N=256 if scheme == "bf16" else 128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, gate_up=gate_up, down=down)
 
@@ -595,6 +599,7 @@ def _launch_gemm(
         MUL_WEIGHT=mul_weight,
         ATOMIC=atomic,
         UPCAST=_INTERPRET and sid == 0,
+        EVEN_K=k % cfg["BLOCK_K"] == 0,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
