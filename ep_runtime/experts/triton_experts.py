@@ -1,13 +1,10 @@
 """Triton experts: the fused MoE kernel for the normal layout, the masked grouped GEMM for the
 low-latency layout (`ep_runtime.kernels`). No host synchronisation.
 
-Input precision handling (DESIGN.md precision policy):
-  - `bf16` weights: fp8-dispatched activations are dequantised to bfloat16 first (normal layout) or
-    by the masked kernel's operand load (low-latency layout);
-  - `fp8_block`: activations reach the kernels as fp8 with group-128 scales (bf16 dispatch is
-    quantised here);
-  - `w4a8`: normal layout as `fp8_block`; low-latency input is bfloat16 (the policy forces bf16
-    dispatch) and the masked kernel quantises it per tensor itself.
+Dispatched activations go to the kernels as they arrive (DESIGN.md precision policy); the kernels
+convert them: fp8 input to bf16 weights is dequantised, bf16 input to `fp8_block` (and to `w4a8`
+in the normal layout) is quantised per-token-group-128, and the masked `w4a8` kernel takes bf16
+(the policy forces bf16 low-latency dispatch) and quantises it per tensor itself.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import torch
 
 from ep_runtime.config import RuntimePlan
 from ep_runtime.experts.base import Experts, output_dtype, register
-from ep_runtime.kernels.quant import per_token_group_dequant_fp8, per_token_group_quant_fp8
+from ep_runtime.kernels.quant import per_token_group_dequant_fp8
 from ep_runtime.types import DispatchedTokens, Layout
 from ep_runtime.weights import LocalExperts
 
@@ -55,27 +52,15 @@ class TritonExperts(Experts):
             return False, f"the {layout.value} expert kernel is unavailable: {exc}"
         return True, ""
 
-    def _activations(self, dispatched: DispatchedTokens, want_fp8: bool):
-        x, x_scale = dispatched.x, dispatched.x_scale
-        if want_fp8 and not dispatched.is_fp8:
-            x, x_scale = per_token_group_quant_fp8(x.to(torch.bfloat16), 128)
-        elif not want_fp8 and dispatched.is_fp8:
-            x = per_token_group_dequant_fp8(x, x_scale, 128, out_dtype=torch.bfloat16)
-            x_scale = None
-        elif not want_fp8:
-            x = x.to(torch.bfloat16)
-        return x, x_scale
-
     def forward_normal(self, dispatched: DispatchedTokens, weights: LocalExperts) -> torch.Tensor:
-        x, x_scale = self._activations(dispatched, want_fp8=self.scheme in ("fp8_block", "w4a8"))
         out = self._fused_moe(
-            x,
+            dispatched.x,
             weights.w13,
             weights.w2,
             dispatched.recv_topk_ids,
             dispatched.recv_topk_weights,
             scheme=self.scheme,
-            x_scale=x_scale,
+            x_scale=dispatched.x_scale,
             w13_scale=weights.w13_scale,
             w2_scale=weights.w2_scale,
             fused_topk_sum=self.fused_topk_sum,
@@ -84,11 +69,10 @@ class TritonExperts(Experts):
         return out.to(output_dtype(dispatched))
 
     def forward_low_latency(self, dispatched: DispatchedTokens, weights: LocalExperts) -> torch.Tensor:
-        if self.scheme == "bf16" and dispatched.is_fp8:
-            # The masked kernel dequantises fp8 activations in its operand load for bf16 weights.
-            x, x_scale = dispatched.x, dispatched.x_scale
-        else:
-            x, x_scale = self._activations(dispatched, want_fp8=self.scheme == "fp8_block")
+        x, x_scale = dispatched.x, dispatched.x_scale
+        if self.scheme == "w4a8" and dispatched.is_fp8:
+            # The policy forces bf16 dispatch here; an fp8 input is dequantised for the kernel.
+            x, x_scale = per_token_group_dequant_fp8(x, x_scale, 128, out_dtype=torch.bfloat16), None
         out = self._masked_moe(
             x,
             dispatched.num_recv_per_expert.to(torch.int32),
