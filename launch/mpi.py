@@ -13,6 +13,7 @@ watchdog fires.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -57,7 +58,14 @@ def run_with_mpi(
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()
     hostname = socket.gethostname()
-    hosts = comm.allgather(hostname)
+    procs = comm.allgather((hostname, os.getpid()))
+    hosts = [h for h, _ in procs]
+    if rank == 0:
+        # The MPI runtime reports a killed process by pid and host only: this maps them to ranks.
+        _err(
+            f"MPI job of {size} ranks: "
+            + ", ".join(f"rank {r} pid {p} on {h}" for r, (h, p) in enumerate(procs))
+        )
 
     if size != config.parallel.ep_size:
         if rank == 0:
