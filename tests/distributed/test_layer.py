@@ -476,3 +476,19 @@ def test_experts_implementations_agree(scheme, fp8_in, rng_seed):
         assert out.shape == (5, D) and torch.all(out[4] == 0)
         rel = ((out - ref).norm() / ref.norm()).item()
         assert rel < (1e-2 if name == "torch" else TRITON_TOL), (name, "normal", rel)
+
+
+def test_experts_supports_is_checked_at_construction(monkeypatch):
+    from ep_runtime.experts import available_experts, get_experts
+    from ep_runtime.layer import EPMoE
+    from ep_runtime.types import Layout
+
+    assert available_experts() == ["torch", "triton"]
+    plan = dataclasses.replace(_config(1, dict(mode="auto")), experts_impl="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, reason = get_experts("triton").supports(plan, Layout.NORMAL)
+    assert not ok and "parallel.device 'cuda'" in reason
+    with pytest.raises(ValueError, match="kernels.experts 'triton' cannot serve the normal layout"):
+        EPMoE(plan, rank=0)
+    with pytest.raises(ValueError, match="kernels.experts 'cuda' is unknown; allowed: torch, triton"):
+        get_experts("cuda")
