@@ -492,3 +492,28 @@ def test_experts_supports_is_checked_at_construction(monkeypatch):
         EPMoE(plan, rank=0)
     with pytest.raises(ValueError, match="kernels.experts 'cuda' is unknown; allowed: torch, triton"):
         get_experts("cuda")
+
+
+def test_bench_layer_cpu_smoke(tmp_path):
+    """The layer benchmark's whole flow on 2 CPU ranks at a tiny shape (timings, isolation, verify)."""
+    import json
+
+    from benchmarks import bench_layer
+
+    rc = bench_layer.main(
+        "--device cpu --backend torch --hidden 128 --num-experts 8 --inter 128 --topk 2 --n-group 4 "
+        f"--topk-group 2 --prefill-tokens 24 --decode-tokens 6 --iters 2 --warmup 1 --weights fp8_block "
+        f"--out-dir {tmp_path}".split()
+    )
+    (path,) = tmp_path.glob("*layer-torch.json")
+    doc = json.loads(path.read_text())
+    assert rc == 0 and doc["passed"], doc
+    rows = doc["rows"]
+    assert {(r["rank"], r["phase"], r["layout"]) for r in rows} == {
+        (0, "prefill", "normal"),
+        (1, "prefill", "normal"),
+        (0, "decode", "low_latency"),
+        (1, "decode", "low_latency"),
+    }
+    for r in rows:
+        assert r["verify"]["passed"] and r["isolated_ms"]["sum"] > 0 and r["stages_sum_ms"] > 0
