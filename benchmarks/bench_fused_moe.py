@@ -139,12 +139,17 @@ def candidates(rows_per_expert: float, scheme: str):
         dn = [c(128, 128, 4, 4), c(256, 64, 8, 3)] if not fp8 else [c(128, 128, 4, 4), c(64, 128, 4, 4)]
         return [(64, gu, dn)]
     # Registers (ptxas for sm_90a): fp8 gate_up BLOCK_N=128 spills at BLOCK_M=128, 64 does not.
+    bk = 128 if fp8 else 64
     if fp8:
         gu = [c(64, 128, 8, 3), c(64, 128, 8, 4)]
         dn = [c(128, 128, 8, 3), c(128, 128, 8, 4), c(64, 128, 4, 4)]
     else:
         gu = [c(128, 64, 8, 3), c(128, 64, 8, 4), c(64, 64, 4, 4)]
         dn = [c(256, 64, 8, 3), c(256, 64, 8, 4), c(128, 64, 8, 4)]
+    if rows_per_expert <= 256:
+        # Each expert pads to a multiple of BLOCK_M: at ~128 rows per expert BLOCK_M=128 can waste
+        # a large share of the tiles, so try 64 as well (not yet in the first H200 sweep).
+        return [(128, gu, dn), (64, [c(128, bk, 4, 4)], [c(128, bk, 4, 4)])]
     return [(128, gu, dn)]
 
 

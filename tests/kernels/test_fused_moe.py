@@ -327,3 +327,15 @@ def test_errors():
             config=tiny_config("bf16")
             | {"gate_up": dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)},
         )
+
+
+def test_shipped_config_table_is_valid():
+    """Every tuned entry in kernels/configs/fused_moe.json passes the launcher's config check."""
+    table = fm._load_table(str(fm.CONFIG_DIR / "fused_moe.json"))
+    assert table, "the tuned table is missing"
+    for dev, shapes in table.items():
+        for key, buckets in shapes.items():
+            scheme = next(s for s in fm.SCHEMES if key.endswith("_" + s))
+            for bucket, cfg in buckets.items():
+                assert int(bucket) in fm.T_BUCKETS, (dev, key, bucket)
+                fm._check_config(cfg, scheme)
