@@ -287,6 +287,21 @@ class KernelsConfig(_Section):
     """Router GEMM: `auto` picks per shape from the tuned table."""
 
 
+class ExecutionConfig(_Section):
+    """How a step is scheduled on the device: CUDA graphs and communication/compute overlap.
+    Each switch keeps the numerics of the plain path; defaults are chosen by measurement."""
+
+    cuda_graph_decode: bool = False
+    """Capture the whole low-latency step (router, dispatch, experts, combine) in a CUDA graph per
+    token count and replay it (cuda only; needs a low-latency path without host syncs)."""
+    decode_two_batch: bool = False
+    """Split each low-latency step into two micro-batches and overlap the communication of one with
+    the expert compute of the other (DeepEP `return_recv_hook`)."""
+    prefill_chunks: int = Field(default=1, ge=1, le=16)
+    """Split normal-mode steps into this many chunks and overlap the dispatch/combine of one chunk
+    with the expert compute of another on separate streams (1 = no overlap)."""
+
+
 class WorkloadConfig(_Section):
     """What `ep-launch run` executes on every rank."""
 
@@ -326,6 +341,7 @@ class EPConfig(_Section):
     parallel: ParallelConfig
     dispatch: DispatchConfig = DispatchConfig()
     kernels: KernelsConfig = KernelsConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     workload: WorkloadConfig = WorkloadConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
 
@@ -553,6 +569,24 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
                         "'native' fp8 cannot travel over gloo; allowed with gloo: auto, bytes",
                     )
                 )
+    ex = cfg.execution
+    if ex.cuda_graph_decode and par.device != "cuda":
+        errs.append(("execution.cuda_graph_decode", "needs parallel.device 'cuda'; allowed on cpu: false"))
+    if (ex.cuda_graph_decode or ex.decode_two_batch) and d.mode == "normal":
+        name = "cuda_graph_decode" if ex.cuda_graph_decode else "decode_two_batch"
+        errs.append(
+            (
+                f"execution.{name}",
+                "applies to low-latency steps; dispatch.mode is 'normal' (allowed: auto, low_latency)",
+            )
+        )
+    if ex.prefill_chunks > 1 and d.mode == "low_latency":
+        errs.append(
+            (
+                "execution.prefill_chunks",
+                "applies to normal-mode steps; dispatch.mode is 'low_latency' (allowed: 1)",
+            )
+        )
     if d.auto.normal_above_tokens is not None and d.mode != "auto":
         errs.append(
             (
