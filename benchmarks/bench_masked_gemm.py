@@ -86,43 +86,56 @@ def torch_loop(x_bf16, n: int, w13, w2, I: int):  # noqa: E741
 
 
 def tune(dev, best: dict, num_rows: int = 8) -> None:
-    """Sweep configs per kernel kind at the DeepSeek-V3 decode shape; fills `best` {kind: config}."""
-    name, L, D, I = MODELS[0]  # noqa: E741
-    cands = [
+    """Sweep configs per kernel kind at the DeepSeek-V3 and Qwen3 decode shapes (score: the sum
+    over shapes of time / best time); fills `best` {kind: config}."""
+    base = [
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
     ]
-    counts = torch.full((L,), num_rows, dtype=torch.int32, device=dev)
+    cands = base + [dict(c, GRID_M=1) for c in base]
     for scheme in SCHEMES:
-        w = make_weights(L, D, I, scheme, dev)
-        x, xs = make_input(L, CAPACITY, D, scheme, dev)
-        chosen = [None, None]
         for stage, gated in ((0, True), (1, False)):
             kind = KINDS.get((scheme, gated))
             if kind is None or kind in best:
-                chosen[stage] = best.get(kind)
                 continue
-            results = []
-            for c in cands:
-                cfgs = list(chosen)
-                cfgs[stage] = c
-                try:
-                    t = bench_us(
-                        lambda cfgs=cfgs, x=x, xs=xs, w=w: run_moe(x, xs, counts, w, tuple(cfgs)),
-                        warmup=3,
-                        rep=10,
-                    )
-                except Exception as exc:  # a config that fails to compile is skipped
-                    print(f"skip {kind} {c}: {type(exc).__name__}: {exc}"[:200])
-                    continue
-                results.append((t, c))
-                print(f"tune {kind} {c}: {t:.1f} us")
-            if results:
-                best[kind] = min(results, key=lambda r: r[0])[1]
-                chosen[stage] = best[kind]
-        del w, x, xs
-        torch.cuda.empty_cache()
+            scores: dict[int, float] = {}
+            seen: dict[int, int] = {}
+            shapes_done = 0
+            for _, L, D, I in MODELS[:2]:  # noqa: E741
+                w = make_weights(L, D, I, scheme, dev)
+                x, xs = make_input(L, CAPACITY, D, scheme, dev)
+                counts = torch.full((L,), num_rows, dtype=torch.int32, device=dev)
+                other = KINDS.get((scheme, not gated))
+                times = {}
+                for ci, c in enumerate(cands):
+                    cfgs = [None, None]
+                    cfgs[stage] = c
+                    cfgs[1 - stage] = best.get(other) if other else None
+                    try:
+                        t = bench_us(
+                            lambda cfgs=cfgs, x=x, xs=xs, counts=counts, w=w: run_moe(
+                                x, xs, counts, w, tuple(cfgs)
+                            ),
+                            warmup=3,
+                            rep=10,
+                        )
+                    except Exception as exc:  # a config that fails to compile is skipped
+                        print(f"skip {kind} {c}: {type(exc).__name__}: {exc}"[:200])
+                        continue
+                    times[ci] = t
+                    print(f"tune {kind} D={D} {c}: {t:.1f} us")
+                if times:
+                    shapes_done += 1
+                    t_min = min(times.values())
+                    for ci, t in times.items():
+                        scores[ci] = scores.get(ci, 0.0) + t / t_min
+                        seen[ci] = seen.get(ci, 0) + 1
+                del w, x, xs
+                torch.cuda.empty_cache()
+            complete = {ci: sc for ci, sc in scores.items() if seen[ci] == shapes_done}
+            if complete:
+                best[kind] = cands[min(complete, key=complete.get)]
 
 
 def main() -> None:

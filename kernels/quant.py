@@ -46,6 +46,26 @@ def _check_group(name: str, size: int, group_size: int, what: str) -> None:
 
 
 @triton.jit
+def round_to_e4m3_grid(v):
+    """Round fp32 `v` (already clamped to +-448) to the nearest e4m3 value, ties to even, in exact
+    fp32 arithmetic (exponent from the bits, scaling by exact powers of two). The result converts
+    to float8e4nv exactly on any conversion path, so kernels match torch's cast bit for bit (the
+    Triton interpreter's own fp32->e4m3 cast mis-rounds a few % of values)."""
+    a = tl.abs(v)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 255) - 127
+    e = tl.maximum(e, -6)  # below 2^-6 e4m3 is subnormal with the same 2^-9 spacing
+    step = ((e + 124) << 23).to(tl.float32, bitcast=True)  # 2^(e-3)
+    inv_step = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3-e)
+    r = a * inv_step
+    f = tl.floor(r)
+    d = r - f
+    odd = f - 2.0 * tl.floor(f * 0.5)
+    f = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
+    q = f * step
+    return tl.where(v < 0, -q, q)
+
+
+@triton.jit
 def _per_token_group_quant_fp8_kernel(
     x_ptr,
     xq_ptr,
@@ -71,8 +91,10 @@ def _per_token_group_quant_fp8_kernel(
     x = tl.load(x_ptr + row * stride_x_row + group * GROUP_SIZE + offs, mask=mask, other=0.0)
     x = x.to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.maximum(amax, EPS) / FMAX
-    q = tl.clamp(x / scale, -FMAX, FMAX)
+    # IEEE divisions (plain `/` lowers to an approximate divide) and exact e4m3 rounding: the
+    # result equals the torch implementation bit for bit
+    scale = tl.math.div_rn(tl.maximum(amax, EPS), FMAX)
+    q = round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX))
     tl.store(
         xq_ptr + row * stride_x_row + group * GROUP_SIZE + offs, q.to(xq_ptr.dtype.element_ty), mask=mask
     )

@@ -9,8 +9,11 @@ tiled configuration for mid-size T). Which implementation and which block config
 `benchmarks/bench_router_gemm.py --tune`; unseen shapes fall back to a heuristic (small T: Triton
 split-K; large T: cuBLAS).
 
-Split-K reductions use atomics, so the fp32 summation order (and the last bits of the logits) may
-vary from run to run.
+Two split-K reductions: `REDUCE="atomic"` (fp32 atomic adds into a zero-filled output: two
+launches, and the summation order, so the last bits of the logits, may vary from run to run) and
+`REDUCE="serial"` (partials to a workspace, the last split to arrive sums them in a fixed order:
+one launch, deterministic; it needs per-(device, stream) arrival counters that every launch leaves
+at zero). The shipped H200 table was tuned with "atomic" only; "serial" is in the tuning sweep.
 """
 
 from __future__ import annotations
@@ -33,16 +36,19 @@ _UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIG_KEYS = ("BLOCK_T", "BLOCK_E", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
 
 
-@triton.jit(do_not_specialize=["T", "tiles_per_split"])
+@triton.jit(do_not_specialize=["T", "tiles_per_split", "split_k"])
 def _router_gemm_kernel(
     x_ptr,
     w_ptr,
     out_ptr,
+    ws_ptr,
+    counter_ptr,
     # sizes
     T,
     E,
     D,
     tiles_per_split,
+    split_k,
     # strides
     stride_xt,
     stride_xd,
@@ -54,10 +60,15 @@ def _router_gemm_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    REDUCE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Program (e-block, t-block, k-split) accumulates x[t-block, k-range] @ w[e-block, k-range]^T."""
+    """Program (e-block, t-block, k-split) accumulates x[t-block, k-range] @ w[e-block, k-range]^T.
+
+    REDUCE: 0 = one split, store; 1 = fp32 atomic add into a zeroed output; 2 = serial split-K:
+    each split stores its partial to the workspace `[split_k, T, E]`, bumps the tile's arrival
+    counter, and the last to arrive sums the partials in split order (deterministic), stores the
+    output and resets the counter to zero for the next call (one launch, no zero-fill)."""
     pid_e = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -83,10 +94,22 @@ def _router_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wd
     out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_e[None, :] * stride_oe
     mask = mask_t[:, None] & mask_e[None, :]
-    if not ATOMIC:
+    if REDUCE == 0:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
+    elif REDUCE == 1:
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tile_off = offs_t[:, None] * E + offs_e[None, :]
+        tl.store(ws_ptr + pid_k * T * E + tile_off, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        counter = counter_ptr + pid_t * tl.num_programs(0) + pid_e
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_k - 1:
+            total = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+            for s in range(0, split_k):
+                total += tl.load(ws_ptr + s * T * E + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,6 +174,22 @@ def select(T: int, D: int, E: int, device: torch.device) -> tuple[str, dict[str,
 # --------------------------------------------------------------------------------------------------
 
 
+_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
+    """Per-(device, stream) int32 arrival counters for the serial split-K reduction. Zeroed once when
+    (re)allocated; every launch leaves them zero again. Calls on one stream are ordered, so they
+    can share; concurrent streams get their own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < num_tiles:
+        buf = torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def _router_gemm_triton(
     x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, config: dict[str, int] | None = None
 ) -> torch.Tensor:
@@ -164,19 +203,29 @@ def _router_gemm_triton(
     split_k = max(1, min(int(config["SPLIT_K"]), k_tiles))
     tiles_per_split = triton.cdiv(k_tiles, split_k)
     split_k = triton.cdiv(k_tiles, tiles_per_split)  # drop empty splits
-    acc_dtype = torch.float32 if split_k > 1 else out_dtype
-    out = (torch.zeros if split_k > 1 else torch.empty)((T, E), dtype=acc_dtype, device=x.device)
+    serial = split_k > 1 and config.get("REDUCE", "atomic") == "serial"
+    reduce_mode = 0 if split_k == 1 else (2 if serial else 1)
+    acc_dtype = torch.float32 if reduce_mode == 1 else out_dtype
+    out = (torch.zeros if reduce_mode == 1 else torch.empty)((T, E), dtype=acc_dtype, device=x.device)
     if T == 0 or E == 0:
         return out.to(out_dtype)
     grid = (triton.cdiv(E, be), triton.cdiv(T, bt), split_k)
+    if reduce_mode == 2:
+        ws = torch.empty((split_k, T, E), dtype=torch.float32, device=x.device)
+        counters = _arrival_counters(x.device, grid[0] * grid[1])
+    else:
+        ws = counters = out  # unused
     _router_gemm_kernel[grid](
         x,
         weight,
         out,
+        ws,
+        counters,
         T,
         E,
         D,
         tiles_per_split,
+        split_k,
         x.stride(0),
         x.stride(1),
         weight.stride(0),
@@ -186,7 +235,7 @@ def _router_gemm_triton(
         BLOCK_T=bt,
         BLOCK_E=be,
         BLOCK_K=bk,
-        ATOMIC=split_k > 1,
+        REDUCE=reduce_mode,
         UPCAST=_UPCAST,
         num_warps=config.get("num_warps", 4),
         num_stages=config.get("num_stages", 3),
@@ -220,7 +269,9 @@ def router_gemm(
             (`torch.mm(..., out_dtype=float32)`), `triton` (the split-K/tiled kernel; also runs
             under TRITON_INTERPRET), or `torch` (`x.float() @ weight.float().t()`).
         config: Triton block config override (keys BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps,
-            num_stages); used by the tuner and tests.
+            num_stages, and REDUCE: "atomic" (default: fp32 atomics into a zeroed output) or
+            "serial" (last-arriving split sums the partials: one launch, deterministic)); used
+            by the tuner and tests.
     Returns: logits `[T, E]` `out_dtype`.
     """
     if impl not in IMPLS:

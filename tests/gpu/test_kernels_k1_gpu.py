@@ -18,7 +18,7 @@ from ep_runtime.kernels.quant import (
     quantize_fp8_block,
     quantize_w4a8,
 )
-from ep_runtime.kernels.router_gemm import router_gemm
+from ep_runtime.kernels.router_gemm import heuristic_config, router_gemm
 
 from tests.kernels.test_masked_grouped_gemm import _assert_not_written, _close, _poison_rows
 
@@ -63,13 +63,17 @@ def test_group_quant_triton_bit_exact(rng_seed, column_major):
 
 @pytest.mark.parametrize("shape", [(7168, 256), (2048, 128), (4096, 8)])
 @pytest.mark.parametrize("T", [0, 1, 7, 64, 300, 2048])
-@pytest.mark.parametrize("impl", ["auto", "triton"])
+@pytest.mark.parametrize("impl", ["auto", "triton", "serial"])
 def test_router_gemm_gpu(rng_seed, shape, T, impl):
     D, E = shape
     x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
     w = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
+    config = None
+    if impl == "serial":  # the one-launch split-K reduction, twice (counters must be left at zero)
+        config = dict(heuristic_config(T, D, E), REDUCE="serial")
+        router_gemm(torch.randn_like(x), w, impl="triton", config=config)
     with _NoSync():
-        out = router_gemm(x, w, impl=impl)
+        out = router_gemm(x, w, impl="triton" if impl == "serial" else impl, config=config)
     assert out.dtype == torch.float32 and out.shape == (T, E)
     ref = x.double() @ w.double().t()
     mag = x.double().abs() @ w.double().abs().t()
