@@ -182,7 +182,15 @@ def test_masked_errors():
     with pytest.raises(ValueError, match="w4a8' takes bfloat16 x"):
         masked_moe(x.to(FP8_DTYPE), counts, w13, w2, scheme="w4a8")
     with pytest.raises(ValueError, match="packed uint8"):
-        masked_moe(x, counts, w13, w2, scheme="w4a8", w13_scale=torch.ones(1, device=DEVICE), w2_scale=torch.ones(1, device=DEVICE))
+        masked_moe(
+            x,
+            counts,
+            w13,
+            w2,
+            scheme="w4a8",
+            w13_scale=torch.ones(1, device=DEVICE),
+            w2_scale=torch.ones(1, device=DEVICE),
+        )
     with pytest.raises(ValueError, match="b must be"):
         masked_grouped_gemm(x, w2[:, :, :64], counts)
 
