@@ -39,6 +39,13 @@ EXIT_WATCHDOG = 3
 """Exit status of a rank process ended by its watchdog."""
 
 
+def watchdog_slack(limit_s: float) -> float:
+    """Seconds the watchdog waits past a stage's limit before ending the rank. The operations in a
+    stage carry their own timeouts (store connect, process-group init, gloo/NCCL collectives) and
+    raise clearer errors; the watchdog is the backstop for waits that have none."""
+    return max(5.0, 0.1 * limit_s)
+
+
 class LaunchError(RuntimeError):
     """The job failed; the message names the rank(s), node(s) and last stage(s)."""
 
@@ -226,7 +233,7 @@ class Watchdog:
         while not self._stop.wait(self.poll_s):
             snap = self.tracker.snapshot()
             limit = snap["limit_s"]
-            if limit is None or snap["elapsed_s"] <= limit:
+            if limit is None or snap["elapsed_s"] <= limit + watchdog_slack(limit):
                 continue
             msg = (
                 f"rank {snap['rank']} on {snap['node']}: stage '{snap['stage']}' exceeded its timeout "

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ep_runtime.launch.health import FaultSpec, LaunchError, RankFailure, StageTracker
+from ep_runtime.launch.health import FaultSpec, LaunchError, RankFailure, StageTracker, watchdog_slack
 from ep_runtime.launch.worker import LOOPBACK, RankInfo, RankWorker, Rendezvous, bind_rendezvous
 
 from ep_runtime.config import EPConfig, RuntimePlan, parse_config, resolve_plan
@@ -33,8 +33,8 @@ from ep_runtime.config import EPConfig, RuntimePlan, parse_config, resolve_plan
 POLL_S = 0.5
 """How often the driver polls results and stage trackers."""
 GRACE_S = 5.0
-"""Extra seconds past a stage limit before the driver declares a rank hung (its own watchdog
-normally ends it first, with a more precise message)."""
+"""Extra seconds past a rank watchdog's deadline before the driver declares the rank hung (the
+watchdog normally ends it first, with a more precise message)."""
 STATUS_MISSES = 20
 """Consecutive unanswered status polls (x POLL_S, at least) after which a rank counts as hung."""
 
@@ -49,11 +49,13 @@ class _RankActor:
     def node_info(self) -> dict[str, Any]:
         import ray
 
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         return {
             "ip": ray.util.get_node_ip_address(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "gpu_ids": gpu_ids,
+            "device_index": _visible_index(gpu_ids),
         }
 
     def bind_rendezvous(self, host: str) -> int:
@@ -103,6 +105,18 @@ class _ProgressBoard:
 
     def get(self) -> dict[int, dict[str, Any]]:
         return dict(self._snaps)
+
+
+def _visible_index(gpu_ids: list[str]) -> int | None:
+    """The index, among the devices this process sees, of the GPU Ray assigned: 0 when Ray sets
+    `CUDA_VISIBLE_DEVICES` to that GPU alone (its default); its position in the list when all of
+    the node's GPUs stay visible (`RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1`). None on CPU."""
+    if not gpu_ids:
+        return None
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible:
+        return visible.index(gpu_ids[0]) if gpu_ids[0] in visible else 0
+    return int(gpu_ids[0]) if gpu_ids[0].isdigit() else 0
 
 
 def _ip_key(ip: str) -> tuple[int, Any]:
@@ -246,6 +260,7 @@ def run_with_ray(
                 local_rank=ips[:r].count(ips[r]),
                 local_world_size=ips.count(ips[r]),
                 node=ips[r],
+                device_index=ranked_nodes[r]["device_index"],
             )
             for r in range(plan.ep_size)
         ]
@@ -335,7 +350,9 @@ def _watch(
                 continue
             if snap.get("expired"):
                 failures[r] = ("timed out", snap["expired"])
-            elif snap["limit_s"] is not None and snap["elapsed_s"] > snap["limit_s"] + GRACE_S:
+            elif snap["limit_s"] is not None and snap["elapsed_s"] > (
+                snap["limit_s"] + watchdog_slack(snap["limit_s"]) + GRACE_S
+            ):
                 failures[r] = (
                     "timed out",
                     f"stage '{snap['stage']}' ran {snap['elapsed_s']:.1f} s, past its limit of {snap['limit_s']:g} s",

@@ -60,13 +60,21 @@ VERIFY_TOLERANCE = {
 
 @dataclass(frozen=True)
 class RankInfo:
-    """Where one rank sits: global rank, world size, rank and count on its node, node address."""
+    """Where one rank sits: global rank, world size, its position among the ranks of its node and
+    their count, the node's address, and (under Ray on GPUs) the index of its GPU among the devices
+    this process sees: 0 when Ray gives each actor its own `CUDA_VISIBLE_DEVICES`. `LOCAL_RANK`
+    is that device index when set (what torch programs use it for), else the position on the node."""
 
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
     node: str
+    device_index: int | None = None
+
+    @property
+    def local_rank_env(self) -> int:
+        return self.device_index if self.device_index is not None else self.local_rank
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,7 @@ def rank_environment(plan: RuntimePlan, info: RankInfo, rendezvous: Rendezvous) 
     env = {
         "RANK": str(info.rank),
         "WORLD_SIZE": str(info.world_size),
-        "LOCAL_RANK": str(info.local_rank),
+        "LOCAL_RANK": str(info.local_rank_env),
         "LOCAL_WORLD_SIZE": str(info.local_world_size),
         "MASTER_ADDR": rendezvous.host,
         "MASTER_PORT": str(rendezvous.port),
@@ -291,8 +299,13 @@ class RankWorker:
         if self.plan.device == "cuda":
             if not torch.cuda.is_available():
                 raise RuntimeError("parallel.device is 'cuda' but no CUDA device is visible to this rank")
-            # Under Ray each actor sees only its own GPU (CUDA_VISIBLE_DEVICES), so LOCAL_RANK 0.
-            idx = self.info.local_rank if torch.cuda.device_count() > self.info.local_rank else 0
+            # Under Ray each actor usually sees only its own GPU (CUDA_VISIBLE_DEVICES): index 0.
+            idx = self.info.local_rank_env
+            if idx >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"rank {self.info.rank}: LOCAL_RANK {idx} but only {torch.cuda.device_count()} CUDA "
+                    f"device(s) are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})"
+                )
             torch.cuda.set_device(idx)
             return torch.device("cuda", idx)
         return torch.device("cpu")
@@ -452,10 +465,14 @@ class RankWorker:
         except RankFailure:
             raise
         except BaseException as exc:
-            self.tracker.error = f"{type(exc).__name__}: {exc}"
-            raise RankFailure(
-                self.info.rank, self.info.node, self.tracker.stage, f"{type(exc).__name__}: {exc}"
-            ) from exc
+            detail = f"{type(exc).__name__}: {exc}"
+            if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
+                try:  # a collective or init that ran out of time: say which peers never showed up
+                    detail += f"; {self.peers_report()}"
+                except Exception:  # noqa: BLE001 - rank 0's store may be gone
+                    pass
+            self.tracker.error = detail
+            raise RankFailure(self.info.rank, self.info.node, self.tracker.stage, detail) from exc
         finally:
             watchdog.stop()
             self._shutdown()
