@@ -8,6 +8,7 @@ afterwards no process may still carry it (only those processes are ever signalle
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Before Ray is imported anywhere in this process: keep the embedded cluster on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -95,6 +97,40 @@ def test_killed_rank_ends_the_job_naming_it_and_leaves_no_process():
     assert "rank 1 on node 127.0.0.1" in report
     # Bounded: far below the file's step limit (120 s): the death is noticed, not timed out.
     assert elapsed < 60, f"took {elapsed:.1f} s"
+    assert not left, f"processes left behind: {left}"
+
+
+def test_ctrl_c_stops_actors_and_the_embedded_cluster(tmp_path):
+    marker = uuid.uuid4().hex
+    cfg = tmp_path / "slow.yaml"
+    data = yaml.safe_load(LOCAL_CPU.read_text())
+    data["timeouts"]["step_s"] = 300  # the hang must outlast the interrupt
+    cfg.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen(
+        [str(BIN / "ep-launch"), "run", "--config", str(cfg), "--fault", "1:decode:hang"],
+        cwd=REPO,
+        env=_env(marker),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        seen = ""
+        deadline = time.monotonic() + 90
+        while "rank 1 hang at stage 'decode'" not in seen and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen += line
+        assert "rank 1 hang at stage 'decode'" in seen, seen
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, seen + out
+    assert "interrupted" in out
+    left = _wait_no_marked(marker)
     assert not left, f"processes left behind: {left}"
 
 
@@ -188,6 +224,22 @@ def test_hung_rank_is_ended_within_the_step_limit(cluster):
     assert "rank 1" in msg and "timed out at stage 'decode'" in msg, msg
     assert "exceeded its timeout (4 s" in msg
     assert elapsed < 4 + 30, f"took {elapsed:.1f} s"
+
+
+def test_rank_killed_during_rendezvous_is_named_and_reaped(cluster):
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        run_with_ray(_config(), fault=FaultSpec(1, "rendezvous", "kill"), log_to_driver=False)
+    msg = str(info.value)
+    assert "rank 1 died at stage 'rendezvous'" in msg, msg
+    assert time.monotonic() - t0 < 60
+    # The surviving actor processes were killed too (their pids are in the report).
+    pids = [int(p) for p in re.findall(r"pid (\d+)\)", msg)]
+    assert pids
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
 def test_raising_rank_names_rank_and_stage(cluster):
