@@ -3,13 +3,55 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ep_runtime.config import ModePlan, RuntimePlan
 from ep_runtime.types import DispatchedTokens, DispatchHandle, Layout, Routing
+
+_R = TypeVar("_R")
+
+
+class Pending(Generic[_R]):
+    """A dispatch or combine whose send was issued and whose receive completes at `wait()`.
+
+    `wait()` runs the backend's receive step once (DeepEP: the receive hook, or the current stream
+    waiting on the communication event; torch: the async collective's work handle and the unpacking)
+    and returns the result; later calls return the same result. On CUDA, `wait()` does not block the
+    host by itself: it orders the current stream after the communication.
+    """
+
+    __slots__ = ("_finish", "_result", "_done")
+
+    def __init__(self, finish: Callable[[], _R] | None = None, *, result: _R | None = None):
+        self._finish = finish
+        self._result = result
+        self._done = finish is None
+
+    @classmethod
+    def ready(cls, result: _R) -> Pending[_R]:
+        """An already-completed operation (the synchronous fallback)."""
+        return cls(None, result=result)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def wait(self) -> _R:
+        if not self._done:
+            self._result = self._finish()
+            self._finish = None
+            self._done = True
+        return self._result
+
+
+PendingDispatch = Pending[tuple[DispatchedTokens, DispatchHandle]]
+"""`dispatch_async(...)`: `.wait()` -> `(DispatchedTokens, DispatchHandle)`."""
+PendingCombine = Pending[torch.Tensor]
+"""`combine_async(...)`: `.wait()` -> `[T, D]` bfloat16."""
 
 
 class Dispatcher(ABC):
@@ -55,6 +97,21 @@ class Dispatcher(ABC):
     @abstractmethod
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Return expert outputs to their source ranks and reduce them: `[T, D]` bfloat16."""
+
+    def dispatch_async(self, x: torch.Tensor, routing: Routing) -> PendingDispatch:
+        """Issue `dispatch(x, routing)`; the receive completes at `.wait()`.
+
+        Lets the caller overlap the transfer with other work (two-batch decode, chunked prefill).
+        Rules shared by every backend: every rank issues the same sequence of async calls; at most two
+        dispatches may be in flight; a micro-batch's `combine_async` may be issued only after every
+        dispatch issued before it was waited (DeepEP's low-latency double buffer). The default runs
+        the synchronous path at the call and returns a completed `Pending`.
+        """
+        return Pending.ready(self.dispatch(x, routing))
+
+    def combine_async(self, expert_out: torch.Tensor, handle: DispatchHandle) -> PendingCombine:
+        """Issue `combine(expert_out, handle)`; `.wait()` -> `[T, D]` bfloat16. Default: synchronous."""
+        return Pending.ready(self.combine(expert_out, handle))
 
     def close(self) -> None:
         """Free buffers; the dispatcher is unusable afterwards (default: nothing to free)."""

@@ -21,10 +21,13 @@ are zero).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
-from ep_runtime.comm.base import Dispatcher, register
+from ep_runtime.comm.base import Dispatcher, Pending, PendingCombine, PendingDispatch, register
 from ep_runtime.config import ModePlan, RuntimePlan
 from ep_runtime.types import (
     FP8_DTYPE,
@@ -173,10 +176,19 @@ class TorchDispatcher(Dispatcher):
             `num_recv_per_expert [L]` int32. Low-latency: `x [L, C*R, D]` (+ `x_scale [L, C*R, D/128]`),
             `num_recv_per_expert [L]` int32. And the handle `combine` needs.
         """
+        return self._start_dispatch(x, routing, async_op=False)()
+
+    def dispatch_async(self, x: torch.Tensor, routing: Routing) -> PendingDispatch:
+        """`dispatch` with the payload all-to-all issued with `async_op=True`; `.wait()` waits for its
+        work handle (on NCCL: the current stream waits for the NCCL stream, the host does not block)
+        and unpacks. Normal layout: the count exchange and its host sync still happen at the call."""
+        return Pending(self._start_dispatch(x, routing, async_op=True))
+
+    def _start_dispatch(self, x: torch.Tensor, routing: Routing, async_op: bool) -> Callable[[], Any]:
         self._check_inputs(x, routing)
         if self.layout == Layout.NORMAL:
-            return self._dispatch_normal(x, routing)
-        return self._dispatch_low_latency(x, routing)
+            return self._dispatch_normal(x, routing, async_op)
+        return self._dispatch_low_latency(x, routing, async_op)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Return expert outputs to their source ranks and reduce them (fp32 accumulation).
@@ -187,6 +199,15 @@ class TorchDispatcher(Dispatcher):
             handle: the handle `dispatch` returned.
         Returns: `[T, D]` bfloat16.
         """
+        return self._start_combine(expert_out, handle, async_op=False)()
+
+    def combine_async(self, expert_out: torch.Tensor, handle: DispatchHandle) -> PendingCombine:
+        """`combine` with its all-to-all issued with `async_op=True`; `.wait()` -> `[T, D]` bfloat16."""
+        return Pending(self._start_combine(expert_out, handle, async_op=True))
+
+    def _start_combine(
+        self, expert_out: torch.Tensor, handle: DispatchHandle, async_op: bool
+    ) -> Callable[[], torch.Tensor]:
         if self._closed:
             raise RuntimeError("TorchDispatcher.combine called after close()")
         if handle.layout != self.layout:
@@ -196,8 +217,8 @@ class TorchDispatcher(Dispatcher):
         if expert_out.dtype != torch.bfloat16:
             raise ValueError(f"expert_out.dtype must be bfloat16, got {expert_out.dtype}")
         if self.layout == Layout.NORMAL:
-            return self._combine_normal(expert_out, handle)
-        return self._combine_low_latency(expert_out, handle)
+            return self._combine_normal(expert_out, handle, async_op)
+        return self._combine_low_latency(expert_out, handle, async_op)
 
     def close(self) -> None:
         self._closed = True
@@ -206,7 +227,10 @@ class TorchDispatcher(Dispatcher):
     # Normal layout
     # ------------------------------------------------------------------------------------------
 
-    def _dispatch_normal(self, x: torch.Tensor, routing: Routing) -> tuple[DispatchedTokens, DispatchHandle]:
+    def _dispatch_normal(
+        self, x: torch.Tensor, routing: Routing, async_op: bool = False
+    ) -> Callable[[], tuple[DispatchedTokens, DispatchHandle]]:
+        """Everything up to the payload all-to-all; returns the function that finishes the dispatch."""
         dev = x.device
         num_tokens, top_k = routing.topk_ids.shape
         R, L = self.num_ranks, self.num_local_experts
@@ -249,8 +273,28 @@ class TorchDispatcher(Dispatcher):
         send[:, x_bytes : x_bytes + 4 * top_k] = _as_bytes(row_local_ids)
         send[:, x_bytes + 4 * top_k :] = _as_bytes(row_weights)
         recv = torch.empty((num_recv, width), dtype=_BYTE, device=dev)
-        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
+        work = dist.all_to_all_single(
+            recv, send, recv_splits, send_splits, group=self.group, async_op=async_op
+        )
+        return lambda: self._finish_dispatch_normal(
+            work, recv, x_bytes, top_k, num_tokens, routing, send_token, send_splits, recv_splits
+        )
 
+    def _finish_dispatch_normal(
+        self,
+        work: Any,
+        recv: torch.Tensor,
+        x_bytes: int,
+        top_k: int,
+        num_tokens: int,
+        routing: Routing,
+        send_token: torch.Tensor,
+        send_splits: list[int],
+        recv_splits: list[int],
+    ) -> tuple[DispatchedTokens, DispatchHandle]:
+        if work is not None:
+            work.wait()
+        L, dev = self.num_local_experts, recv.device
         recv_x, recv_scale = self._unpack(recv, None)
         recv_ids = recv[:, x_bytes : x_bytes + 4 * top_k].contiguous().view(torch.int32).to(torch.int64)
         recv_weights = recv[:, x_bytes + 4 * top_k :].contiguous().view(torch.float32)
@@ -277,7 +321,9 @@ class TorchDispatcher(Dispatcher):
         )
         return dispatched, handle
 
-    def _combine_normal(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def _combine_normal(
+        self, expert_out: torch.Tensor, handle: DispatchHandle, async_op: bool = False
+    ) -> Callable[[], torch.Tensor]:
         st: _NormalState = handle.state
         num_recv = sum(st.recv_splits)
         if tuple(expert_out.shape) != (num_recv, self.hidden):
@@ -285,18 +331,28 @@ class TorchDispatcher(Dispatcher):
                 f"expert_out must be [N_recv, D] = [{num_recv}, {self.hidden}], got {tuple(expert_out.shape)}"
             )
         back = torch.empty((len(st.send_token), 2 * self.hidden), dtype=_BYTE, device=expert_out.device)
-        dist.all_to_all_single(back, _as_bytes(expert_out), st.send_splits, st.recv_splits, group=self.group)
-        out = torch.zeros((handle.num_tokens, self.hidden), dtype=torch.float32, device=expert_out.device)
-        out.index_add_(0, st.send_token, back.view(torch.bfloat16).float())
-        return out.to(torch.bfloat16)
+        send = _as_bytes(expert_out)
+        work = dist.all_to_all_single(
+            back, send, st.send_splits, st.recv_splits, group=self.group, async_op=async_op
+        )
+
+        def finish() -> torch.Tensor:
+            if work is not None:
+                work.wait()
+            out = torch.zeros((handle.num_tokens, self.hidden), dtype=torch.float32, device=back.device)
+            out.index_add_(0, st.send_token, back.view(torch.bfloat16).float())
+            return out.to(torch.bfloat16)
+
+        return finish
 
     # ------------------------------------------------------------------------------------------
     # Low-latency layout
     # ------------------------------------------------------------------------------------------
 
     def _dispatch_low_latency(
-        self, x: torch.Tensor, routing: Routing
-    ) -> tuple[DispatchedTokens, DispatchHandle]:
+        self, x: torch.Tensor, routing: Routing, async_op: bool = False
+    ) -> Callable[[], tuple[DispatchedTokens, DispatchHandle]]:
+        """Everything up to the all-to-all; returns the function that finishes the dispatch."""
         dev = x.device
         num_tokens, top_k = routing.topk_ids.shape
         C, E, R, L = self.capacity, self.num_experts, self.num_ranks, self.num_local_experts
@@ -340,8 +396,27 @@ class TorchDispatcher(Dispatcher):
 
         recv = torch.empty((R * block + 1, W), dtype=_BYTE, device=dev)
         recv[R * block] = 0  # the zero row that invalid output rows read
-        dist.all_to_all_single(recv[: R * block], send, group=self.group)
+        work = dist.all_to_all_single(recv[: R * block], send, group=self.group, async_op=async_op)
+        return lambda: self._finish_dispatch_low_latency(
+            work, recv, H, block, num_tokens, top_k, routing, is_sent, send_slot
+        )
 
+    def _finish_dispatch_low_latency(
+        self,
+        work: Any,
+        recv: torch.Tensor,
+        H: int,  # noqa: N803 - header rows, as above
+        block: int,
+        num_tokens: int,
+        top_k: int,
+        routing: Routing,
+        is_sent: torch.Tensor,
+        send_slot: torch.Tensor,
+    ) -> tuple[DispatchedTokens, DispatchHandle]:
+        if work is not None:
+            work.wait()
+        dev, W = recv.device, self.row_bytes
+        C, R, L = self.capacity, self.num_ranks, self.num_local_experts
         blocks = recv[: R * block].view(R, block, W)
         num_recv = blocks[:, :H].reshape(R, H * W)[:, : 4 * L].contiguous().view(torch.int32)  # [R(src), L]
         # Pack expert e's rows: source rank s's rows start at sum(num_recv[:s, e]).
@@ -377,7 +452,9 @@ class TorchDispatcher(Dispatcher):
         )
         return dispatched, handle
 
-    def _combine_low_latency(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def _combine_low_latency(
+        self, expert_out: torch.Tensor, handle: DispatchHandle, async_op: bool = False
+    ) -> Callable[[], torch.Tensor]:
         st: _LowLatencyState = handle.state
         C, E, R, L, D = self.capacity, self.num_experts, self.num_ranks, self.num_local_experts, self.hidden
         if tuple(expert_out.shape) != (L, R * C, D):
@@ -387,11 +464,17 @@ class TorchDispatcher(Dispatcher):
         send = expert_out.reshape(L * R * C, D).index_select(0, st.back_row)  # [R*L*C, D] by source rank
         back = torch.empty((E * C + 1, 2 * D), dtype=_BYTE, device=expert_out.device)
         back[E * C] = 0  # the zero row that unsent (token, slot) pairs read
-        dist.all_to_all_single(back[: E * C], _as_bytes(send), group=self.group)
-        top_k = st.weights.shape[1]
-        rows = back.view(torch.bfloat16).index_select(0, st.send_slot).view(handle.num_tokens, top_k, D)
-        out = (rows.float() * st.weights.unsqueeze(2)).sum(1)
-        return out.to(torch.bfloat16)
+        work = dist.all_to_all_single(back[: E * C], _as_bytes(send), group=self.group, async_op=async_op)
+
+        def finish() -> torch.Tensor:
+            if work is not None:
+                work.wait()
+            top_k = st.weights.shape[1]
+            rows = back.view(torch.bfloat16).index_select(0, st.send_slot).view(handle.num_tokens, top_k, D)
+            out = (rows.float() * st.weights.unsqueeze(2)).sum(1)
+            return out.to(torch.bfloat16)
+
+        return finish
 
 
 class _NormalState:
