@@ -434,17 +434,22 @@ class RankWorker:
 
     def _forward(
         self, hidden: torch.Tensor, is_prefill: bool, record: list[list[Any]] | None = None
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> torch.Tensor:
         """All layers on `hidden [T, D]` bf16 with residual adds; `record[i]` collects layer i's
         `(input, output)` for verification."""
-        per_layer = []
         for i, layer in enumerate(self._layers):
             y = layer.forward(hidden, is_prefill=is_prefill)
             if record is not None:
                 record[i].append((hidden, y))
             hidden = hidden + y
-            per_layer.append(_telemetry_dict(getattr(layer, "last_telemetry", None)))
-        return hidden, _merge_step_telemetry(per_layer)
+        return hidden
+
+    def _step_telemetry(self) -> dict[str, Any]:
+        """The last step's telemetry over all layers. Read after the step's timing: materialising
+        it waits for the step's events and copies counts to the host."""
+        return _merge_step_telemetry(
+            [_telemetry_dict(getattr(layer, "last_telemetry", None)) for layer in self._layers]
+        )
 
     def expected_layout(self, is_prefill: bool, tokens: int) -> str:
         """The layout the plan resolves for a step (the layer's own choice is in its telemetry)."""
@@ -525,10 +530,10 @@ class RankWorker:
                     x = synthetic_hidden(seed, rank, step_id, tokens, d, device)
                     sync()
                     start = time.perf_counter()
-                    _, tel = self._forward(x, is_prefill, record)
+                    self._forward(x, is_prefill, record)
                     sync()
                     step_ms.append((time.perf_counter() - start) * 1e3)
-                    telemetry.append(tel)
+                    telemetry.append(self._step_telemetry())
                     step_id += 1
                     self.tracker.step(s + 1)
                 layout = telemetry[0].get("layout") if telemetry else None

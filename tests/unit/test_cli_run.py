@@ -75,6 +75,15 @@ def test_bench_missing_script_is_a_clear_error(capsys):
     assert "bench_nosuch.py not found" in err and "present:" in err
 
 
+def test_bench_forwards_arguments_to_the_script(capfd):
+    present = sorted(p.stem.removeprefix("bench_") for p in (REPO / "benchmarks").glob("bench_*.py"))
+    if not present:
+        pytest.skip("no benchmarks/bench_*.py in this checkout")
+    assert main(["bench", present[0], "--help"]) == 0
+    out, err = capfd.readouterr()
+    assert f"bench_{present[0]}.py --help" in err and "usage:" in out
+
+
 def test_help_lists_the_commands():
     out = subprocess.run(
         [sys.executable, "-m", "ep_runtime.cli", "--help"], capture_output=True, text=True, check=True
