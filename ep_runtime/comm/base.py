@@ -102,10 +102,11 @@ class Dispatcher(ABC):
         """Issue `dispatch(x, routing)`; the receive completes at `.wait()`.
 
         Lets the caller overlap the transfer with other work (two-batch decode, chunked prefill).
-        Rules shared by every backend: every rank issues the same sequence of async calls; at most two
-        dispatches may be in flight; a micro-batch's `combine_async` may be issued only after every
-        dispatch issued before it was waited (DeepEP's low-latency double buffer). The default runs
-        the synchronous path at the call and returns a completed `Pending`.
+        Rules shared by every backend: every rank issues the same sequence of calls; in the
+        low-latency layout a call (dispatch or combine) may be issued only after the previous
+        low-latency call was waited (DeepEP's double buffer: each send clears the other slot's
+        signals), so at most one low-latency transfer is in flight while compute runs. The default
+        runs the synchronous path at the call and returns a completed `Pending`.
         """
         return Pending.ready(self.dispatch(x, routing))
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ep_runtime.comm.base import Dispatcher, register
+from ep_runtime.comm.base import Dispatcher, Pending, PendingCombine, PendingDispatch, register
 from ep_runtime.config import (
     DEEPEP_LOW_LATENCY_HIDDEN_SIZES,
     DEEPEP_LOW_LATENCY_MAX_TOPK,
@@ -322,6 +322,147 @@ class DeepEPDispatcher(Dispatcher):
             handle.state,
         )
         return out
+
+    def dispatch_async(self, x: torch.Tensor, routing: Routing) -> PendingDispatch:
+        """Issue the dispatch; the receive completes at `.wait()` (no host block on either path).
+
+        Low-latency: `low_latency_dispatch(return_recv_hook=True)` launches the send phase on the
+        current stream; `.wait()` launches the receive phase (the hook). Normal:
+        `get_dispatch_layout` and `dispatch` run on DeepEP's communication stream after an event
+        captured on the current stream (`previous_event`, `async_finish=True`,
+        `allocate_on_comm_stream=True`; DeepEP records the tensors it touches on both streams);
+        `.wait()` makes the current stream wait for the dispatch's event. The normal dispatch still
+        waits on the host for the receive counts (DeepEP's notify step), as the synchronous one does.
+        """
+        if x.dim() != 2 or x.shape[1] != self.hidden or x.dtype != torch.bfloat16:
+            raise ValueError(f"x must be [T, {self.hidden}] bfloat16, got {tuple(x.shape)} {x.dtype}")
+        if routing.num_tokens != x.shape[0]:
+            raise ValueError(f"routing has {routing.num_tokens} tokens but x has {x.shape[0]} rows")
+        if self.layout == Layout.NORMAL:
+            return self._dispatch_normal_async(x, routing)
+        if x.shape[0] > self.capacity:
+            raise ValueError(
+                f"low-latency dispatch got {x.shape[0]} tokens, more than the capacity C = "
+                f"dispatch.num_max_dispatch_tokens_per_rank ({self.capacity}); the layer must chunk the batch"
+            )
+        buffer = self.owner.enter(Layout.LOW_LATENCY)
+        recv, recv_count, deep_handle, _, hook = buffer.low_latency_dispatch(
+            x.contiguous(),
+            self._ids(routing),
+            self.capacity,
+            self.num_experts,
+            use_fp8=self.is_fp8,
+            async_finish=False,
+            return_recv_hook=True,
+        )
+
+        def finish() -> tuple[DispatchedTokens, DispatchHandle]:
+            hook()
+            recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
+            dispatched = DispatchedTokens(
+                layout=Layout.LOW_LATENCY, x=recv_x, x_scale=recv_scale, num_recv_per_expert=recv_count
+            )
+            handle = DispatchHandle(
+                layout=Layout.LOW_LATENCY,
+                num_tokens=x.shape[0],
+                hidden_size=self.hidden,
+                routing=routing,
+                state=deep_handle,
+            )
+            return dispatched, handle
+
+        return Pending(finish)
+
+    def _dispatch_normal_async(self, x: torch.Tensor, routing: Routing) -> PendingDispatch:
+        buffer = self.owner.enter(Layout.NORMAL)
+        if self.is_fp8:
+            from ep_runtime.kernels.quant import per_token_group_quant_fp8
+
+            x_in: Any = per_token_group_quant_fp8(x, group_size=FP8_GROUP)
+        else:
+            x_in = x
+        ids = self._ids(routing)
+        weights = routing.topk_weights.contiguous()
+        ev = self.deep_ep.Buffer.capture()
+        num_per_rank, _, num_per_expert, is_token_in_rank, ev = buffer.get_dispatch_layout(
+            ids, self.num_experts, previous_event=ev, async_finish=True, allocate_on_comm_stream=True
+        )
+        recv, recv_ids, recv_weights, num_list, deep_handle, ev = buffer.dispatch(
+            x_in,
+            num_tokens_per_rank=num_per_rank,
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_per_expert,
+            topk_idx=ids,
+            topk_weights=weights,
+            config=self.owner.dispatch_config,
+            previous_event=ev,
+            async_finish=True,
+            allocate_on_comm_stream=True,
+        )
+        counts = _to_device(num_list, x.device)
+
+        def finish() -> tuple[DispatchedTokens, DispatchHandle]:
+            ev.current_stream_wait()
+            recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
+            dispatched = DispatchedTokens(
+                layout=Layout.NORMAL,
+                x=recv_x,
+                x_scale=recv_scale,
+                num_recv_per_expert=counts,
+                recv_topk_ids=recv_ids.to(torch.int64),
+                recv_topk_weights=recv_weights,
+            )
+            handle = DispatchHandle(
+                layout=Layout.NORMAL,
+                num_tokens=x.shape[0],
+                hidden_size=self.hidden,
+                routing=routing,
+                state=deep_handle,
+            )
+            return dispatched, handle
+
+        return Pending(finish)
+
+    def combine_async(self, expert_out: torch.Tensor, handle: DispatchHandle) -> PendingCombine:
+        """Issue the combine; `.wait()` -> `[T, D]` bfloat16. Low-latency: `return_recv_hook=True`
+        (`.wait()` runs the hook); normal: on the communication stream after an event of the current
+        stream (`.wait()` makes the current stream wait for it)."""
+        if handle.layout != self.layout:
+            raise ValueError(
+                f"handle is for the {handle.layout.value} layout, this dispatcher serves {self.layout.value}"
+            )
+        if expert_out.dtype != torch.bfloat16:
+            raise ValueError(f"expert_out.dtype must be bfloat16, got {expert_out.dtype}")
+        buffer = self.owner.enter(self.layout, is_dispatch=False)
+        if self.layout == Layout.NORMAL:
+            out, _, ev = buffer.combine(
+                expert_out.contiguous(),
+                handle.state,
+                config=self.owner.combine_config,
+                previous_event=self.deep_ep.Buffer.capture(),
+                async_finish=True,
+                allocate_on_comm_stream=True,
+            )
+
+            def finish_normal() -> torch.Tensor:
+                ev.current_stream_wait()
+                return out
+
+            return Pending(finish_normal)
+        out, _, hook = buffer.low_latency_combine(
+            expert_out.contiguous(),
+            self._ids(handle.routing),
+            handle.routing.topk_weights.contiguous(),
+            handle.state,
+            async_finish=False,
+            return_recv_hook=True,
+        )
+
+        def finish_ll() -> torch.Tensor:
+            hook()
+            return out
+
+        return Pending(finish_ll)
 
     def close(self) -> None:
         if self.owner is not None:
