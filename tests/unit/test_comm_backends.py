@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import ep_runtime.comm as comm
 from ep_runtime.comm.deepep import INSTALL_HINT, DeepEPDispatcher
@@ -113,3 +114,171 @@ def test_plan_buffer_bytes_for_deepep_auto() -> None:
     assert ll.num_rdma_bytes == deepep_low_latency_rdma_bytes(128, 7168, 2, 32)
     normal = plan.for_layout(Layout.NORMAL)
     assert 0 < normal.num_nvl_bytes < 2**31 - 1  # DeepEP needs NVL bytes <= INT_MAX next to RDMA bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# The DeepEP wrapper's own logic against a recording stand-in for `deep_ep` (no GPU, no DeepEP):
+# one shared buffer, its sizes, cleaning on a normal -> low-latency switch, destroy on last close.
+# ---------------------------------------------------------------------------------------------
+
+
+class _FakeConfig:
+    def __init__(self, num_sms, nvl_send, nvl_recv, rdma_send=6, rdma_recv=256):
+        self.num_sms, self.nvl_recv = num_sms, nvl_recv
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes, num_ranks):
+        return 1000 * self.nvl_recv  # recognisable, and not a multiple of 128
+
+
+class _FakeBuffer:
+    num_sms = 20
+    calls: list = []
+
+    def __init__(self, group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False,
+                 explicitly_destroy=False, enable_shrink=False, comm=None):  # fmt: skip
+        self.rank = 0
+        _FakeBuffer.calls.append(("init", num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank))
+
+    @staticmethod
+    def set_num_sms(n):
+        _FakeBuffer.num_sms = n
+
+    @staticmethod
+    def get_dispatch_config(num_ranks):
+        return _FakeConfig(_FakeBuffer.num_sms, 24, 256)
+
+    @staticmethod
+    def get_combine_config(num_ranks):
+        return _FakeConfig(_FakeBuffer.num_sms, 10, 256)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(c, hidden, num_ranks, num_experts):
+        return 128 * c
+
+    @staticmethod
+    def is_sm90_compiled():
+        return True
+
+    def destroy(self):
+        _FakeBuffer.calls.append(("destroy",))
+
+    def clean_low_latency_buffer(self, c, hidden, num_experts):
+        _FakeBuffer.calls.append(("clean", c, hidden, num_experts))
+
+    def get_dispatch_layout(self, ids, num_experts):
+        return None, None, None, None, None
+
+    def dispatch(self, x, handle=None, **kwargs):
+        _FakeBuffer.calls.append(("dispatch", handle is not None))
+        k = 2
+        return x, torch.zeros(x.shape[0], k, dtype=torch.int64), torch.zeros(x.shape[0], k), [0, 0], "h", None
+
+    def combine(self, x, handle, config=None):
+        _FakeBuffer.calls.append(("combine",))
+        return x, None, None
+
+    def low_latency_dispatch(
+        self, x, ids, c, num_experts, use_fp8=True, async_finish=False, return_recv_hook=False
+    ):
+        _FakeBuffer.calls.append(("ll_dispatch", use_fp8))
+        return (
+            torch.zeros(2, 2 * c, x.shape[1], dtype=torch.bfloat16),
+            torch.zeros(2, dtype=torch.int32),
+            "llh",
+            None,
+            None,
+        )
+
+    def low_latency_combine(self, x, ids, weights, handle):
+        _FakeBuffer.calls.append(("ll_combine",))
+        return torch.zeros(ids.shape[0], x.shape[-1], dtype=torch.bfloat16), None, None
+
+
+@pytest.fixture
+def fake_deep_ep(monkeypatch):
+    import types
+
+    mod = types.ModuleType("deep_ep")
+    mod.Buffer, mod.Config, mod.topk_idx_t = _FakeBuffer, _FakeConfig, torch.int64
+    monkeypatch.setitem(sys.modules, "deep_ep", mod)
+    monkeypatch.setattr(DeepEPDispatcher, "supports", classmethod(lambda cls, plan, mode_plan: (True, "ok")))
+    _FakeBuffer.calls = []
+    return _FakeBuffer
+
+
+def _small_deepep_plan(**deepep):
+    cfg = parse_config(
+        {
+            "model": {"hidden_size": 2048, "num_experts": 4, "top_k": 2, "moe_intermediate_size": 256},
+            "parallel": {"ep_size": 2, "device": "cuda"},
+            "dispatch": {"backend": "deepep", "num_max_dispatch_tokens_per_rank": 8, "deepep": deepep},
+        }
+    )
+    return resolve_plan(cfg)
+
+
+def test_deepep_shared_buffer_sizes_clean_and_close(fake_deep_ep) -> None:
+    from ep_runtime.types import Routing
+
+    plan = _small_deepep_plan(num_sms=20)
+    disp = DeepEPDispatcher.build_all(plan, None)
+    inits = [c for c in fake_deep_ep.calls if c[0] == "init"]
+    assert len(inits) == 1, "both modes must share one deep_ep.Buffer"
+    _, nvl, rdma, ll_mode, qps = inits[0]
+    plan_nvl = plan.for_layout(Layout.NORMAL).num_nvl_bytes
+    assert nvl == -(-max(plan_nvl, 1000 * 256) // 128) * 128 and nvl % 128 == 0
+    assert rdma == max(plan.for_layout(Layout.LOW_LATENCY).num_rdma_bytes, 128 * 8)
+    assert ll_mode is True and qps == 2  # local experts
+    x = torch.zeros(3, 2048, dtype=torch.bfloat16)
+    routing = Routing(torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2))
+    normal, ll = disp[Layout.NORMAL], disp[Layout.LOW_LATENCY]
+    d, h = normal.dispatch(x, routing)
+    normal.dispatch(x, routing)  # the same Routing object: DeepEP's cached layout
+    assert fake_deep_ep.calls[-2:] == [("dispatch", False), ("dispatch", True)]
+    assert d.num_recv_per_expert.dtype == torch.int32
+    normal.combine(d.x, h)
+    fake_deep_ep.calls.clear()
+    d, h = ll.dispatch(x, routing)
+    ll.combine(d.x, h)
+    ll.dispatch(x, routing)
+    assert fake_deep_ep.calls == [
+        ("clean", 8, 2048, 4),
+        ("ll_dispatch", False),
+        ("ll_combine",),
+        ("ll_dispatch", False),
+    ]
+    with pytest.raises(
+        ValueError, match=r"more than the capacity C = dispatch.num_max_dispatch_tokens_per_rank \(8\)"
+    ):
+        ll.dispatch(
+            torch.zeros(9, 2048, dtype=torch.bfloat16),
+            Routing(torch.zeros(9, 2, dtype=torch.int64), torch.ones(9, 2)),
+        )
+    fake_deep_ep.calls.clear()
+    normal.close()
+    assert fake_deep_ep.calls == []
+    ll.close()
+    assert fake_deep_ep.calls == [("destroy",)]
+
+
+def test_deepep_rejects_configs_deepep_would_assert_on(fake_deep_ep) -> None:
+    from ep_runtime.comm.deepep import DeepEPBufferOwner
+
+    chunk = {"num_max_nvl_chunked_send_tokens": 64, "num_max_nvl_chunked_recv_tokens": 64}
+    plan = _small_deepep_plan(normal_dispatch=chunk)
+    with pytest.raises(
+        ValueError, match=r"dispatch.deepep.normal_dispatch.num_max_nvl_chunked_send_tokens \(64\) must be <"
+    ):
+        DeepEPBufferOwner(plan)
+    plan = _small_deepep_plan()
+    owner = DeepEPBufferOwner(plan)
+    other = resolve_plan(
+        plan.config.model_copy(
+            update={
+                "dispatch": plan.config.dispatch.model_copy(update={"num_max_dispatch_tokens_per_rank": 16})
+            }
+        )
+    )
+    with pytest.raises(ValueError, match=r"sized for capacity 8, this low-latency dispatcher needs 16"):
+        DeepEPDispatcher(other, other.for_layout(Layout.LOW_LATENCY), None, owner=owner)
