@@ -16,6 +16,18 @@ Mode per step:
     low-latency path); `low_latency` mode takes the same all-reduce for its round count, `normal`
     mode takes none.
 
+Execution switches (`execution` section; each keeps the plain path's numerics, see
+`ep_runtime/execution.py`):
+  - `cuda_graph_decode` (cuda): a step with `is_prefill=False` and `T <= C` is taken as a low-latency
+    decode step WITHOUT the mode all-reduce and replayed from a CUDA graph (`DecodeGraphRunner`).
+    The caller promises that every rank of the group makes such a step at the same time (decode,
+    `T <= C` everywhere); a rank that does not would leave its peers waiting in a collective. The
+    first such step captures every token bucket on every rank. Steps outside the promise (prefill,
+    `T > C`) take the eager path with its all-reduce. Conservation checks do not run in graphs.
+  - `decode_two_batch`: every low-latency round runs as two overlapped micro-batches.
+  - `prefill_chunks > 1`: normal-layout steps run as that many chunks, communication of one chunk
+    overlapping the experts of another.
+
 Chunking: a low-latency step runs `ceil(max_T / C)` rounds (at least one); every rank joins each
 round, sending an empty batch once its own tokens are exhausted, so nothing is dropped and ranks
 with zero tokens take part in every collective. Switching modes on a DeepEP buffer cleans its
@@ -32,6 +44,7 @@ import torch.distributed as dist
 
 from ep_runtime.comm import build_dispatchers, check_combined_once, check_conservation
 from ep_runtime.config import RuntimePlan
+from ep_runtime.execution import DecodeGraphRunner, chunked_normal_step, two_batch_round
 from ep_runtime.experts import get_experts
 from ep_runtime.reference import reference_moe
 from ep_runtime.router import Router
@@ -64,6 +77,8 @@ class EPMoE(torch.nn.Module):
         placement: optional `[R][L]` global expert ids per rank (a permutation of `range(E)`);
             default: rank `r` holds experts `[r*L, (r+1)*L)`.
         layer_index: which layer's weights to build (default `model.layer_index`).
+        graph_buckets: token counts captured by the CUDA-graph decode runner (default: powers of two
+            up to `C`, and `C`); only with `execution.cuda_graph_decode`.
     """
 
     def __init__(
@@ -80,6 +95,7 @@ class EPMoE(torch.nn.Module):
         collect_telemetry: bool = True,
         placement: Sequence[Sequence[int]] | None = None,
         layer_index: int | None = None,
+        graph_buckets: Sequence[int] | None = None,
     ):
         super().__init__()
         if not isinstance(plan, RuntimePlan):
@@ -152,6 +168,10 @@ class EPMoE(torch.nn.Module):
         self.last_routing: Routing | None = None
         """The last step's router decision (global expert ids), for verification."""
         self._closed = False
+        self.graph_runner: DecodeGraphRunner | None = None
+        """Replays low-latency decode steps from CUDA graphs (`execution.cuda_graph_decode`)."""
+        if plan.config.execution.cuda_graph_decode:
+            self.graph_runner = DecodeGraphRunner(self, graph_buckets)
 
     # ------------------------------------------------------------------------------------------
     # Construction helpers
@@ -259,22 +279,21 @@ class EPMoE(torch.nn.Module):
         x = hidden if hidden.dtype == torch.bfloat16 else hidden.to(torch.bfloat16)
         num_tokens = x.shape[0]
         timer = StageTimer(self.device)
+        runner = self.graph_runner
+        if runner is not None and not is_prefill and num_tokens <= runner.capacity:
+            return self._forward_graph(x, hidden.dtype, timer)
         layout, max_tokens = self._choose_layout(num_tokens, is_prefill)
         timer.lap("mode")
 
-        routing, _ = self.router(x)
-        self.last_routing = routing
-        if self._slot_of_expert is not None:
-            ids = routing.topk_ids
-            slots = torch.where(ids >= 0, self._slot_of_expert[ids.clamp(min=0)], -1)
-            routing = Routing(topk_ids=slots, topk_weights=routing.topk_weights)
-        if self.debug:
-            ids = routing.topk_ids
-            torch._assert_async(((ids >= 0) & (ids < self.model_cfg.num_experts)).all())
+        routing = self._route(x)
         timer.lap("router")
 
         counts = torch.zeros(self.num_local_experts, dtype=torch.int64, device=self.device)
-        if layout == Layout.NORMAL:
+        chunks = self.plan.config.execution.prefill_chunks
+        if layout == Layout.NORMAL and chunks > 1:
+            out = chunked_normal_step(self, x, routing, chunks, counts, timer)
+            num_rounds = 1
+        elif layout == Layout.NORMAL:
             out = self._round(x, routing, layout, timer, counts)
             num_rounds = 1
         else:
@@ -284,16 +303,10 @@ class EPMoE(torch.nn.Module):
             for i in range(num_rounds):
                 sl = slice(i * cap, (i + 1) * cap)  # empty past this rank's tokens: an empty round
                 part = Routing(topk_ids=routing.topk_ids[sl], topk_weights=routing.topk_weights[sl])
-                outs.append(self._round(x[sl], part, layout, timer, counts))
+                outs.append(self._low_latency_round(x[sl], part, counts, timer))
             out = outs[0] if num_rounds == 1 else torch.cat(outs, 0)
 
-        per_rank = None
-        if self.collect_telemetry and self.num_ranks > 1 and self._dist:
-            per_rank = torch.zeros(self.num_ranks, dtype=torch.int64, device=self.device)
-            per_rank[self.rank] = counts.sum()
-            dist.all_reduce(per_rank, group=self.group)
-        elif self.collect_telemetry and self.num_ranks == 1:
-            per_rank = counts.sum().reshape(1)
+        per_rank = self._gather_per_rank(counts)
         self._pending = PendingTelemetry(
             layout=layout.value,
             num_rounds=num_rounds,
@@ -306,25 +319,83 @@ class EPMoE(torch.nn.Module):
         self._telemetry = None
         return out if hidden.dtype == torch.bfloat16 else out.to(hidden.dtype)
 
-    def _round(
-        self, x: torch.Tensor, routing: Routing, layout: Layout, timer: StageTimer, counts: torch.Tensor
+    def _route(self, x: torch.Tensor) -> Routing:
+        """Router decision for `x` `[T, D]` bf16, as dispatch slots (placement applied); sets
+        `last_routing` (global expert ids)."""
+        routing, _ = self.router(x)
+        self.last_routing = routing
+        if self._slot_of_expert is not None:
+            ids = routing.topk_ids
+            slots = torch.where(ids >= 0, self._slot_of_expert[ids.clamp(min=0)], -1)
+            routing = Routing(topk_ids=slots, topk_weights=routing.topk_weights)
+        if self.debug:
+            ids = routing.topk_ids
+            torch._assert_async(((ids >= 0) & (ids < self.model_cfg.num_experts)).all())
+        return routing
+
+    def _gather_per_rank(self, counts: torch.Tensor) -> torch.Tensor | None:
+        """`[R]` int64 rows received per rank (one all-reduce, no host sync), or None when off."""
+        if self.collect_telemetry and self.num_ranks > 1 and self._dist:
+            per_rank = torch.zeros(self.num_ranks, dtype=torch.int64, device=self.device)
+            per_rank[self.rank] = counts.sum()
+            dist.all_reduce(per_rank, group=self.group)
+            return per_rank
+        if self.collect_telemetry and self.num_ranks == 1:
+            return counts.sum().reshape(1)
+        return None
+
+    def _low_latency_round(
+        self, x: torch.Tensor, routing: Routing, counts: torch.Tensor, timer: StageTimer | None
     ) -> torch.Tensor:
-        """Dispatch, experts and combine of one batch (one low-latency round, or the normal step)."""
+        """One low-latency round (`T <= C`): plain or two micro-batches (`execution.decode_two_batch`).
+        `timer` None = inside a CUDA graph capture (no events, no conservation checks)."""
+        if self.plan.config.execution.decode_two_batch:
+            return two_batch_round(self, x, routing, counts, timer, checks=timer is not None)
+        return self._round(x, routing, Layout.LOW_LATENCY, timer, counts)
+
+    def _forward_graph(self, x: torch.Tensor, out_dtype: torch.dtype, timer: StageTimer) -> torch.Tensor:
+        """A decode step replayed from the CUDA graph of its token bucket (no mode all-reduce)."""
+        timer.lap("mode")
+        out, counts, per_rank = self.graph_runner.run(x)
+        timer.lap("graph")
+        self._pending = PendingTelemetry(
+            layout=Layout.LOW_LATENCY.value,
+            num_rounds=1,
+            num_tokens=x.shape[0],
+            max_tokens_any_rank=None,
+            tokens_per_local_expert=counts,
+            tokens_per_rank=per_rank,
+            timer=timer,
+        )
+        self._telemetry = None
+        return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
+
+    def _round(
+        self,
+        x: torch.Tensor,
+        routing: Routing,
+        layout: Layout,
+        timer: StageTimer | None,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
+        """Dispatch, experts and combine of one batch (one low-latency round, or the normal step).
+        `timer` None: inside a graph capture (no stage events, no conservation checks)."""
+        lap = timer.lap if timer is not None else (lambda stage: None)
         dispatcher = self.dispatchers[layout]
         dispatched, handle = dispatcher.dispatch(x, routing)
-        timer.lap("dispatch")
-        check = self.plan.config.dispatch.check_conservation and self._dist
+        lap("dispatch")
+        check = self.plan.config.dispatch.check_conservation and self._dist and timer is not None
         if check:
             check_conservation(routing, dispatched, handle, self.group)
-            timer.lap("checks")
+            lap("checks")
         expert_out = self.experts.forward(dispatched, self.weights.experts)
         counts += dispatched.num_recv_per_expert.to(torch.int64)
-        timer.lap("experts")
+        lap("experts")
         out = dispatcher.combine(expert_out, handle)
-        timer.lap("combine")
+        lap("combine")
         if check:
             check_combined_once(dispatcher, routing, dispatched, handle, self.group)
-            timer.lap("checks")
+            lap("checks")
         return out
 
     # ------------------------------------------------------------------------------------------
