@@ -1,0 +1,203 @@
+"""Execution switches on 2 GPUs (NCCL): CUDA-graph decode, two-batch decode and chunked prefill, each
+against the plain eager path of the same layer (same seed, same weights) and the float32 reference,
+for the torch backend and the DeepEP backend (skipped when `deep_ep` is not importable).
+
+Launches its own 2 processes. Per backend, every configuration builds its layer, runs the same
+steps and closes it (one DeepEP buffer per process at a time); the outputs are then compared with
+the plain configuration's. Every mismatch is recorded so one failure still shows the others.
+
+The steps keep the CUDA-graph caller's promise: decode steps have `T <= C` on every rank, prefill
+steps are flagged on every rank. Tolerances: graph replay vs eager and overlapped vs plain must agree
+within bf16 rounding (relative Frobenius error < 1e-2; usually bitwise equal); against the reference,
+the layer tests' bounds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+HIDDEN = 2048  # one of DeepEP's low-latency hidden sizes
+INTER = 256
+NUM_EXPERTS = 16
+TOP_K = 4
+CAPACITY = 32
+SAME_TOL = 1e-2
+REF_TOL = {"bf16": 2e-2, "fp8_block": 4e-2}
+
+# (tokens per rank, is_prefill)
+STEPS = [
+    ((5, 32), False),
+    ((16, 1), False),
+    ((300, 200), True),  # normal layout between graph replays (DeepEP cleans the low-latency area)
+    ((0, 9), False),  # zero-token rank, different buckets per rank
+    ((32, 32), False),
+    ((7, 3), False),
+    ((513, 64), True),
+]
+
+CONFIGS = {
+    "plain": {},
+    "graph": {"cuda_graph_decode": True},
+    "graph+two_batch": {"cuda_graph_decode": True, "decode_two_batch": True},
+    "two_batch": {"decode_two_batch": True},
+    "chunks2": {"prefill_chunks": 2},
+    "chunks4+two_batch": {"prefill_chunks": 4, "decode_two_batch": True},
+}
+
+
+def _plan(backend: str, scheme: str, execution: dict):
+    from ep_runtime.config import parse_config, resolve_plan
+
+    cfg = parse_config(
+        {
+            "model": {
+                "hidden_size": HIDDEN,
+                "num_experts": NUM_EXPERTS,
+                "top_k": TOP_K,
+                "moe_intermediate_size": INTER,
+                "scoring": "sigmoid",
+                "n_group": 4,
+                "topk_group": 2,
+                "use_correction_bias": True,
+                "routed_scaling_factor": 2.5,
+                "weights": scheme,
+                "seed": 3,
+            },
+            "parallel": {"ep_size": WORLD, "device": "cuda"},
+            "dispatch": {"backend": backend, "mode": "auto", "num_max_dispatch_tokens_per_rank": CAPACITY},
+            "execution": execution,
+        }
+    )
+    return resolve_plan(cfg)
+
+
+def _run_config(rank: int, backend: str, scheme: str, name: str) -> tuple[list[torch.Tensor], list[str]]:
+    from ep_runtime.layer import EPMoE
+
+    failures: list[str] = []
+    outs: list[torch.Tensor] = []
+    layer = EPMoE(_plan(backend, scheme, CONFIGS[name]), rank=rank)
+    try:
+        for step, (tokens, is_prefill) in enumerate(STEPS):
+            g = torch.Generator(device="cuda").manual_seed(100 * step + rank)
+            h = torch.randn(tokens[rank], HIDDEN, generator=g, device="cuda").to(torch.bfloat16)
+            y = layer(h, is_prefill=is_prefill)
+            tel = layer.last_telemetry
+            where = f"{backend}/{scheme}/{name} step {step} rank {rank}"
+            outs.append(y.clone())
+            expect = "normal" if is_prefill else "low_latency"
+            if tel.layout != expect:
+                failures.append(f"{where}: ran {tel.layout}, expected {expect}")
+            if tel.tokens_per_rank is not None and sum(tel.tokens_per_rank) != TOP_K * sum(tokens):
+                failures.append(
+                    f"{where}: tokens_per_rank {tel.tokens_per_rank} (expected sum {TOP_K * sum(tokens)})"
+                )
+            if y.shape != h.shape or not torch.isfinite(y).all():
+                failures.append(f"{where}: output {tuple(y.shape)} or non-finite values")
+            if tokens[rank] == 0:
+                continue
+            r = layer.last_routing
+            ref = layer.reference_forward(h, layout=tel.layout, routing=(r.topk_ids, r.topk_weights))
+            rel = float((y.float() - ref).norm() / ref.norm())
+            if not rel < REF_TOL[scheme]:
+                failures.append(f"{where}: relative error vs reference {rel:.4g} >= {REF_TOL[scheme]}")
+        if CONFIGS[name].get("cuda_graph_decode") and layer.graph_runner is not None:
+            if not layer.graph_runner.captured:
+                failures.append(f"{backend}/{scheme}/{name} rank {rank}: no graph was captured")
+    except Exception:  # noqa: BLE001 - recorded
+        failures.append(f"{backend}/{scheme}/{name} rank {rank}: {traceback.format_exc()}")
+    finally:
+        layer.close()
+        torch.cuda.synchronize()
+    return outs, failures
+
+
+def _worker(rank: int, init_file: str, backend: str, schemes: list[str], queue) -> None:
+    failures: list[str] = []
+    try:
+        torch.cuda.set_device(rank)
+        dist.init_process_group(
+            "nccl",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=timedelta(seconds=120),
+            device_id=torch.device("cuda", rank),
+        )
+        for scheme in schemes:
+            results = {}
+            for name in CONFIGS:
+                outs, f = _run_config(rank, backend, scheme, name)
+                failures += f
+                results[name] = outs
+                dist.barrier()
+                if f and any("Traceback" in x for x in f):
+                    break  # a peer may be stuck in a collective of this configuration
+            base = results.get("plain", [])
+            for name, outs in results.items():
+                for step, (a, b) in enumerate(zip(outs, base, strict=False)):
+                    if a.shape != b.shape:
+                        failures.append(f"{backend}/{scheme}/{name} step {step} rank {rank}: shape differs")
+                    elif a.numel():
+                        rel = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+                        if not rel < SAME_TOL:
+                            failures.append(
+                                f"{backend}/{scheme}/{name} step {step} rank {rank}: differs from plain, "
+                                f"rel {rel:.3g} (bitwise equal: {bool(torch.equal(a, b))})"
+                            )
+    except BaseException:  # noqa: BLE001 - reported
+        failures.append(f"rank {rank}: {traceback.format_exc()}")
+    finally:
+        queue.put((rank, failures))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(backend: str, schemes: list[str]) -> list[str]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            ctx.Process(target=_worker, args=(r, init_file, backend, schemes, queue)) for r in range(WORLD)
+        ]
+        for p in procs:
+            p.start()
+        failures: list[str] = []
+        try:
+            for _ in range(WORLD):
+                _, f = queue.get(timeout=420)
+                failures += f
+        except Exception as exc:  # noqa: BLE001 - queue.Empty: a rank hung
+            failures.append(f"ranks did not report in time: {exc!r}")
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    return failures
+
+
+@pytest.mark.gpu(count=2)
+def test_execution_torch_backend():
+    failures = _run("torch", ["bf16", "fp8_block"])
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu(count=2)
+def test_execution_deepep_backend():
+    from ep_runtime.comm.deepep import import_deep_ep
+
+    if import_deep_ep()[0] is None:
+        pytest.skip("deep_ep is not importable")
+    failures = _run("deepep", ["bf16", "fp8_block"])
+    assert not failures, "\n".join(failures)
