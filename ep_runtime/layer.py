@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ep_runtime.comm import build_dispatchers, check_combined_once, check_conservation
-from ep_runtime.config import RuntimePlan
+from ep_runtime.config import ExecutionConfig, RuntimePlan
 from ep_runtime.execution import DecodeGraphRunner, chunked_normal_step, two_batch_round
 from ep_runtime.experts import get_experts
 from ep_runtime.reference import reference_moe
@@ -168,9 +168,61 @@ class EPMoE(torch.nn.Module):
         self.last_routing: Routing | None = None
         """The last step's router decision (global expert ids), for verification."""
         self._closed = False
+        self.execution: ExecutionConfig = plan.config.execution
+        """The execution switches in force (the file's; `set_execution` changes them)."""
         self.graph_runner: DecodeGraphRunner | None = None
         """Replays low-latency decode steps from CUDA graphs (`execution.cuda_graph_decode`)."""
-        if plan.config.execution.cuda_graph_decode:
+        if self.execution.cuda_graph_decode:
+            self.graph_runner = DecodeGraphRunner(self, graph_buckets)
+
+    def set_execution(
+        self,
+        *,
+        cuda_graph_decode: bool | None = None,
+        decode_two_batch: bool | None = None,
+        prefill_chunks: int | None = None,
+        graph_buckets: Sequence[int] | None = None,
+    ) -> None:
+        """Change the execution switches between steps (None keeps a switch). Every rank must make the
+        same change between the same two steps. Turning `cuda_graph_decode` on (or passing new
+        `graph_buckets`) drops the captured graphs; the next decode step captures again.
+
+        Raises ValueError naming the switch when the plan or device cannot use it."""
+        cur = self.execution
+        update = {
+            k: v
+            for k, v in dict(
+                cuda_graph_decode=cuda_graph_decode,
+                decode_two_batch=decode_two_batch,
+                prefill_chunks=prefill_chunks,
+            ).items()
+            if v is not None
+        }
+        try:
+            new = ExecutionConfig(**{**cur.model_dump(), **update})
+        except Exception as exc:  # pydantic ValidationError: name the switch
+            raise ValueError(f"execution: {exc}") from None
+        if new.cuda_graph_decode and self.device.type != "cuda":
+            raise ValueError("execution.cuda_graph_decode needs a CUDA layer; allowed on cpu: False")
+        if (new.cuda_graph_decode or new.decode_two_batch) and Layout.LOW_LATENCY not in self.plan.modes:
+            raise ValueError(
+                "execution.cuda_graph_decode / decode_two_batch apply to low-latency steps; "
+                f"dispatch.mode is '{self.plan.mode}' (allowed: auto, low_latency)"
+            )
+        if new.prefill_chunks > 1 and Layout.NORMAL not in self.plan.modes:
+            raise ValueError(
+                f"execution.prefill_chunks applies to normal-mode steps; dispatch.mode is '{self.plan.mode}'"
+            )
+        rebuild = new.cuda_graph_decode and (
+            self.graph_runner is None
+            or graph_buckets is not None
+            or new.decode_two_batch != cur.decode_two_batch
+        )
+        if self.graph_runner is not None and (not new.cuda_graph_decode or rebuild):
+            self.graph_runner.reset()
+            self.graph_runner = None
+        self.execution = new
+        if rebuild:
             self.graph_runner = DecodeGraphRunner(self, graph_buckets)
 
     # ------------------------------------------------------------------------------------------
@@ -289,7 +341,7 @@ class EPMoE(torch.nn.Module):
         timer.lap("router")
 
         counts = torch.zeros(self.num_local_experts, dtype=torch.int64, device=self.device)
-        chunks = self.plan.config.execution.prefill_chunks
+        chunks = self.execution.prefill_chunks
         if layout == Layout.NORMAL and chunks > 1:
             out = chunked_normal_step(self, x, routing, chunks, counts, timer)
             num_rounds = 1
@@ -349,7 +401,7 @@ class EPMoE(torch.nn.Module):
     ) -> torch.Tensor:
         """One low-latency round (`T <= C`): plain or two micro-batches (`execution.decode_two_batch`).
         `timer` None = inside a CUDA graph capture (no events, no conservation checks)."""
-        if self.plan.config.execution.decode_two_batch:
+        if self.execution.decode_two_batch:
             return two_batch_round(self, x, routing, counts, timer, checks=timer is not None)
         return self._round(x, routing, Layout.LOW_LATENCY, timer, counts)
 

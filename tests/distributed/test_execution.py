@@ -202,6 +202,28 @@ def _run(rank: int, world: int) -> list[dict]:
                 wait_twice_same=p.wait() is c1,
             )
         )
+    # set_execution toggles the switches at run time (what the step benchmark does).
+    h = _hidden(80, rank, 7)
+    y0 = layer(h, is_prefill=True)
+    layer.set_execution(prefill_chunks=3, decode_two_batch=True)
+    y1 = layer(h, is_prefill=True)
+    y2 = layer(h[:5])
+    layer.set_execution(prefill_chunks=1, decode_two_batch=False)
+    y3 = layer(h[:5])
+    errors = []
+    for kw in (dict(cuda_graph_decode=True), dict(prefill_chunks=0)):
+        try:
+            layer.set_execution(**kw)
+        except ValueError as exc:
+            errors.append(str(exc))
+    out.append(
+        dict(
+            name="set-execution",
+            equal=bool(torch.equal(y0, y1)) and bool(torch.equal(y2, y3)),
+            errors=errors,
+            switches=layer.execution.model_dump(),
+        )
+    )
     layer.close()
     assert [s.stop - s.start for s in split_bounds(5, 3)] == [2, 2, 1]
     assert [s.stop - s.start for s in split_bounds(1, 3)] == [1, 0, 0]
@@ -217,6 +239,14 @@ def test_execution_schedules_two_ranks():
                 assert r["x_equal"] and r["counts_equal"] and r["combine_equal"] and r["wait_twice_same"], (
                     where,
                     r,
+                )
+                continue
+            if r["name"] == "set-execution":
+                assert r["equal"], where
+                assert len(r["errors"]) == 2 and "cuda_graph_decode" in r["errors"][0], r["errors"]
+                assert "prefill_chunks" in r["errors"][1], r["errors"]
+                assert r["switches"] == dict(
+                    cuda_graph_decode=False, decode_two_batch=False, prefill_chunks=1
                 )
                 continue
             if r["name"] == "graph-skip-prefill":
