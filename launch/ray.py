@@ -164,6 +164,21 @@ def missing_resources_message(
     return msg
 
 
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail fast (Ray itself retries for minutes) when nothing listens at `HOST:PORT`."""
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise LaunchError(f"--address '{address}' must be 'auto' or HOST:PORT (e.g. 10.0.0.10:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise LaunchError(
+            f"no Ray cluster answers at {host}:{port} within {timeout_s:g} s ({exc}); start one with "
+            f"`ray start --head --port={port}` or leave --address out for an embedded local cluster"
+        ) from exc
+
+
 def _connect(address: str | None, plan: RuntimePlan, log_to_driver: bool) -> tuple[Any, bool]:
     """Connect to `address` (or `RAY_ADDRESS`), or start an embedded local cluster on loopback.
     Returns `(ray module, started_here)`."""
@@ -180,16 +195,28 @@ def _connect(address: str | None, plan: RuntimePlan, log_to_driver: bool) -> tup
     if ray.is_initialized():
         return ray, False
     common = {"include_dashboard": False, "log_to_driver": log_to_driver, "logging_level": "WARNING"}
-    if embedded:
-        need_cpus = plan.ep_size * plan.config.parallel.cpus_per_rank
-        ray.init(
-            address="local",  # always a new cluster: never join one found on this machine
-            num_cpus=int(max(os.cpu_count() or 1, -(-need_cpus // 1))),
-            _node_ip_address=LOOPBACK,
-            **common,
+    if not embedded and address != "auto":
+        _check_reachable(address, min(10.0, plan.config.timeouts.placement_s))
+    try:
+        if embedded:
+            need_cpus = plan.ep_size * plan.config.parallel.cpus_per_rank
+            ray.init(
+                address="local",  # always a new cluster: never join one found on this machine
+                num_cpus=int(max(os.cpu_count() or 1, -(-need_cpus // 1))),
+                _node_ip_address=LOOPBACK,
+                **common,
+            )
+        else:
+            ray.init(address=address, **common)
+    except Exception as exc:
+        where = "an embedded local Ray cluster" if embedded else f"the Ray cluster at '{address}'"
+        raise LaunchError(f"could not start or join {where}: {type(exc).__name__}: {exc}") from exc
+    if embedded and not ray.util.get_node_ip_address().startswith("127."):
+        print(
+            "[ep-launch] warning: the embedded Ray cluster is not on loopback (Ray was imported before "
+            "ep-launch could set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)",
+            file=sys.stderr,
         )
-    else:
-        ray.init(address=address, **common)
     return ray, True
 
 
@@ -264,6 +291,16 @@ def run_with_ray(
             )
             for r in range(plan.ep_size)
         ]
+        per_node = {ip: ips.count(ip) for ip in dict.fromkeys(ips)}
+        want = config.parallel.resolved_ranks_per_node
+        if config.parallel.nodes > 1 and (
+            len(per_node) != config.parallel.nodes or set(per_node.values()) != {want}
+        ):
+            print(
+                f"[ep-launch] warning: placement put ranks on nodes as {per_node}; the file asks for "
+                f"{config.parallel.nodes} nodes x {want} ranks (parallel.nodes, parallel.ranks_per_node)",
+                file=sys.stderr,
+            )
         host = config.parallel.rendezvous_host
         if host == "auto":
             host = LOOPBACK if len(set(ips)) == 1 else ips[0]

@@ -61,6 +61,20 @@ def test_run_rejects_bad_overrides_with_field_paths(capsys):
     assert "fault stage 'nowhere' is unknown" in capsys.readouterr().err
 
 
+def test_unreachable_address_fails_fast(capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody serves
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    assert main(["run", "--address", f"127.0.0.1:{port}"]) == 3
+    assert time.monotonic() - t0 < 15
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["run", "--address", "nowhere"]) == 3
+    assert "must be 'auto' or HOST:PORT" in capsys.readouterr().err
+
+
 def test_fault_spec_parsing():
     assert FaultSpec.parse("1:decode") == FaultSpec(1, "decode", "kill")
     assert str(FaultSpec.parse("0:verify:hang")) == "0:verify:hang"
