@@ -512,7 +512,7 @@ class RankWorker:
         records: dict[str, list[list[Any]]] = {}
         layouts: dict[str, str] = {}
         step_id = 0
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: layers may keep step state across calls
             self._enter("warmup", w.warmup_steps * len(phases))
             done = 0
             for _, is_prefill, tokens, _ in phases:
