@@ -1,0 +1,711 @@
+"""Plots and `docs/performance.md` from the benchmark JSON files in `benchmarks/results/`.
+
+    python benchmarks/report.py                          # latest results -> PNGs + docs/performance.md
+    python benchmarks/report.py --results DIR [--results DIR2] --plots-dir OUT --doc OUT/performance.md
+
+Reads every `*.json` written by `benchmarks/common.write_results` (kinds: router_gemm, fused_moe,
+masked_gemm, dispatch, layer-<backend>, step; `*-cpu-smoke` files only with `--include-smoke`) and
+keeps the latest file of each kind. Per kind it draws (matplotlib, Agg):
+  - latency vs tokens (or rows) per rank with the roofline line (the floor measured in the same run);
+  - the achieved fraction of the measured HBM copy bandwidth and of the measured matmul peak;
+  - stacked per-stage bars of the layer step (layer, step);
+  - for the step: runtime variants vs the floor + raw DeepEP comm, and the ratio against the targets.
+Every figure's title names the device, the versions (torch, triton, CUDA), the shapes and the
+baselines. A kind whose file lacks a field is skipped with a note (the report never fails on one
+file). The markdown gets the latest numbers as tables, the plots, and the exact reproduce commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "performance.md"
+
+REPRODUCE = {
+    "router_gemm": "python benchmarks/bench_router_gemm.py --tune   # or: ep-launch bench kernels (1 GPU)",
+    "fused_moe": "python benchmarks/bench_fused_moe.py --tune     # or: ep-launch bench kernels (1 GPU)",
+    "masked_gemm": "python benchmarks/bench_masked_gemm.py --tune   # or: ep-launch bench kernels (1 GPU)",
+    "dispatch": "python benchmarks/bench_dispatch.py              # or: ep-launch bench dispatch (2 GPUs)",
+    "layer": "python benchmarks/bench_layer.py --backend deepep; python benchmarks/bench_layer.py --backend torch"
+    "   # or: ep-launch bench layer (2 GPUs)",
+    "step": "python benchmarks/bench_step.py                  # or: ep-launch bench step (all GPUs; --quick)",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _kind(what: str) -> str:
+    for k in ("router_gemm", "fused_moe", "masked_gemm", "dispatch", "layer", "step"):
+        if what == k or what.startswith(k + "-"):
+            return k
+    return what
+
+
+def load_results(dirs: list[Path], include_smoke: bool = False) -> dict[str, dict[str, Any]]:
+    """Latest document per `what` (e.g. `layer-deepep`, `step`), each with `_path` set."""
+    latest: dict[str, dict[str, Any]] = {}
+    for d in dirs:
+        for path in sorted(Path(d).glob("*.json")):
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(doc, dict) or "what" not in doc:
+                continue
+            what = str(doc["what"])
+            if "smoke" in what and not include_smoke:
+                continue
+            doc["_path"] = str(path)
+            old = latest.get(what)
+            if old is None or str(doc.get("date", "")) >= str(old.get("date", "")):
+                latest[what] = doc
+    return latest
+
+
+def _dev(doc: dict) -> dict:
+    return doc.get("device") or doc.get("device_info") or {}
+
+
+def device_line(doc: dict) -> str:
+    d = _dev(doc)
+    parts = [str(d.get("device", "unknown device"))]
+    if d.get("num_gpus"):
+        parts[0] += f" x{d['num_gpus']}" if doc.get("ranks", 1) > 1 else ""
+    for k in ("torch", "triton", "cuda"):
+        if d.get(k):
+            parts.append(f"{k} {d[k]}")
+    parts.append(str(doc.get("date", ""))[:10])
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plot helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    _plt().close(fig)
+    return out
+
+
+def _title(fig, what: str, doc: dict, extra: str) -> None:
+    fig.suptitle(f"{what} - {device_line(doc)}\n{extra}", fontsize=9)
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:  # nan
+            return "-"
+        return f"{v:.{nd}g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(c for c, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(k)) for _, k in cols) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+# ----------------------------------------------------------------------------------------------
+# Per kind: figures + markdown section
+# ----------------------------------------------------------------------------------------------
+
+
+class Section:
+    def __init__(self, kind: str, doc: dict):
+        self.kind = kind
+        self.doc = doc
+        self.figures: list[Path] = []
+        self.md: list[str] = []
+
+
+def _router_gemm(doc: dict, out: Path) -> Section:
+    s = Section("router_gemm", doc)
+    rows = doc["rows"]
+    plt = _plt()
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(2, len(models), figsize=(4.5 * len(models), 7), squeeze=False)
+    for j, m in enumerate(models):
+        rs = sorted((r for r in rows if r["model"] == m), key=lambda r: r["T"])
+        t = [r["T"] for r in rs]
+        ax = axes[0][j]
+        ax.plot(t, [r.get("auto_us") for r in rs], "o-", label="runtime (auto)")
+        ax.plot(t, [r.get("cublas_us") for r in rs], "s--", label="cuBLAS (baseline)")
+        ax.plot(t, [r.get("roofline_us") for r in rs], "k:", label="roofline (HBM)")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="tokens",
+            ylabel="us",
+            title=f"{m} D={rs[0]['D']} E={rs[0]['E']}",
+        )
+        ax.legend(fontsize=7)
+        ax = axes[1][j]
+        ax.plot(t, [r.get("frac_roofline_auto") for r in rs], "o-", label="fraction of HBM roofline")
+        ax.set(xscale="log", xlabel="tokens", ylabel="fraction", ylim=(0, 1.1))
+        ax.legend(fontsize=7)
+    _title(fig, "router GEMM", doc, "latency vs tokens with the HBM roofline; baseline cuBLAS (same run)")
+    s.figures.append(_save(fig, out / "report-router_gemm.png"))
+    pick = [r for r in rows if r["model"] == "DeepSeek-V3"] or rows
+    s.md.append(
+        _table(
+            pick,
+            [
+                ("model", "model"),
+                ("T", "T"),
+                ("runtime us", "auto_us"),
+                ("cuBLAS us", "cublas_us"),
+                ("roofline us", "roofline_us"),
+                ("x cuBLAS", "speedup_auto_vs_cublas"),
+                ("frac roofline", "frac_roofline_auto"),
+            ],
+        )
+    )
+    return s
+
+
+def _fused_moe(doc: dict, out: Path) -> Section:
+    s = Section("fused_moe", doc)
+    rows = [r for r in doc["rows"] if "us" in r and "scheme" in r]
+    ceil = doc.get("ceilings", {})
+    plt = _plt()
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(2, len(shapes), figsize=(4.5 * len(shapes), 7), squeeze=False)
+    for j, shp in enumerate(shapes):
+        rs = [r for r in rows if r["shape"] == shp]
+        r0 = rs[0]
+        for scheme in sorted({r["scheme"] for r in rs}):
+            sub = sorted(
+                (r for r in rs if r["scheme"] == scheme and r.get("topk_sum") != "unfused"),
+                key=lambda r: r["T"],
+            )
+            if not sub:
+                sub = sorted((r for r in rs if r["scheme"] == scheme), key=lambda r: r["T"])
+            t = [r["T"] for r in sub]
+            line = axes[0][j].plot(t, [r["us"] for r in sub], "o-", label=f"{scheme}")[0]
+            roof = [r["us"] * r["frac_roofline"] if r.get("frac_roofline") else None for r in sub]
+            axes[0][j].plot(t, roof, ":", color=line.get_color(), label=f"{scheme} roofline")
+            if any(r.get("torch_us") for r in sub):
+                axes[0][j].plot(
+                    t,
+                    [r.get("torch_us") for r in sub],
+                    "x--",
+                    color=line.get_color(),
+                    alpha=0.4,
+                    label=f"{scheme} torch (baseline)",
+                )
+            axes[1][j].plot(
+                t, [r.get("frac_copy_bw") for r in sub], "o-", color=line.get_color(), label=f"{scheme} HBM"
+            )
+            axes[1][j].plot(
+                t, [r.get("frac_mm") for r in sub], "s--", color=line.get_color(), label=f"{scheme} matmul"
+            )
+        axes[0][j].set(
+            xscale="log",
+            yscale="log",
+            xlabel="tokens",
+            ylabel="us",
+            title=f"{shp}: L={r0['L']} D={r0['D']} I={r0['I']} K={r0['K']}",
+        )
+        axes[0][j].legend(fontsize=6)
+        axes[1][j].set(xscale="log", xlabel="tokens", ylabel="fraction of peak", ylim=(0, 1.2))
+        axes[1][j].legend(fontsize=6)
+    bw = ceil.get("copy_bytes_per_s")
+    extra = "fused MoE experts: latency vs tokens with roofline; fraction of HBM copy BW and matmul peak"
+    if bw:
+        extra += f" (HBM {bw / 1e12:.2f} TB/s, bf16 {ceil.get('bf16_flops', 0) / 1e12:.0f} TFLOP/s measured)"
+    _title(fig, "fused MoE", doc, extra)
+    s.figures.append(_save(fig, out / "report-fused_moe.png"))
+    pick = [r for r in rows if r["shape"] == "dsv3_e128" and r.get("topk_sum") != "unfused"] or rows[:20]
+    s.md.append(
+        _table(
+            pick,
+            [
+                ("shape", "shape"),
+                ("scheme", "scheme"),
+                ("T", "T"),
+                ("us", "us"),
+                ("torch us", "torch_us"),
+                ("weight GB/s", "weight_GBps"),
+                ("frac HBM", "frac_copy_bw"),
+                ("TFLOP/s", "tflops"),
+                ("frac matmul", "frac_mm"),
+                ("frac roofline", "frac_roofline"),
+            ],
+        )
+    )
+    return s
+
+
+def _masked_gemm(doc: dict, out: Path) -> Section:
+    s = Section("masked_gemm", doc)
+    rows = doc["rows"]
+    plt = _plt()
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(2, len(models), figsize=(4.5 * len(models), 7), squeeze=False)
+    for j, m in enumerate(models):
+        rs = [r for r in rows if r["model"] == m]
+        for scheme in sorted({r["scheme"] for r in rs}):
+            sub = sorted((r for r in rs if r["scheme"] == scheme), key=lambda r: r["rows_per_expert"])
+            x = [r["rows_per_expert"] for r in sub]
+            line = axes[0][j].plot(x, [r["us"] for r in sub], "o-", label=scheme)[0]
+            axes[0][j].plot(x, [r.get("roofline_us") for r in sub], ":", color=line.get_color())
+            axes[1][j].plot(x, [r.get("frac_hbm") for r in sub], "o-", color=line.get_color(), label=scheme)
+        r0 = rs[0]
+        axes[0][j].set(
+            xscale="log",
+            yscale="log",
+            xlabel="rows per expert",
+            ylabel="us",
+            title=f"{m}: L={r0['L']} D={r0['D']} I={r0['I']}",
+        )
+        axes[0][j].legend(fontsize=6)
+        axes[1][j].set(xscale="log", xlabel="rows per expert", ylabel="fraction of HBM BW", ylim=(0, 1.2))
+        axes[1][j].legend(fontsize=6)
+    bw = doc.get("copy_bandwidth_Bps")
+    _title(
+        fig,
+        "masked grouped GEMM (low-latency experts)",
+        doc,
+        f"latency vs rows per expert, dotted: HBM roofline ({bw / 1e12:.2f} TB/s measured)" if bw else "",
+    )
+    s.figures.append(_save(fig, out / "report-masked_gemm.png"))
+    pick = [r for r in rows if r["model"] == "DeepSeek-V3"] or rows
+    s.md.append(
+        _table(
+            pick,
+            [
+                ("model", "model"),
+                ("scheme", "scheme"),
+                ("L", "L"),
+                ("rows/expert", "rows_per_expert"),
+                ("us", "us"),
+                ("roofline us", "roofline_us"),
+                ("frac HBM", "frac_hbm"),
+                ("torch loop us", "torch_loop_us"),
+            ],
+        )
+    )
+    return s
+
+
+def _dispatch(doc: dict, out: Path) -> Section:
+    s = Section("dispatch", doc)
+    by_rank = doc.get("rows_by_rank") or {}
+    rows = by_rank.get("0") or by_rank.get(0) or doc.get("rows") or []
+    rows = [r for r in rows if "dispatch_us" in r]
+    plt = _plt()
+    labels = [f"{r['mode']}\n{r['impl']}\n{r['precision']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 5))
+    x = list(range(len(rows)))
+    ax.bar([i - 0.2 for i in x], [r["dispatch_us"] for r in rows], width=0.4, label="dispatch")
+    ax.bar([i + 0.2 for i in x], [r.get("combine_us") or 0 for r in rows], width=0.4, label="combine")
+    ax.set_xticks(x, labels, fontsize=6)
+    ax.set(ylabel="us", yscale="log")
+    ax.legend()
+    sh = doc.get("shapes", {})
+    _title(
+        fig,
+        "dispatch / combine",
+        doc,
+        f"D={sh.get('hidden')} K={sh.get('top_k')}, baseline: raw DeepEP in the same run",
+    )
+    s.figures.append(_save(fig, out / "report-dispatch.png"))
+    s.md.append(
+        _table(
+            rows,
+            [
+                ("mode", "mode"),
+                ("impl", "impl"),
+                ("precision", "precision"),
+                ("dispatch us", "dispatch_us"),
+                ("dispatch GB/s", "dispatch_GBps"),
+                ("combine us", "combine_us"),
+                ("combine GB/s", "combine_GBps"),
+                ("overhead vs raw %", "loop_overhead_pct"),
+            ],
+        )
+    )
+    return s
+
+
+STAGE_COLORS = {
+    "mode": "#999999",
+    "router": "#8c564b",
+    "dispatch": "#1f77b4",
+    "experts": "#2ca02c",
+    "combine": "#ff7f0e",
+    "checks": "#d62728",
+    "graph": "#9467bd",
+}
+
+
+def _stacked(ax, labels: list[str], stage_rows: list[dict[str, float]], totals: list[float | None]) -> None:
+    stages = [st for st in STAGE_COLORS if any(r.get(st) for r in stage_rows)]
+    bottom = [0.0] * len(stage_rows)
+    for st in stages:
+        vals = [r.get(st, 0.0) for r in stage_rows]
+        ax.bar(range(len(vals)), vals, bottom=bottom, color=STAGE_COLORS[st], label=st)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    if any(t is not None for t in totals):
+        ax.plot(
+            range(len(totals)),
+            [t if t is not None else float("nan") for t in totals],
+            "k_",
+            markersize=20,
+            label="step (measured)",
+        )
+    ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=30, ha="right")
+    ax.set_ylabel("ms")
+    ax.legend(fontsize=6)
+
+
+def _layer(docs: list[dict], out: Path) -> Section:
+    doc = docs[0]
+    s = Section("layer", doc)
+    rows = [(d["what"], r) for d in docs for r in d.get("rows", []) if r.get("rank") == 0 and "stage_ms" in r]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(rows)), 5))
+    labels = [f"{w.removeprefix('layer-')}\n{r['scheme']} {r['phase']}\nT={r['tokens']}" for w, r in rows]
+    _stacked(ax, labels, [r["stage_ms"] for _, r in rows], [r.get("step_wall_ms") for _, r in rows])
+    sh = doc.get("shape", {})
+    _title(
+        fig,
+        "EPMoE layer step (rank 0)",
+        doc,
+        f"per-stage times; E={sh.get('num_experts')} (L={sh.get('local_experts')}) D={sh.get('hidden')} "
+        f"I={sh.get('inter')} K={sh.get('top_k')}; baseline: stages timed in isolation",
+    )
+    s.figures.append(_save(fig, out / "report-layer-stages.png"))
+    table = []
+    for w, r in rows:
+        iso = r.get("isolated_ms", {})
+        table.append(
+            dict(
+                backend=w.removeprefix("layer-"),
+                **{k: r.get(k) for k in ("scheme", "phase", "tokens", "layout")},
+                wall=r.get("step_wall_ms"),
+                **{k: r["stage_ms"].get(k) for k in ("router", "dispatch", "experts", "combine")},
+                iso=iso.get("sum"),
+                rel=r.get("verify", {}).get("rel_err"),
+            )
+        )
+    s.md.append(
+        _table(
+            table,
+            [
+                ("backend", "backend"),
+                ("weights", "scheme"),
+                ("phase", "phase"),
+                ("T", "tokens"),
+                ("layout", "layout"),
+                ("step ms", "wall"),
+                ("router", "router"),
+                ("dispatch", "dispatch"),
+                ("experts", "experts"),
+                ("combine", "combine"),
+                ("isolated sum", "iso"),
+                ("rel err", "rel"),
+            ],
+        )
+    )
+    return s
+
+
+def _step(doc: dict, out: Path) -> Section:
+    s = Section("step", doc)
+    pts = [p for p in doc.get("points", []) if p.get("step_ms") is not None or p.get("comm_ms") is not None]
+    sh = doc.get("shape", {})
+    ceil = doc.get("ceilings", {})
+    shape_txt = (
+        f"E={sh.get('num_experts')} (L={sh.get('local_experts')}) D={sh.get('hidden')} I={sh.get('inter')} "
+        f"K={sh.get('top_k')} C={sh.get('capacity')}, {doc.get('ranks')} ranks"
+    )
+    base_txt = "floor: weight bytes/HBM BW vs FLOPs/matmul rate (measured); + raw DeepEP dispatch+combine"
+    plt = _plt()
+    schemes = sorted({p["scheme"] for p in pts})
+    phases = [ph for ph in ("decode", "prefill") if any(p["phase"] == ph for p in pts)]
+    if schemes and phases:
+        # 1. latency vs tokens per rank, with the floor and floor + raw comm lines
+        fig, axes = plt.subplots(
+            len(phases), len(schemes), figsize=(6 * len(schemes), 4.5 * len(phases)), squeeze=False
+        )
+        for i, ph in enumerate(phases):
+            for j, sc in enumerate(schemes):
+                ax = axes[i][j]
+                sub = [p for p in pts if p["phase"] == ph and p["scheme"] == sc]
+                tokens = sorted({p["tokens"] for p in sub})
+                for impl in sorted(
+                    {f"{p['backend']}/{p['variant']}" for p in sub if p["backend"] != "deepep raw"}
+                ):
+                    ys = []
+                    for t in tokens:
+                        m = [p for p in sub if p["tokens"] == t and f"{p['backend']}/{p['variant']}" == impl]
+                        ys.append(m[0].get("step_ms") if m else None)
+                    ys = [y if y is not None else float("nan") for y in ys]
+                    ax.plot(tokens, ys, "o-" if impl.startswith("deepep") else "x--", label=impl)
+                fl = {p["tokens"]: p.get("floor_ms") for p in sub if p.get("floor_ms") is not None}
+                bd = {p["tokens"]: p.get("bound_ms") for p in sub if p.get("bound_ms") is not None}
+                if fl:
+                    ax.plot(sorted(fl), [fl[t] for t in sorted(fl)], "k:", lw=2, label="floor (experts)")
+                if bd:
+                    ax.plot(
+                        sorted(bd), [bd[t] for t in sorted(bd)], "k-", lw=1, label="floor + raw DeepEP comm"
+                    )
+                    tgt = doc.get("targets", {}).get(ph)
+                    if tgt:
+                        ax.plot(
+                            sorted(bd), [tgt * bd[t] for t in sorted(bd)], "r--", lw=1, label=f"target x{tgt}"
+                        )
+                ax.set(xscale="log", yscale="log", xlabel="tokens per rank", ylabel="ms", title=f"{sc} {ph}")
+                ax.legend(fontsize=6)
+        _title(fig, "EPMoE step latency vs tokens per rank", doc, f"{shape_txt}; {base_txt}")
+        s.figures.append(_save(fig, out / "report-step-latency.png"))
+
+        # 2. achieved fraction of HBM bandwidth and of the matmul peak (runtime best variant)
+        bw, bf16 = ceil.get("copy_bytes_per_s"), ceil.get("bf16_flops")
+        if bw or bf16:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+            for sc in schemes:
+                for ph in phases:
+                    sub = [
+                        p for p in pts if p["scheme"] == sc and p["phase"] == ph and p["backend"] == "deepep"
+                    ] or [
+                        p for p in pts if p["scheme"] == sc and p["phase"] == ph and p["backend"] == "torch"
+                    ]
+                    best: dict[int, dict] = {}
+                    for p in sub:
+                        if p.get("step_ms") and (
+                            p["tokens"] not in best or p["step_ms"] < best[p["tokens"]]["step_ms"]
+                        ):
+                            best[p["tokens"]] = p
+                    base = {
+                        p["tokens"]: p
+                        for p in pts
+                        if p["scheme"] == sc and p["phase"] == ph and p.get("weight_bytes")
+                    }
+                    t = sorted(t for t in best if t in base)
+                    if not t:
+                        continue
+                    if bw:
+                        axes[0].plot(
+                            t,
+                            [base[x]["weight_bytes"] / (best[x]["step_ms"] * 1e-3) / bw for x in t],
+                            "o-",
+                            label=f"{sc} {ph}",
+                        )
+                    if bf16:
+                        axes[1].plot(
+                            t,
+                            [base[x]["flops"] / (best[x]["step_ms"] * 1e-3) / bf16 for x in t],
+                            "o-",
+                            label=f"{sc} {ph}",
+                        )
+            axes[0].set(
+                xscale="log",
+                xlabel="tokens per rank",
+                ylabel="expert-weight bytes / step / HBM BW",
+                ylim=(0, 1.1),
+            )
+            axes[1].set(
+                xscale="log",
+                xlabel="tokens per rank",
+                ylabel="expert FLOPs / step / bf16 peak",
+                ylim=(0, 1.1),
+            )
+            axes[0].legend(fontsize=7)
+            axes[1].legend(fontsize=7)
+            _title(
+                fig,
+                "EPMoE step: achieved fraction of HBM bandwidth and bf16 peak (fastest variant)",
+                doc,
+                f"{shape_txt}; HBM {bw / 1e12 if bw else 0:.2f} TB/s, bf16 {bf16 / 1e12 if bf16 else 0:.0f} TFLOP/s measured",
+            )
+            s.figures.append(_save(fig, out / "report-step-fractions.png"))
+
+        # 3. stacked per-stage bars (plain variants)
+        bars = [
+            p for p in pts if p.get("stage_ms") and p["variant"] in ("plain", "chunks1", "graph", "two_batch")
+        ]
+        if bars:
+            bphases = [ph for ph in phases if any(p["phase"] == ph for p in bars)]
+            n_max = max(sum(1 for p in bars if p["phase"] == ph) for ph in bphases)
+            fig, axes = plt.subplots(
+                1, len(bphases), figsize=(max(9, 0.7 * n_max * len(bphases)), 5.5), squeeze=False
+            )
+            for ax, ph in zip(axes[0], bphases, strict=True):
+                sub = [p for p in bars if p["phase"] == ph]
+                labels = [f"{p['scheme']} T={p['tokens']}\n{p['backend']}/{p['variant']}" for p in sub]
+                _stacked(ax, labels, [p["stage_ms"] for p in sub], [p.get("step_ms") for p in sub])
+                ax.set_title(ph, fontsize=9)
+            _title(fig, "EPMoE step: per-stage breakdown (rank 0, last step's telemetry)", doc, shape_txt)
+            s.figures.append(_save(fig, out / "report-step-stages.png"))
+
+    cols = [
+        ("weights", "scheme"),
+        ("phase", "phase"),
+        ("T/rank", "tokens"),
+        ("backend", "backend"),
+        ("variant", "variant"),
+        ("step ms", "step_ms"),
+        ("floor ms", "floor_ms"),
+        ("raw DeepEP comm ms", "raw_comm_ms"),
+        ("ratio", "ratio"),
+        ("target", "target"),
+        ("met", "target_met"),
+        ("x plain", "speedup_vs_plain"),
+        ("rel vs plain", "rel_vs_plain"),
+    ]
+    rows = [p for p in pts if p["backend"] != "deepep raw"]
+    raw = [p for p in pts if p["backend"] == "deepep raw"]
+    s.md.append(_table(rows, cols))
+    if raw:
+        s.md.append("\nRaw DeepEP dispatch + combine for the same routing:\n")
+        s.md.append(
+            _table(
+                raw, [("weights", "scheme"), ("phase", "phase"), ("T/rank", "tokens"), ("comm ms", "comm_ms")]
+            )
+        )
+    errs = [e for e in doc.get("errors", []) if e]
+    if errs or any(p.get("errors") for p in doc.get("points", [])):
+        s.md.append(
+            f"\n{len(errs)} run-level error(s) and "
+            f"{sum(1 for p in doc.get('points', []) if p.get('errors'))} failed point(s): see `{Path(doc['_path']).name}`."
+        )
+    return s
+
+
+BUILDERS = {
+    "router_gemm": _router_gemm,
+    "fused_moe": _fused_moe,
+    "masked_gemm": _masked_gemm,
+    "dispatch": _dispatch,
+    "step": _step,
+}
+
+
+def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tuple[list[Section], list[str]]:
+    docs = load_results(dirs, include_smoke)
+    sections: list[Section] = []
+    notes: list[str] = []
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for what, doc in sorted(docs.items()):
+        by_kind[_kind(what)].append(doc)
+    for kind in ("step", "layer", "dispatch", "fused_moe", "masked_gemm", "router_gemm"):
+        if kind not in by_kind:
+            notes.append(f"no `{kind}` results yet")
+            continue
+        try:
+            if kind == "layer":
+                sections.append(_layer(by_kind[kind], plots_dir))
+            else:
+                newest = max(by_kind[kind], key=lambda d: str(d.get("date", "")))
+                sections.append(BUILDERS[kind](newest, plots_dir))
+        except Exception:  # noqa: BLE001 - one malformed file must not stop the report
+            notes.append(
+                f"`{kind}`: could not be plotted ({traceback.format_exc().strip().splitlines()[-1]})"
+            )
+    return sections, notes
+
+
+INTRO = """# Performance
+
+Generated by `python benchmarks/report.py` from the newest JSON of each kind in `benchmarks/results/`
+(do not edit by hand; rerun the report after a benchmark). Every benchmark measures its own ceilings
+(HBM copy bandwidth, bf16/fp8 matmul rate) and baselines on the same device in the same run; every
+figure names the device, versions and shapes.
+
+Targets (issue 7, DeepSeek-V3 layer on 2xH200): step time <= 1.10 x (expert-compute floor + raw DeepEP
+dispatch+combine) for decode (16/64/128 tokens per rank, low-latency), <= 1.20 x for prefill
+(1024/4096/8192 tokens per rank, normal). The floor is the larger of expert-weight bytes touched / HBM
+bandwidth and expert FLOPs / matmul rate, for the routing the step actually had.
+
+Execution switches (`execution` section, defaults off until measured): `cuda_graph_decode` (the whole
+low-latency step replayed from a CUDA graph, no host sync, no mode all-reduce), `decode_two_batch`
+(two micro-batches, DeepEP `return_recv_hook` / async all-to-all), `prefill_chunks` (chunked normal
+step, communication of one chunk overlapping the experts of another). `bench_step.py` measures each
+on and off.
+"""
+
+
+def write_doc(sections: list[Section], notes: list[str], doc_path: Path, link_base: str | None) -> Path:
+    lines = [INTRO]
+    titles = {
+        "step": "Whole MoE step (EPMoE)",
+        "layer": "Layer step, per stage (bench_layer)",
+        "dispatch": "Dispatch / combine",
+        "fused_moe": "Fused MoE experts (normal layout)",
+        "masked_gemm": "Masked grouped GEMM (low-latency layout)",
+        "router_gemm": "Router GEMM",
+    }
+    for s in sections:
+        lines.append(f"## {titles.get(s.kind, s.kind)}\n")
+        lines.append(f"Device: {device_line(s.doc)}. Source: `{Path(s.doc['_path']).name}`.\n")
+        for f in s.figures:
+            link = f"{link_base.rstrip('/')}/{f.name}" if link_base else f.name
+            lines.append(f"![{f.stem}]({link})\n")
+        lines.extend(s.md)
+        lines.append(f"\nReproduce:\n\n```bash\n{REPRODUCE[s.kind]}\npython benchmarks/report.py\n```\n")
+    if notes:
+        lines.append("## Not yet measured\n")
+        lines.extend(f"- {n}" for n in notes)
+        lines.append("")
+    doc_path.parent.mkdir(parents=True, exist_ok=True)
+    doc_path.write_text("\n".join(lines) + "\n")
+    return doc_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", action="append", default=None, help="results folder (repeatable)")
+    p.add_argument("--plots-dir", default=str(RESULTS_DIR))
+    p.add_argument("--doc", default=str(DOC))
+    p.add_argument(
+        "--link-base",
+        default="../benchmarks/results",
+        help="how the markdown links the PNGs (default: relative to docs/)",
+    )
+    p.add_argument("--include-smoke", action="store_true", help="also plot *-cpu-smoke results")
+    args = p.parse_args(argv)
+    dirs = [Path(d) for d in (args.results or [str(RESULTS_DIR)])]
+    sections, notes = build(dirs, Path(args.plots_dir), args.include_smoke)
+    path = write_doc(sections, notes, Path(args.doc), args.link_base)
+    for s in sections:
+        for f in s.figures:
+            print(f"wrote {f}")
+    for n in notes:
+        print(f"note: {n}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""benchmarks/report.py on CPU: plots and the performance page from the real results files, plus a
+step document built by bench_step.summarize from synthetic per-rank rows (floors, ratios, targets)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_step, report
+
+RESULTS = Path(report.RESULTS_DIR)
+
+
+def _real_results() -> list[Path]:
+    return sorted(p for p in RESULTS.glob("*.json") if "smoke" not in p.name)
+
+
+def _step_rows() -> list[dict]:
+    """Two ranks, decode 16 and prefill 1024, deepep + torch + raw comm; rank 1 is slower."""
+    rows = []
+    for rank in (0, 1):
+        slow = 1.0 + 0.1 * rank
+        for phase, t, variants in (
+            ("decode", 16, ("plain", "graph")),
+            ("prefill", 1024, ("chunks1", "chunks2")),
+        ):
+            base = dict(kind="point", scheme="bf16", phase=phase, tokens=t, rank=rank)
+            for backend in ("deepep", "torch"):
+                for v in variants:
+                    r = dict(
+                        base,
+                        backend=backend,
+                        variant=v,
+                        layout="low_latency" if phase == "decode" else "normal",
+                    )
+                    r["step_ms"] = (
+                        (3.0 if phase == "decode" else 9.0) * slow * (0.9 if v in ("graph", "chunks2") else 1)
+                    )
+                    r["step_ms"] *= 1.5 if backend == "torch" else 1.0
+                    r["stage_ms"] = {"router": 0.05, "dispatch": 0.3, "experts": 2.0, "combine": 0.3}
+                    if v in ("plain", "chunks1"):
+                        r.update(
+                            floor_ms=2.5 * slow,
+                            floor_mem_ms=2.5 * slow,
+                            floor_mm_ms=0.1,
+                            weight_bytes=1e10,
+                            flops=1e12,
+                            active_experts=120,
+                            pairs=256,
+                        )
+                    else:
+                        r["rel_vs_plain"] = 0.0
+                    rows.append(r)
+            rows.append(dict(base, backend="deepep raw", variant="raw", comm_ms=0.2))
+    rows.append(dict(base, backend="torch", variant="chunks4", error="Traceback\nRuntimeError: boom"))
+    return rows
+
+
+def test_summarize_floors_ratios_and_errors():
+    points = bench_step.summarize(_step_rows(), 2)
+    get = {(p["phase"], p["backend"], p["variant"]): p for p in points}
+    plain = get[("decode", "deepep", "plain")]
+    assert plain["ranks"] == 2
+    assert plain["step_ms"] == pytest.approx(3.3)  # max over ranks
+    assert plain["floor_ms"] == pytest.approx(2.75)
+    assert plain["raw_comm_ms"] == pytest.approx(0.2)
+    assert plain["ratio"] == pytest.approx(3.3 / 2.95)
+    assert plain["target"] == 1.10 and plain["target_met"] is False
+    graph = get[("decode", "deepep", "graph")]
+    assert graph["speedup_vs_plain"] == pytest.approx(1 / 0.9)
+    assert graph["floor_ms"] == pytest.approx(2.75)  # the plain variant's floor applies to every variant
+    assert get[("prefill", "torch", "chunks4")]["errors"][0].endswith("RuntimeError: boom")
+    assert get[("prefill", "deepep", "chunks1")]["target"] == 1.20
+
+
+def test_report_from_real_results(tmp_path):
+    real = _real_results()
+    if not real:
+        pytest.skip("no benchmark results in benchmarks/results")
+    res = tmp_path / "results"
+    res.mkdir()
+    for p in real:
+        shutil.copy(p, res)
+    device = json.loads(real[0].read_text())["device"]
+    step = {
+        "what": "step",
+        "date": "2099-01-01T00:00:00+00:00",
+        "device": device,
+        "ranks": 2,
+        "shape": {
+            "hidden": 7168,
+            "num_experts": 256,
+            "local_experts": 128,
+            "inter": 2048,
+            "top_k": 8,
+            "capacity": 128,
+        },
+        "ceilings": {"copy_bytes_per_s": 4.2e12, "bf16_flops": 8e14, "fp8_flops": 1.4e15},
+        "targets": bench_step.TARGETS,
+        "points": bench_step.summarize(_step_rows(), 2),
+        "errors": [],
+    }
+    (res / "2099-01-01-h200-step.json").write_text(json.dumps(step))
+    (res / "broken.json").write_text("{not json")
+    plots, doc = tmp_path / "plots", tmp_path / "performance.md"
+    assert report.main(["--results", str(res), "--plots-dir", str(plots), "--doc", str(doc)]) == 0
+
+    pngs = sorted(p.name for p in plots.glob("*.png"))
+    for kind in ("router_gemm", "fused_moe", "masked_gemm"):
+        if any(kind in p.name for p in real):
+            assert f"report-{kind}.png" in pngs
+    for name in ("report-step-latency.png", "report-step-fractions.png", "report-step-stages.png"):
+        assert name in pngs
+    for p in plots.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    text = doc.read_text()
+    assert device["device"] in text
+    for name in pngs:
+        assert f"../benchmarks/results/{name}" in text
+    assert "python benchmarks/bench_step.py" in text and "python benchmarks/report.py" in text
+    assert "| weights | phase | T/rank |" in text
+    assert "no `layer` results yet" in text or "Layer step" in text
