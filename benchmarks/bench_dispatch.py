@@ -181,10 +181,9 @@ def _row(section, impl, precision, res, d_bytes, c_bytes, raw=None) -> dict[str,
 
 
 def _bench_normal(rank: int, world: int, args, timer: _Timer, device: str, have_deepep: bool) -> list[dict]:
-    from ep_runtime.kernels.quant import per_token_group_quant_fp8
-
     from ep_runtime.comm.deepep import DeepEPBufferOwner, DeepEPDispatcher
     from ep_runtime.comm.torch_backend import TorchDispatcher
+    from ep_runtime.kernels.quant import per_token_group_quant_fp8
     from ep_runtime.types import Layout, Routing
 
     T, E = args.normal_tokens, NUM_EXPERTS

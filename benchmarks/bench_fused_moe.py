@@ -25,19 +25,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ep_runtime.kernels import fused_moe as fm  # noqa: E402
-from ep_runtime.kernels.quant import (  # noqa: E402
-    per_token_group_quant_fp8,
-    quantize_fp8_block,
-    quantize_w4a8,
-)
-
 from benchmarks.common import (  # noqa: E402
     bench_us,
     measure_copy_bandwidth,
     measure_matmul_flops,
     print_table,
     write_results,
+)
+from ep_runtime.kernels import fused_moe as fm  # noqa: E402
+from ep_runtime.kernels.quant import (  # noqa: E402
+    per_token_group_quant_fp8,
+    quantize_fp8_block,
+    quantize_w4a8,
 )
 
 SHAPES = {

@@ -23,10 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import bench_us, measure_copy_bandwidth, print_table, write_results  # noqa: E402
 from ep_runtime.kernels import masked_grouped_gemm as mg  # noqa: E402
 from ep_runtime.kernels.quant import per_token_group_quant_fp8, quantize_fp8_block, quantize_w4a8  # noqa: E402
-
-from benchmarks.common import bench_us, measure_copy_bandwidth, print_table, write_results  # noqa: E402
 
 MODELS = [("DeepSeek-V3", 32, 7168, 2048), ("Qwen3-30B-A3B", 16, 2048, 768), ("Mixtral-8x7B", 2, 4096, 14336)]
 CAPACITY = 1024

@@ -23,9 +23,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ep_runtime.kernels import router_gemm as rg  # noqa: E402
-
 from benchmarks.common import bench_us, measure_copy_bandwidth, print_table, write_results  # noqa: E402
+from ep_runtime.kernels import router_gemm as rg  # noqa: E402
 
 SHAPES = [(7168, 256, "DeepSeek-V3"), (2048, 128, "Qwen3-30B-A3B"), (4096, 8, "Mixtral-8x7B")]
 T_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]

@@ -313,8 +313,6 @@ class WorkloadConfig(_Section):
     """Tokens per rank in each decode step."""
     warmup_steps: int = Field(default=1, ge=0)
     """Untimed steps before each phase."""
-    routing_skew: float = Field(default=0.0, ge=0.0)
-    """Adds a bias favouring low expert ids to router logits (0 = the model's own routing)."""
     verify: bool = True
     """Compare every rank's output with the single-process reference."""
     num_layers: int = Field(default=1, gt=0, le=64)

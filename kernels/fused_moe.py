@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
 from ep_runtime.kernels.quant import FP8_DTYPE, per_token_group_dequant_fp8, per_token_group_quant_fp8
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")

@@ -21,10 +21,9 @@ import time
 import traceback
 from typing import Any
 
+from ep_runtime.config import EPConfig, parse_config, resolve_plan
 from ep_runtime.launch.health import EXIT_WATCHDOG, FaultSpec, RankFailure, StageTracker
 from ep_runtime.launch.worker import LOOPBACK, RankInfo, RankWorker, Rendezvous, bind_rendezvous
-
-from ep_runtime.config import EPConfig, parse_config, resolve_plan
 
 EXIT_RANK_FAILED = 3
 

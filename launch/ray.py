@@ -25,10 +25,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ep_runtime.config import EPConfig, RuntimePlan, parse_config, resolve_plan
 from ep_runtime.launch.health import FaultSpec, LaunchError, RankFailure, StageTracker, watchdog_slack
 from ep_runtime.launch.worker import LOOPBACK, RankInfo, RankWorker, Rendezvous, bind_rendezvous
-
-from ep_runtime.config import EPConfig, RuntimePlan, parse_config, resolve_plan
 
 POLL_S = 0.5
 """How often the driver polls results and stage trackers."""

@@ -30,6 +30,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+
+from ep_runtime.config import RuntimePlan
 from ep_runtime.launch.health import (
     STAGES,
     FaultSpec,
@@ -37,8 +39,6 @@ from ep_runtime.launch.health import (
     StageTracker,
     Watchdog,
 )
-
-from ep_runtime.config import RuntimePlan
 from ep_runtime.types import Layout
 
 LOOPBACK = "127.0.0.1"

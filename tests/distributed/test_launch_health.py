@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from ep_runtime.config import TimeoutsConfig, load_config, parse_config, resolve_plan
 from ep_runtime.launch.health import RankFailure, StageTracker, Watchdog, stage_limit
 from ep_runtime.launch.worker import (
     RankInfo,
@@ -21,8 +23,6 @@ from ep_runtime.launch.worker import (
     bind_rendezvous,
     library_environment,
 )
-
-from ep_runtime.config import TimeoutsConfig, load_config, parse_config, resolve_plan
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -416,10 +416,9 @@ def test_input_and_construction_errors():
 def test_experts_implementations_agree(scheme, fp8_in, rng_seed):
     """torch and triton (interpreted) experts vs float32 references on the same inputs, both
     layouts: the low-latency one against the kernels' own masked reference (per-tensor w4a8)."""
+    from ep_runtime.experts import get_experts
     from ep_runtime.kernels.masked_grouped_gemm import masked_moe_reference
     from ep_runtime.kernels.quant import per_token_group_quant_fp8
-
-    from ep_runtime.experts import get_experts
     from ep_runtime.reference import qdq_per_token_group, reference_expert
     from ep_runtime.types import DispatchedTokens, Layout
     from ep_runtime.weights import build_local_weights

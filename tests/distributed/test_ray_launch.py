@@ -27,11 +27,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 ray = pytest.importorskip("ray")
 
+from ep_runtime.config import load_config, parse_config, resolve_plan  # noqa: E402
 from ep_runtime.launch.health import FaultSpec, LaunchError  # noqa: E402
 from ep_runtime.launch.ray import run_with_ray  # noqa: E402
 from ep_runtime.launch.report import summarize  # noqa: E402
-
-from ep_runtime.config import load_config, parse_config, resolve_plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ep_runtime.kernels import fused_moe as fm
 
+from ep_runtime.kernels import fused_moe as fm
 from tests.kernels.test_fused_moe import TOL, make_weights, random_routing, ref_moe, rel_err
 from tests.kernels.test_moe_align import check_align
 

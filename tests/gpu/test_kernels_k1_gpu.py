@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ep_runtime.kernels.masked_grouped_gemm import masked_grouped_gemm, masked_moe, masked_moe_reference
 from ep_runtime.kernels.quant import (
     _per_token_group_quant_fp8_torch,
@@ -19,7 +20,6 @@ from ep_runtime.kernels.quant import (
     quantize_w4a8,
 )
 from ep_runtime.kernels.router_gemm import heuristic_config, router_gemm
-
 from tests.kernels.test_masked_grouped_gemm import _assert_not_written, _close, _poison_rows
 
 pytestmark = pytest.mark.gpu

@@ -8,6 +8,7 @@ and the kernel may round a handful of activations to neighbouring fp8 values).
 from __future__ import annotations
 
 import torch
+
 from ep_runtime.kernels.quant import (
     dequantize_fp8_block,
     dequantize_w4a8,
@@ -115,6 +116,7 @@ def random_routing(T, K, num_experts, device="cpu", skip_frac=0.0):
 import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
+
 from ep_runtime.kernels import fused_moe as fm  # noqa: E402
 
 TOL = {"bf16": 1e-2, "fp8_block": 3e-2, "w4a8": 3e-2}

@@ -22,6 +22,7 @@ import os
 
 import pytest
 import torch
+
 from ep_runtime.kernels.masked_grouped_gemm import masked_grouped_gemm, masked_moe, masked_moe_reference
 from ep_runtime.kernels.quant import (
     FP8_DTYPE,

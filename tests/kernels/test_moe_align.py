@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ep_runtime.kernels.fused_moe import _moe_align_torch, align_buffer_size, moe_align_block_size
 
 IMPLS = {"triton": moe_align_block_size, "torch": _moe_align_torch}

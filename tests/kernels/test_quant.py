@@ -14,6 +14,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from ep_runtime.kernels.quant import (
     FP8_DTYPE,
     FP8_MAX,

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+
 from ep_runtime.kernels.router_gemm import heuristic_config, router_gemm, select
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from ep_runtime.launch.defaults import DEFAULT_CONFIG_RELPATH, EMBEDDED_LOCAL_CPU_YAML
-from ep_runtime.launch.health import FaultSpec
 
 from ep_runtime.cli import main
+from ep_runtime.launch.defaults import DEFAULT_CONFIG_RELPATH, EMBEDDED_LOCAL_CPU_YAML
+from ep_runtime.launch.health import FaultSpec
 
 REPO = Path(__file__).resolve().parents[2]
 

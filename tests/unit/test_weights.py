@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from ep_runtime.kernels.quant import FP8_DTYPE, quantize_fp8_block
 from safetensors.torch import save_file
 
 from ep_runtime.config import ModelConfig
+from ep_runtime.kernels.quant import FP8_DTYPE, quantize_fp8_block
 from ep_runtime.weights import (
     CheckpointError,
     CheckpointReader,
