@@ -312,3 +312,35 @@ def test_graph_runner_argument_errors():
         layer.close()
     finally:
         dist.destroy_process_group()
+
+
+def test_bench_step_cpu_smoke(tmp_path):
+    """benchmarks/bench_step.py end to end on 2 gloo ranks (tiny shapes, torch backend, no GPU floors)."""
+    import json
+
+    from benchmarks import bench_step
+
+    rc = bench_step.main(
+        [
+            "--device", "cpu", "--world", "2", "--hidden", "128", "--num-experts", "8", "--inter", "128",
+            "--topk", "2", "--n-group", "0", "--decode-tokens", "3", "--prefill-tokens", "9",
+            "--iters", "1", "--warmup", "1", "--weights", "bf16", "--out-dir", str(tmp_path), "--no-report",
+            "--timeout", "120",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    (path,) = tmp_path.glob("*-step-cpu-smoke.json")
+    doc = json.loads(path.read_text())
+    got = {(p["phase"], p["backend"], p["variant"]): p for p in doc["points"]}
+    assert set(got) == {
+        ("decode", "torch", "plain"),
+        ("decode", "torch", "two_batch"),
+        ("prefill", "torch", "chunks1"),
+        ("prefill", "torch", "chunks2"),
+        ("prefill", "torch", "chunks4"),
+    }
+    for p in got.values():
+        assert p["ranks"] == 2 and p["step_ms"] > 0 and not p.get("errors"), p
+        assert p["layout"] == ("low_latency" if p["phase"] == "decode" else "normal")
+        assert p.get("rel_vs_plain", 0.0) < 1e-2
+    assert got[("decode", "torch", "plain")]["pairs"] > 0
