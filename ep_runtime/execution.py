@@ -302,9 +302,12 @@ class DecodeGraphRunner:
                     slot.out = None
                     self._body(slot)
             main.wait_stream(side)
+            # No eager work in flight during the capture (NCCL's watchdog thread polls the events of
+            # eager collectives); the capture restricts only this thread's CUDA calls.
+            torch.cuda.synchronize()
             slot.out = None
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._body(slot)
             if self._pool is None:
                 self._pool = graph.pool()

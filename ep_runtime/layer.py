@@ -510,6 +510,9 @@ class EPMoE(torch.nn.Module):
         """Free the communication buffers; the layer is unusable afterwards. Idempotent."""
         if self._closed:
             return
+        if self.graph_runner is not None:
+            self.graph_runner.reset()  # the graphs reference the dispatchers' buffers
+            self.graph_runner = None
         for d in self.dispatchers.values():
             d.close()
         self._closed = True

@@ -175,7 +175,7 @@ def _run(backend: str, schemes: list[str]) -> list[str]:
         failures: list[str] = []
         try:
             for _ in range(WORLD):
-                _, f = queue.get(timeout=420)
+                _, f = queue.get(timeout=300)
                 failures += f
         except Exception as exc:  # noqa: BLE001 - queue.Empty: a rank hung
             failures.append(f"ranks did not report in time: {exc!r}")

@@ -123,3 +123,43 @@ def test_report_from_real_results(tmp_path):
     assert "python benchmarks/bench_step.py" in text and "python benchmarks/report.py" in text
     assert "| weights | phase | T/rank |" in text
     assert "no `layer` results yet" in text or "Layer step" in text
+
+
+def test_report_layer_and_dispatch_formats(tmp_path):
+    """The layer (bench_layer) and dispatch (bench_dispatch) documents, in their writers' formats."""
+    dev = {"device": "NVIDIA H200", "num_gpus": 2, "torch": "2.11", "triton": "3.6", "cuda": "13.0"}
+    stage = {"mode": 0.01, "router": 0.05, "dispatch": 0.2, "experts": 2.5, "combine": 0.2, "checks": 0.0}
+    layer = {
+        "what": "layer-deepep",
+        "date": "2099-01-01T00:00:00+00:00",
+        "device": dev,
+        "shape": {"hidden": 7168, "num_experts": 256, "local_experts": 128, "inter": 2048, "top_k": 8},
+        "rows": [
+            {"rank": r, "scheme": "bf16", "phase": ph, "tokens": t, "layout": lay, "step_wall_ms": 3.1,
+             "stage_ms": stage, "isolated_ms": {"sum": 2.9}, "verify": {"rel_err": 0.004}}
+            for r in (0, 1)
+            for ph, t, lay in (("prefill", 4096, "normal"), ("decode", 128, "low_latency"))
+        ],
+    }  # fmt: skip
+    row = {"mode": "low_latency", "impl": "deepep raw", "precision": "fp8", "dispatch_us": 52.0,
+           "dispatch_GBps": 40.0, "combine_us": 53.0, "combine_GBps": 70.0, "loop_us": 105.0}  # fmt: skip
+    dispatch = {
+        "what": "dispatch",
+        "date": "2099-01-01T00:00:00+00:00",
+        "device": dev,
+        "shapes": {"hidden": 7168, "top_k": 8},
+        "ranks": 2,
+        "rows_by_rank": {"0": [row, dict(row, impl="runtime deepep", loop_overhead_pct=2.0)], "1": [row]},
+    }
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "a-layer-deepep.json").write_text(json.dumps(layer))
+    (res / "b-dispatch.json").write_text(json.dumps(dispatch))
+    plots, doc = tmp_path / "plots", tmp_path / "perf.md"
+    assert report.main(["--results", str(res), "--plots-dir", str(plots), "--doc", str(doc)]) == 0
+    assert (plots / "report-layer-stages.png").stat().st_size > 5000
+    assert (plots / "report-dispatch.png").stat().st_size > 5000
+    text = doc.read_text()
+    assert "NVIDIA H200" in text and "| deepep | bf16 | prefill | 4096 | normal |" in text
+    assert "| low_latency | runtime deepep | fp8 |" in text
+    assert "no `step` results yet" in text
