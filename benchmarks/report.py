@@ -586,6 +586,54 @@ def _step(doc: dict, out: Path) -> Section:
     ]
     rows = [p for p in pts if p["backend"] != "deepep raw"]
     raw = [p for p in pts if p["backend"] == "deepep raw"]
+    summary = target_summary(rows)
+    if summary:
+        s.md.append(
+            "Targets per point (fastest runtime variant; `gap ms` = step - target x (floor + raw comm);"
+        )
+        s.md.append("`largest stage` from the plain variant's telemetry):\n")
+        s.md.append(
+            _table(
+                summary,
+                [
+                    ("weights", "scheme"),
+                    ("phase", "phase"),
+                    ("T/rank", "tokens"),
+                    ("best", "best"),
+                    ("step ms", "step_ms"),
+                    ("floor ms", "floor_ms"),
+                    ("raw comm ms", "raw_comm_ms"),
+                    ("ratio", "ratio"),
+                    ("target", "target"),
+                    ("met", "met"),
+                    ("gap ms", "gap_ms"),
+                    ("largest stage", "largest"),
+                ],
+            )
+        )
+        s.md.append("")
+    verdicts = switch_verdicts(rows)
+    if verdicts:
+        s.md.append(
+            "Execution switches (geometric-mean speedup over the plain variant across the measured points;"
+        )
+        s.md.append("a switch is worth turning on by default where it wins everywhere it was measured):\n")
+        s.md.append(
+            _table(
+                verdicts,
+                [
+                    ("backend", "backend"),
+                    ("phase", "phase"),
+                    ("variant", "variant"),
+                    ("points", "points"),
+                    ("geo-mean x plain", "geomean"),
+                    ("min x plain", "min"),
+                    ("max rel vs plain", "rel"),
+                    ("wins everywhere", "wins"),
+                ],
+            )
+        )
+        s.md.append("")
     s.md.append(_table(rows, cols))
     if raw:
         s.md.append("\nRaw DeepEP dispatch + combine for the same routing:\n")
@@ -601,6 +649,68 @@ def _step(doc: dict, out: Path) -> Section:
             f"{sum(1 for p in doc.get('points', []) if p.get('errors'))} failed point(s): see `{Path(doc['_path']).name}`."
         )
     return s
+
+
+def target_summary(rows: list[dict]) -> list[dict]:
+    """Per (weights, phase, tokens): the fastest variant of the preferred backend against the target."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for p in rows:
+        if p.get("step_ms"):
+            groups[(p["scheme"], p["phase"], p["tokens"])].append(p)
+    out = []
+    for (scheme, phase, tokens), ps in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "decode", kv[0][2])
+    ):
+        pref = [p for p in ps if p["backend"] == "deepep"] or ps
+        best = min(pref, key=lambda p: p["step_ms"])
+        plain = next((p for p in pref if p["variant"] in ("plain", "chunks1")), best)
+        stages = {k: v for k, v in (plain.get("stage_ms") or {}).items() if k != "mode" or v > 0}
+        largest = max(stages, key=stages.get) if stages else None
+        row = dict(
+            scheme=scheme,
+            phase=phase,
+            tokens=tokens,
+            best=f"{best['backend']}/{best['variant']}",
+            step_ms=best["step_ms"],
+            floor_ms=best.get("floor_ms"),
+            raw_comm_ms=best.get("raw_comm_ms"),
+            ratio=best.get("ratio"),
+            target=best.get("target"),
+            met=best.get("target_met"),
+        )
+        if best.get("bound_ms") and best.get("target") and best.get("raw_comm_ms") is not None:
+            row["gap_ms"] = best["step_ms"] - best["target"] * best["bound_ms"]
+        if largest:
+            row["largest"] = f"{largest} {stages[largest]:.3g} ms"
+        out.append(row)
+    return out
+
+
+def switch_verdicts(rows: list[dict]) -> list[dict]:
+    """Per (backend, phase, non-plain variant): how the switch compares with the plain variant."""
+    import math
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for p in rows:
+        if p["variant"] in ("plain", "chunks1") or not p.get("speedup_vs_plain"):
+            continue
+        groups[(p["backend"], p["phase"], p["variant"])].append(p)
+    out = []
+    for (backend, phase, variant), ps in sorted(groups.items()):
+        sp = [p["speedup_vs_plain"] for p in ps]
+        out.append(
+            dict(
+                backend=backend,
+                phase=phase,
+                variant=variant,
+                points=len(ps),
+                geomean=math.exp(sum(math.log(x) for x in sp) / len(sp)),
+                min=min(sp),
+                rel=max((p.get("rel_vs_plain") or 0.0) for p in ps),
+                wins=all(x > 1.0 for x in sp),
+            )
+        )
+    return out
 
 
 BUILDERS = {

@@ -122,6 +122,8 @@ def test_report_from_real_results(tmp_path):
         assert f"../benchmarks/results/{name}" in text
     assert "python benchmarks/bench_step.py" in text and "python benchmarks/report.py" in text
     assert "| weights | phase | T/rank |" in text
+    assert "Targets per point" in text and "| bf16 | decode | 16 | deepep/graph |" in text
+    assert "| deepep | decode | graph | 1 |" in text  # switch verdicts
     assert "no `layer` results yet" in text or "Layer step" in text
 
 
