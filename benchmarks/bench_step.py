@@ -91,7 +91,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None, help="where the JSON and plots go (default benchmarks/results)")
     p.add_argument("--no-report", action="store_true", help="do not redraw plots / docs/performance.md")
     p.add_argument(
-        "--timeout", type=float, default=None, help="seconds for the whole run (default 480; quick 200)"
+        "--timeout", type=float, default=None, help="seconds for the whole run (default 450; quick 200)"
     )
     args = p.parse_args(argv)
     if args.decode_tokens is None:
@@ -103,7 +103,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.iters is None:
         args.iters = 5 if args.quick else 10
     if args.timeout is None:
-        args.timeout = 200.0 if args.quick else 480.0
+        args.timeout = 200.0 if args.quick else 450.0
     if args.world is None:
         args.world = max(2, torch.cuda.device_count()) if args.device == "cuda" else 2
     if args.capacity is None:
@@ -302,19 +302,21 @@ def _bench_scheme(rank: int, args, scheme: str, device: torch.device, ceilings: 
                 "weight_bytes": weight_bytes,
             }
         )
-        phases = [("decode", t, False) for t in args.decode_tokens] + [
-            ("prefill", t, True) for t in args.prefill_tokens
-        ]
-        for phase, num_tokens, is_prefill in phases:
+        # Graph variants run last: a failed capture can leave the device unusable for what follows.
+        eager_decode = {k: v for k, v in DECODE_VARIANTS.items() if not v.get("cuda_graph_decode")}
+        graph_decode = {k: v for k, v in DECODE_VARIANTS.items() if v.get("cuda_graph_decode")}
+        passes = [("decode", t, False, eager_decode, True) for t in args.decode_tokens]
+        passes += [("prefill", t, True, PREFILL_VARIANTS, True) for t in args.prefill_tokens]
+        if device.type == "cuda":
+            passes += [("decode", t, False, graph_decode, False) for t in args.decode_tokens]
+        base_out: dict[tuple, torch.Tensor] = {}
+        for phase, num_tokens, is_prefill, variants, with_raw in passes:
             g = torch.Generator(device=device).manual_seed(4321 + 13 * rank + num_tokens)
             h = torch.randn(num_tokens, args.hidden, generator=g, device=device).to(torch.bfloat16)
             point = {"kind": "point", "scheme": scheme, "phase": phase, "tokens": num_tokens, "rank": rank}
-            variants = DECODE_VARIANTS if phase == "decode" else PREFILL_VARIANTS
-            base_out: dict[str, torch.Tensor] = {}
+            key = "plain" if phase == "decode" else "chunks1"
             for backend, layer in layers.items():
                 for vname, switches in variants.items():
-                    if switches.get("cuda_graph_decode") and device.type != "cuda":
-                        continue
                     row = dict(point, backend=backend, variant=vname)
                     try:
                         layer.set_execution(
@@ -338,18 +340,22 @@ def _bench_scheme(rank: int, args, scheme: str, device: torch.device, ceilings: 
                             dispatch_precision=layer.dispatch_precision(tel.layout),
                             experts_impl=layer.plan.experts_impl,
                         )
-                        key = "plain" if phase == "decode" else "chunks1"
+                        base_key = (backend, phase, num_tokens)
                         if vname == key:
-                            base_out[backend] = y.detach().clone()
+                            base_out[base_key] = y.detach().clone()
                             row.update(_floor(layer, tel, ceilings, scheme, bytes_per_expert))
-                        elif backend in base_out:
-                            row["rel_vs_plain"] = _rel(y, base_out[backend])
-                        if backend != backends[0] and backends[0] in base_out and vname == key:
-                            row["rel_vs_" + backends[0]] = _rel(y, base_out[backends[0]])
+                            first = (backends[0], phase, num_tokens)
+                            if backend != backends[0] and first in base_out:
+                                row["rel_vs_" + backends[0]] = _rel(y, base_out[first])
+                        elif base_key in base_out:
+                            row["rel_vs_plain"] = _rel(y, base_out[base_key])
                     except Exception:  # noqa: BLE001 - recorded; symmetric failures keep ranks in step
                         row["error"] = traceback.format_exc()[-2000:]
                     emit(row)
                 layer.set_execution(**OFF)
+            if not with_raw:
+                dist.barrier()
+                continue
             if "deepep" in layers:
                 row = dict(point, backend="deepep raw", variant="raw")
                 try:
