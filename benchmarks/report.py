@@ -762,7 +762,9 @@ Execution switches (`execution` section, defaults off until measured): `cuda_gra
 low-latency step replayed from a CUDA graph, no host sync, no mode all-reduce), `decode_two_batch`
 (two micro-batches, DeepEP `return_recv_hook` / async all-to-all), `prefill_chunks` (chunked normal
 step, communication of one chunk overlapping the experts of another). `bench_step.py` measures each
-on and off.
+on and off. Stage times of overlapped variants are CUDA-event intervals in issue order on the compute
+stream (communication running under another stage's compute is not shown separately); a graph step
+reports one `graph` stage.
 """
 
 
