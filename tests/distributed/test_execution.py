@@ -344,3 +344,194 @@ def test_bench_step_cpu_smoke(tmp_path):
         assert p["layout"] == ("low_latency" if p["phase"] == "decode" else "normal")
         assert p.get("rel_vs_plain", 0.0) < 1e-2
     assert got[("decode", "torch", "plain")]["pairs"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The DeepEP async calls and the overlapped schedules' issue order, against a recording stand-in
+# for `deep_ep` (no GPU): which kwargs reach DeepEP, and that every low-latency send comes after the
+# previous low-latency call's receive (DeepEP's double buffer).
+# ---------------------------------------------------------------------------------------------
+
+
+class _Event:
+    def __init__(self, log: list, name: str):
+        self.log, self.name = log, name
+
+    def current_stream_wait(self):
+        self.log.append(("wait", self.name))
+
+
+class _Buffer:
+    log: list = []
+    num_sms = 20
+
+    def __init__(self, group, **kwargs):
+        self.rank = 0
+        self.n = 0
+
+    @staticmethod
+    def set_num_sms(n):
+        pass
+
+    @staticmethod
+    def get_dispatch_config(num_ranks):
+        return _Cfg()
+
+    get_combine_config = get_dispatch_config
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(c, hidden, num_ranks, num_experts):
+        return 128 * c
+
+    @staticmethod
+    def is_sm90_compiled():
+        return True
+
+    @staticmethod
+    def capture():
+        _Buffer.log.append(("capture",))
+        return _Event(_Buffer.log, "captured")
+
+    def clean_low_latency_buffer(self, c, hidden, num_experts):
+        pass
+
+    def destroy(self):
+        pass
+
+    def _tag(self):
+        self.n += 1
+        return self.n
+
+    def low_latency_dispatch(self, x, ids, c, e, use_fp8=True, async_finish=False, return_recv_hook=False):
+        t = self._tag()
+        self.log.append(("ll_dispatch", t, x.shape[0], return_recv_hook, async_finish))
+        recv = x.new_zeros(2, 2 * c, x.shape[1])
+        return (
+            recv,
+            torch.zeros(2, dtype=torch.int32),
+            t,
+            None,
+            lambda: self.log.append(("ll_dispatch_recv", t)),
+        )
+
+    def low_latency_combine(self, x, ids, w, handle, async_finish=False, return_recv_hook=False):
+        self.log.append(("ll_combine", handle, return_recv_hook, async_finish))
+        out = torch.zeros(ids.shape[0], x.shape[-1], dtype=torch.bfloat16)
+        return out, None, lambda: self.log.append(("ll_combine_recv", handle))
+
+    def get_dispatch_layout(
+        self, ids, e, previous_event=None, async_finish=False, allocate_on_comm_stream=False
+    ):
+        self.log.append(("layout", previous_event is not None, async_finish, allocate_on_comm_stream))
+        return None, None, None, None, _Event(self.log, "layout")
+
+    def dispatch(self, x, previous_event=None, async_finish=False, allocate_on_comm_stream=False, **kw):
+        t = self._tag()
+        self.log.append(("dispatch", t, previous_event.name, async_finish, allocate_on_comm_stream))
+        k = kw["topk_idx"].shape[1]
+        return (
+            x,
+            torch.zeros(x.shape[0], k, dtype=torch.int32),
+            torch.zeros(x.shape[0], k),
+            [0, 0],
+            t,
+            _Event(self.log, f"dispatch{t}"),
+        )
+
+    def combine(
+        self, x, handle, config=None, previous_event=None, async_finish=False, allocate_on_comm_stream=False
+    ):
+        self.log.append(
+            ("combine", handle, previous_event is not None, async_finish, allocate_on_comm_stream)
+        )
+        return x, None, _Event(self.log, f"combine{handle}")
+
+
+class _Cfg:
+    def get_nvl_buffer_size_hint(self, hidden_bytes, num_ranks):
+        return 1 << 20
+
+
+def test_deepep_async_calls_and_schedule_order(monkeypatch):
+    import sys
+    import types
+
+    from ep_runtime.comm.deepep import DeepEPDispatcher
+    from ep_runtime.config import parse_config, resolve_plan
+    from ep_runtime.execution import chunked_normal_step, two_batch_round
+    from ep_runtime.types import Routing
+
+    mod = types.ModuleType("deep_ep")
+    mod.Buffer, mod.Config, mod.topk_idx_t = _Buffer, _Cfg, torch.int64
+    monkeypatch.setitem(sys.modules, "deep_ep", mod)
+    monkeypatch.setattr(DeepEPDispatcher, "supports", classmethod(lambda cls, plan, mode_plan: (True, "ok")))
+    plan = resolve_plan(
+        parse_config(
+            {
+                "model": {"hidden_size": 2048, "num_experts": 4, "top_k": 2, "moe_intermediate_size": 256},
+                "parallel": {"ep_size": 2, "device": "cuda"},
+                "dispatch": {"backend": "deepep", "num_max_dispatch_tokens_per_rank": 8},
+            }
+        )
+    )
+    disp = DeepEPDispatcher.build_all(plan, None)
+    log = _Buffer.log = []
+
+    def experts(d, w):
+        log.append(("experts", d.x.shape[0]))
+        return torch.zeros(d.x.shape[0], d.x.shape[-1], dtype=torch.bfloat16) if d.x.dim() == 2 else d.x
+
+    layer = types.SimpleNamespace(
+        dispatchers=disp,
+        experts=types.SimpleNamespace(forward=experts),
+        weights=types.SimpleNamespace(experts=None),
+        plan=plan,
+        _dist=False,
+        group=None,
+    )
+    x = torch.randn(5, 2048).to(torch.bfloat16)
+    routing = Routing(torch.randint(0, 4, (5, 2)), torch.rand(5, 2))
+    counts = torch.zeros(2, dtype=torch.int64)
+
+    out = two_batch_round(layer, x, routing, counts)
+    assert out.shape == (5, 2048)
+    assert log == [
+        ("ll_dispatch", 1, 3, True, False),
+        ("ll_dispatch_recv", 1),
+        ("ll_dispatch", 2, 2, True, False),
+        ("experts", 2),
+        ("ll_dispatch_recv", 2),
+        ("ll_combine", 1, True, False),
+        ("experts", 2),
+        ("ll_combine_recv", 1),
+        ("ll_combine", 2, True, False),
+        ("ll_combine_recv", 2),
+    ], log
+
+    log.clear()
+    out = chunked_normal_step(layer, x, routing, 2, counts)
+    assert out.shape == (5, 2048)
+    # All dispatches first, each after an event of the compute stream, on DeepEP's comm stream.
+    assert log[:6] == [
+        ("capture",),
+        ("layout", True, True, True),
+        ("dispatch", 3, "layout", True, True),
+        ("capture",),
+        ("layout", True, True, True),
+        ("dispatch", 4, "layout", True, True),
+    ], log
+    # Per chunk: wait for its dispatch, experts, combine after a captured event; then the waits.
+    assert log[6:] == [
+        ("wait", "dispatch3"),
+        ("experts", 3),
+        ("capture",),
+        ("combine", 3, True, True, True),
+        ("wait", "dispatch4"),
+        ("experts", 2),
+        ("capture",),
+        ("combine", 4, True, True, True),
+        ("wait", "combine3"),
+        ("wait", "combine4"),
+    ], log
+    for d in disp.values():
+        d.close()
