@@ -44,6 +44,8 @@ _BYTE = torch.uint8
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """`[N, X]` tensor of any dtype -> `[N, X * itemsize]` uint8 view (no copy)."""
+    if t.numel() == 0:  # an empty tensor may carry a 0 stride, which view() rejects
+        return t.new_empty((*t.shape[:-1], t.shape[-1] * t.element_size()), dtype=_BYTE)
     return t.contiguous().view(_BYTE)
 
 
