@@ -510,6 +510,14 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
                     f"({rpn}) DeepEP internode mode needs {DEEPEP_MAX_NVL_PEERS} ranks per node",
                 )
             )
+        if d.mode in ("normal", "auto") and par.nodes == 1 and par.ep_size not in (2, 4, 8):
+            errs.append(
+                (
+                    "parallel.ep_size",
+                    f"({par.ep_size}) DeepEP normal mode on one node runs 2, 4 or 8 ranks; allowed: 2, 4, 8 "
+                    "(or dispatch.mode 'low_latency', or dispatch.backend 'torch')",
+                )
+            )
         if (m.hidden_size * 2) % 16:
             errs.append(
                 ("model.hidden_size", f"({m.hidden_size}) DeepEP needs rows of a multiple of 16 bytes")

@@ -304,3 +304,10 @@ def test_infinite_or_nan_numbers_rejected():
     for bad in (float("inf"), float("nan")):
         errs = errors_of(base(**{"timeouts.step_s": bad}))
         assert errs[0][0] == "timeouts.step_s"
+
+
+def test_deepep_normal_mode_rank_counts():
+    errs = errors_of(gpu_doc(**{"parallel.ep_size": 1, "model.num_experts": 8}))
+    assert errs[0][0] == "parallel.ep_size" and "allowed: 2, 4, 8" in errs[0][1]
+    plan = resolve_plan(parse_config(gpu_doc(**{"parallel.ep_size": 1, "dispatch.mode": "low_latency"})))
+    assert list(plan.modes) == [Layout.LOW_LATENCY]
