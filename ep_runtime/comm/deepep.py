@@ -109,16 +109,20 @@ class DeepEPBufferOwner:
 
         # Buffer.num_sms is DeepEP class state read by its default configs; set it before building them.
         deep_ep.Buffer.set_num_sms(tune.num_sms)
-        self.dispatch_config = (
-            _chunk_config(deep_ep, tune.num_sms, tune.normal_dispatch, "dispatch.deepep.normal_dispatch")
-            if tune.normal_dispatch
-            else deep_ep.Buffer.get_dispatch_config(self.num_ranks)
-        )
-        self.combine_config = (
-            _chunk_config(deep_ep, tune.num_sms, tune.normal_combine, "dispatch.deepep.normal_combine")
-            if tune.normal_combine
-            else deep_ep.Buffer.get_combine_config(self.num_ranks)
-        )
+        # Normal-mode configs only where normal mode runs: DeepEP has defaults for 2, 4, 8, ... ranks,
+        # while a low-latency-only plan may run on one rank.
+        self.dispatch_config = self.combine_config = None
+        if Layout.NORMAL in plan.modes:
+            self.dispatch_config = (
+                _chunk_config(deep_ep, tune.num_sms, tune.normal_dispatch, "dispatch.deepep.normal_dispatch")
+                if tune.normal_dispatch
+                else deep_ep.Buffer.get_dispatch_config(self.num_ranks)
+            )
+            self.combine_config = (
+                _chunk_config(deep_ep, tune.num_sms, tune.normal_combine, "dispatch.deepep.normal_combine")
+                if tune.normal_combine
+                else deep_ep.Buffer.get_combine_config(self.num_ranks)
+            )
         nvl, rdma = max_buffer_bytes(plan)
         if Layout.NORMAL in plan.modes:
             hidden_bytes = self.hidden * 2
