@@ -119,7 +119,14 @@ def _compare_low_latency(dt, dd, ot, od, fp8: bool) -> str:
     for e, n in enumerate(dt.num_recv_per_expert.tolist()):
         rt = _dequant(dt.x[e, :n], None if dt.x_scale is None else dt.x_scale[e, :n])
         rd = _dequant(dd.x[e, :n], None if dd.x_scale is None else dd.x_scale[e, :n])
-        rt, rd = _sorted_rows(rt, proj), _sorted_rows(rd, proj)
+        if fp8:
+            # Pair each torch row with its nearest DeepEP row (sorting by a projection is not stable
+            # under fp8 rounding); the pairing must be one-to-one.
+            match = torch.cdist(rt, rd).argmin(1) if n else torch.empty(0, dtype=torch.long, device=rt.device)
+            assert match.unique().numel() == n, f"expert {e}: received rows do not pair up one-to-one"
+            rd = rd[match]
+        else:
+            rt, rd = _sorted_rows(rt, proj), _sorted_rows(rd, proj)
         if fp8:
             # DeepEP quantises inside its kernel (its own scale rounding): one e4m3 step apart at most.
             amax = rt.abs().amax(1, keepdim=True).clamp(min=1e-6)
