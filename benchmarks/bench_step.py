@@ -135,7 +135,8 @@ def _plan(args: argparse.Namespace, scheme: str, backend: str):
             parallel=dict(ep_size=args.world, device=args.device),
             dispatch=dict(
                 backend=backend,
-                mode="auto",
+                # DeepEP's normal kernels need 2, 4 or 8 ranks: on one GPU it runs low-latency only.
+                mode="low_latency" if backend == "deepep" and args.world == 1 else "auto",
                 num_max_dispatch_tokens_per_rank=args.capacity,
             ),
         )
@@ -316,6 +317,8 @@ def _bench_scheme(rank: int, args, scheme: str, device: torch.device, ceilings: 
             point = {"kind": "point", "scheme": scheme, "phase": phase, "tokens": num_tokens, "rank": rank}
             key = "plain" if phase == "decode" else "chunks1"
             for backend, layer in layers.items():
+                if is_prefill and layer.plan.mode == "low_latency":
+                    continue  # one-GPU DeepEP: no normal layout to measure prefill with
                 for vname, switches in variants.items():
                     row = dict(point, backend=backend, variant=vname)
                     try:
@@ -356,7 +359,7 @@ def _bench_scheme(rank: int, args, scheme: str, device: torch.device, ceilings: 
             if not with_raw:
                 dist.barrier()
                 continue
-            if "deepep" in layers:
+            if "deepep" in layers and not (is_prefill and layers["deepep"].plan.mode == "low_latency"):
                 row = dict(point, backend="deepep raw", variant="raw")
                 try:
                     row["comm_ms"] = _raw_deepep_ms(layers["deepep"], h, is_prefill, args.iters, device)
