@@ -259,3 +259,20 @@ def test_torch_dispatcher_errors(rng_seed: int) -> None:
 if __name__ == "__main__":  # pragma: no cover - quick manual run
     os.environ.setdefault("TRITON_INTERPRET", "1")
     print(run_ranks(_run_cases, 2, 0))
+
+
+def test_bench_dispatch_cpu_smoke(tmp_path) -> None:
+    """The dispatch benchmark runs end to end (torch backend, gloo, tiny shapes) and writes JSON."""
+    import json
+
+    from benchmarks.bench_dispatch import main
+
+    argv = ["--device", "cpu", "--no-deepep", "--normal-tokens", "8", "--ll-tokens", "4"]
+    assert main([*argv, "--iters", "1", "--warmup", "1", "--out-dir", str(tmp_path), "--timeout", "120"]) == 0
+    (path,) = tmp_path.glob("*dispatch-cpu-smoke.json")
+    doc = json.loads(path.read_text())
+    rows = doc["rows_by_rank"]["0"]
+    assert {(r["mode"], r["precision"]) for r in rows} == {
+        (m, p) for m in ("normal", "low_latency") for p in ("bf16", "fp8")
+    }
+    assert all(r["impl"] == "runtime torch" and r["dispatch_us"] > 0 for r in rows)
