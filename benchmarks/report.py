@@ -85,6 +85,8 @@ def device_line(doc: dict) -> str:
     for k in ("torch", "triton", "cuda"):
         if d.get(k):
             parts.append(f"{k} {d[k]}")
+    if "ranks" in doc:
+        parts.append(f"EP ranks {doc['ranks']}")
     parts.append(str(doc.get("date", ""))[:10])
     return ", ".join(parts)
 
