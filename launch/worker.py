@@ -418,7 +418,10 @@ class RankWorker:
         import torch.distributed as dist
 
         from ep_runtime.layer import EPMoE
+        from ep_runtime.resources import check_memory
 
+        # Fail before allocating (weights, DeepEP buffers) with advice on what to lower.
+        check_memory(self.plan, device)
         base = self.plan.config.model.layer_index
         for i in range(self.plan.config.workload.num_layers):
             self._layers.append(
