@@ -47,7 +47,7 @@ PrecisionChoice = Literal["auto", "bf16", "fp8"]
 # Hidden sizes DeepEP's low-latency kernels are compiled for (its SWITCH_HIDDEN list).
 DEEPEP_LOW_LATENCY_HIDDEN_SIZES = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 # DeepEP's low-latency kernels take at most this many top-k slots per token.
-DEEPEP_LOW_LATENCY_MAX_TOPK = 9
+DEEPEP_LOW_LATENCY_MAX_TOPK = 11
 # NVLink peers per node that DeepEP's intranode kernels address.
 DEEPEP_MAX_NVL_PEERS = 8
 
@@ -208,10 +208,19 @@ class DeepEPChunkConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DeepEPChunkConfig:
-        if self.num_max_nvl_chunked_send_tokens > self.num_max_nvl_chunked_recv_tokens:
-            raise ValueError("num_max_nvl_chunked_send_tokens must be <= num_max_nvl_chunked_recv_tokens")
-        if self.num_max_rdma_chunked_send_tokens > self.num_max_rdma_chunked_recv_tokens:
-            raise ValueError("num_max_rdma_chunked_send_tokens must be <= num_max_rdma_chunked_recv_tokens")
+        # DeepEP's own asserts (csrc/config.hpp), checked when the file is loaded instead.
+        if self.num_max_nvl_chunked_send_tokens >= self.num_max_nvl_chunked_recv_tokens:
+            raise ValueError(
+                f"num_max_nvl_chunked_send_tokens ({self.num_max_nvl_chunked_send_tokens}) must be < "
+                f"num_max_nvl_chunked_recv_tokens ({self.num_max_nvl_chunked_recv_tokens})"
+            )
+        send, recv = self.num_max_rdma_chunked_send_tokens, self.num_max_rdma_chunked_recv_tokens
+        recv_rounded = -(-recv // send) * send
+        if send > recv_rounded // 2:
+            raise ValueError(
+                f"num_max_rdma_chunked_send_tokens ({send}) must be <= half of num_max_rdma_chunked_recv_tokens "
+                f"rounded up to a multiple of it ({recv_rounded})"
+            )
         return self
 
 
@@ -593,6 +602,14 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
                 "applies to normal-mode steps; dispatch.mode is 'low_latency' (allowed: 1)",
             )
         )
+    if d.backend == "deepep" and d.buffer.num_nvl_bytes is not None and d.buffer.num_nvl_bytes > 2**31 - 1:
+        if d.mode in ("low_latency", "auto") or par.nodes > 1:
+            errs.append(
+                (
+                    "dispatch.buffer.num_nvl_bytes",
+                    f"({d.buffer.num_nvl_bytes}) must be <= 2^31 - 1 when DeepEP also allocates an RDMA/low-latency buffer",
+                )
+            )
     if d.auto.normal_above_tokens is not None and d.mode != "auto":
         errs.append(
             (

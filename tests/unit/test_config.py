@@ -311,3 +311,20 @@ def test_deepep_normal_mode_rank_counts():
     assert errs[0][0] == "parallel.ep_size" and "allowed: 2, 4, 8" in errs[0][1]
     plan = resolve_plan(parse_config(gpu_doc(**{"parallel.ep_size": 1, "dispatch.mode": "low_latency"})))
     assert list(plan.modes) == [Layout.LOW_LATENCY]
+
+
+def test_deepep_chunk_config_rules_match_deepep_asserts():
+    ok = {"num_max_nvl_chunked_send_tokens": 24, "num_max_nvl_chunked_recv_tokens": 256}
+    plan = resolve_plan(parse_config(gpu_doc(**{"dispatch.deepep": {"normal_dispatch": ok}})))
+    assert plan.config.dispatch.deepep.normal_dispatch.num_max_nvl_chunked_recv_tokens == 256
+    equal = {"num_max_nvl_chunked_send_tokens": 256, "num_max_nvl_chunked_recv_tokens": 256}
+    errs = errors_of(gpu_doc(**{"dispatch.deepep": {"normal_dispatch": equal}}))
+    assert errs[0][0] == "dispatch.deepep.normal_dispatch" and "must be <" in errs[0][1]
+    rdma = dict(ok, num_max_rdma_chunked_send_tokens=128, num_max_rdma_chunked_recv_tokens=128)
+    errs = errors_of(gpu_doc(**{"dispatch.deepep": {"normal_combine": rdma}}))
+    assert errs[0][0] == "dispatch.deepep.normal_combine" and "half of" in errs[0][1]
+
+
+def test_nvl_buffer_int_max_with_low_latency():
+    errs = errors_of(gpu_doc(**{"dispatch.buffer": {"num_nvl_bytes": 2**31}}))
+    assert errs[0][0] == "dispatch.buffer.num_nvl_bytes"
