@@ -17,6 +17,7 @@ requires.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -344,36 +345,11 @@ class DeepEPDispatcher(Dispatcher):
             raise ValueError(f"routing has {routing.num_tokens} tokens but x has {x.shape[0]} rows")
         if self.layout == Layout.NORMAL:
             return self._dispatch_normal_async(x, routing)
-        if x.shape[0] > self.capacity:
-            raise ValueError(
-                f"low-latency dispatch got {x.shape[0]} tokens, more than the capacity C = "
-                f"dispatch.num_max_dispatch_tokens_per_rank ({self.capacity}); the layer must chunk the batch"
-            )
-        buffer = self.owner.enter(Layout.LOW_LATENCY)
-        recv, recv_count, deep_handle, _, hook = buffer.low_latency_dispatch(
-            x.contiguous(),
-            self._ids(routing),
-            self.capacity,
-            self.num_experts,
-            use_fp8=self.is_fp8,
-            async_finish=False,
-            return_recv_hook=True,
-        )
+        result, hook = self._issue_low_latency(x, routing, return_recv_hook=True)
 
         def finish() -> tuple[DispatchedTokens, DispatchHandle]:
             hook()
-            recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
-            dispatched = DispatchedTokens(
-                layout=Layout.LOW_LATENCY, x=recv_x, x_scale=recv_scale, num_recv_per_expert=recv_count
-            )
-            handle = DispatchHandle(
-                layout=Layout.LOW_LATENCY,
-                num_tokens=x.shape[0],
-                hidden_size=self.hidden,
-                routing=routing,
-                state=deep_handle,
-            )
-            return dispatched, handle
+            return result()
 
         return Pending(finish)
 
@@ -545,30 +521,42 @@ class DeepEPDispatcher(Dispatcher):
     def _dispatch_low_latency(
         self, x: torch.Tensor, routing: Routing
     ) -> tuple[DispatchedTokens, DispatchHandle]:
+        result, _ = self._issue_low_latency(x, routing, return_recv_hook=False)
+        return result()
+
+    def _issue_low_latency(
+        self, x: torch.Tensor, routing: Routing, *, return_recv_hook: bool
+    ) -> tuple[Callable[[], tuple[DispatchedTokens, DispatchHandle]], Any]:
+        """Issue DeepEP's low-latency dispatch; return a function that wraps what was received (call
+        it after the receive hook when `return_recv_hook`), and the hook (None otherwise)."""
         if x.shape[0] > self.capacity:
             raise ValueError(
                 f"low-latency dispatch got {x.shape[0]} tokens, more than the capacity C = "
                 f"dispatch.num_max_dispatch_tokens_per_rank ({self.capacity}); the layer must chunk the batch"
             )
         buffer = self.owner.enter(Layout.LOW_LATENCY)
-        recv, recv_count, deep_handle, _, _ = buffer.low_latency_dispatch(
+        recv, recv_count, deep_handle, _, hook = buffer.low_latency_dispatch(
             x.contiguous(),
             self._ids(routing),
             self.capacity,
             self.num_experts,
             use_fp8=self.is_fp8,
             async_finish=False,
-            return_recv_hook=False,
+            return_recv_hook=return_recv_hook,
         )
-        recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
-        dispatched = DispatchedTokens(
-            layout=Layout.LOW_LATENCY, x=recv_x, x_scale=recv_scale, num_recv_per_expert=recv_count
-        )
-        handle = DispatchHandle(
-            layout=Layout.LOW_LATENCY,
-            num_tokens=x.shape[0],
-            hidden_size=self.hidden,
-            routing=routing,
-            state=deep_handle,
-        )
-        return dispatched, handle
+
+        def result() -> tuple[DispatchedTokens, DispatchHandle]:
+            recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
+            dispatched = DispatchedTokens(
+                layout=Layout.LOW_LATENCY, x=recv_x, x_scale=recv_scale, num_recv_per_expert=recv_count
+            )
+            handle = DispatchHandle(
+                layout=Layout.LOW_LATENCY,
+                num_tokens=x.shape[0],
+                hidden_size=self.hidden,
+                routing=routing,
+                state=deep_handle,
+            )
+            return dispatched, handle
+
+        return result, hook
