@@ -73,23 +73,10 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _plan(args: argparse.Namespace, scheme: str):
+    from benchmarks.common import deepseek_style_model
     from ep_runtime.config import parse_config, resolve_plan
 
-    model = dict(
-        name="deepseek-v3-layer",
-        hidden_size=args.hidden,
-        num_experts=args.num_experts,
-        top_k=args.topk,
-        moe_intermediate_size=args.inter,
-        scoring="sigmoid",
-        use_correction_bias=True,
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        weights=scheme,
-        seed=0,
-    )
-    if args.n_group:
-        model.update(n_group=args.n_group, topk_group=args.topk_group)
+    model = deepseek_style_model(args, scheme)
     cfg = parse_config(
         dict(
             model=model,

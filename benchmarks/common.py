@@ -131,3 +131,25 @@ def write_results(what: str, payload: dict[str, Any], out_dir: Path | None = Non
     path.write_text(json.dumps(doc, indent=2, default=str))
     print(f"wrote {path}")
     return path
+
+
+def deepseek_style_model(args, scheme: str) -> dict[str, Any]:
+    """The `model` section of a DeepSeek-V3-style layer (sigmoid scoring, correction bias, scaling
+    2.5, optional grouped top-k) from a benchmark's `--hidden/--num-experts/--topk/--inter/--n-group/
+    --topk-group` arguments."""
+    model: dict[str, Any] = dict(
+        name="deepseek-v3-layer",
+        hidden_size=args.hidden,
+        num_experts=args.num_experts,
+        top_k=args.topk,
+        moe_intermediate_size=args.inter,
+        scoring="sigmoid",
+        use_correction_bias=True,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        weights=scheme,
+        seed=0,
+    )
+    if args.n_group:
+        model.update(n_group=args.n_group, topk_group=args.topk_group)
+    return model
