@@ -298,22 +298,14 @@ class DeepEPDispatcher(Dispatcher):
         Returns: the received tokens (normal: `[N_recv, D]` with local top-k ids/weights;
             low-latency: `[L, C*R, D]`, fp8 scales column-major as DeepEP returns them) and the handle.
         """
-        if x.dim() != 2 or x.shape[1] != self.hidden or x.dtype != torch.bfloat16:
-            raise ValueError(f"x must be [T, {self.hidden}] bfloat16, got {tuple(x.shape)} {x.dtype}")
-        if routing.num_tokens != x.shape[0]:
-            raise ValueError(f"routing has {routing.num_tokens} tokens but x has {x.shape[0]} rows")
+        self._check_dispatch_args(x, routing)
         if self.layout == Layout.NORMAL:
             return self._dispatch_normal(x, routing)
         return self._dispatch_low_latency(x, routing)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Return expert outputs to their sources and reduce them: `[T, D]` bfloat16."""
-        if handle.layout != self.layout:
-            raise ValueError(
-                f"handle is for the {handle.layout.value} layout, this dispatcher serves {self.layout.value}"
-            )
-        if expert_out.dtype != torch.bfloat16:
-            raise ValueError(f"expert_out.dtype must be bfloat16, got {expert_out.dtype}")
+        self._check_combine_args(expert_out, handle)
         buffer = self.owner.enter(self.layout, is_dispatch=False)
         if self.layout == Layout.NORMAL:
             out, _, _ = buffer.combine(
@@ -339,10 +331,7 @@ class DeepEPDispatcher(Dispatcher):
         `.wait()` makes the current stream wait for the dispatch's event. The normal dispatch still
         waits on the host for the receive counts (DeepEP's notify step), as the synchronous one does.
         """
-        if x.dim() != 2 or x.shape[1] != self.hidden or x.dtype != torch.bfloat16:
-            raise ValueError(f"x must be [T, {self.hidden}] bfloat16, got {tuple(x.shape)} {x.dtype}")
-        if routing.num_tokens != x.shape[0]:
-            raise ValueError(f"routing has {routing.num_tokens} tokens but x has {x.shape[0]} rows")
+        self._check_dispatch_args(x, routing)
         if self.layout == Layout.NORMAL:
             return self._dispatch_normal_async(x, routing)
         result, hook = self._issue_low_latency(x, routing, return_recv_hook=True)
@@ -407,12 +396,7 @@ class DeepEPDispatcher(Dispatcher):
         """Issue the combine; `.wait()` -> `[T, D]` bfloat16. Low-latency: `return_recv_hook=True`
         (`.wait()` runs the hook); normal: on the communication stream after an event of the current
         stream (`.wait()` makes the current stream wait for it)."""
-        if handle.layout != self.layout:
-            raise ValueError(
-                f"handle is for the {handle.layout.value} layout, this dispatcher serves {self.layout.value}"
-            )
-        if expert_out.dtype != torch.bfloat16:
-            raise ValueError(f"expert_out.dtype must be bfloat16, got {expert_out.dtype}")
+        self._check_combine_args(expert_out, handle)
         buffer = self.owner.enter(self.layout, is_dispatch=False)
         if self.layout == Layout.NORMAL:
             out, _, ev = buffer.combine(
@@ -517,6 +501,20 @@ class DeepEPDispatcher(Dispatcher):
             state=deep_handle,
         )
         return dispatched, handle
+
+    def _check_dispatch_args(self, x: torch.Tensor, routing: Routing) -> None:
+        if x.dim() != 2 or x.shape[1] != self.hidden or x.dtype != torch.bfloat16:
+            raise ValueError(f"x must be [T, {self.hidden}] bfloat16, got {tuple(x.shape)} {x.dtype}")
+        if routing.num_tokens != x.shape[0]:
+            raise ValueError(f"routing has {routing.num_tokens} tokens but x has {x.shape[0]} rows")
+
+    def _check_combine_args(self, expert_out: torch.Tensor, handle: DispatchHandle) -> None:
+        if handle.layout != self.layout:
+            raise ValueError(
+                f"handle is for the {handle.layout.value} layout, this dispatcher serves {self.layout.value}"
+            )
+        if expert_out.dtype != torch.bfloat16:
+            raise ValueError(f"expert_out.dtype must be bfloat16, got {expert_out.dtype}")
 
     def _dispatch_low_latency(
         self, x: torch.Tensor, routing: Routing
