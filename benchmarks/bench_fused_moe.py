@@ -53,7 +53,8 @@ TUNE_AT = {
     ("dsv3_e32", "bf16"): (128, 2048, 8192),
     ("dsv3_e32", "fp8_block"): (2048, 8192),
     ("qwen3_30b", "bf16"): (128, 2048),
-    ("mixtral", "bf16"): (128, 2048),
+    ("mixtral", "bf16"): (128, 2048, 8192),
+    ("mixtral", "fp8_block"): (2048, 8192),
 }
 """(shape, scheme) -> T values swept under --tune (other T use the nearest tuned bucket)."""
 SMOKE = {"tiny": dict(L=8, D=256, I=128, K=8, Ts=[2, 64])}
@@ -122,8 +123,11 @@ def graph_us(fn) -> float:
 def candidates(rows_per_expert: float, scheme: str):
     """(BLOCK_M, [gate_up candidates], [down candidates]) lists for one bucket."""
 
-    def c(bn, bk, w, s, g=8):
-        return dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)
+    def c(bn, bk, w, s, g=8, m=False):
+        d = dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)
+        if m:
+            d["MERGE_GU"] = True
+        return d
 
     fp8 = scheme != "bf16"
     if rows_per_expert <= 12:
@@ -137,18 +141,23 @@ def candidates(rows_per_expert: float, scheme: str):
         gu = [c(64, 128, 4, 4), c(128, 64, 8, 4)] if not fp8 else [c(64, 128, 4, 4), c(64, 128, 4, 3)]
         dn = [c(128, 128, 4, 4), c(256, 64, 8, 3)] if not fp8 else [c(128, 128, 4, 4), c(64, 128, 4, 4)]
         return [(64, gu, dn)]
-    # Registers (ptxas for sm_90a): fp8 gate_up BLOCK_N=128 spills at BLOCK_M=128, 64 does not.
-    bk = 128 if fp8 else 64
+    # Prefill. MERGE_GU = one [BLOCK_K, 2*BLOCK_N] gate|up tile per K step (one wider dot). Registers
+    # (ptxas sm_90, checked on the CPU): fp8 keeps a dot temporary as large as the accumulator, so its
+    # gate|up tile stays at 128 columns per warpgroup row block (128x(2*64) or 64x(2*128) with 8 warps).
     if fp8:
-        gu = [c(64, 128, 8, 3), c(64, 128, 8, 4)]
-        dn = [c(128, 128, 8, 3), c(128, 128, 8, 4), c(64, 128, 4, 4)]
+        gu = [c(64, 128, 8, 4), c(64, 128, 8, 4, m=True), c(64, 128, 8, 3, m=True)]
+        dn = [c(128, 128, 8, 3), c(128, 128, 8, 4)]
+        gu64 = [c(128, 128, 8, 3, m=True), c(64, 128, 4, 4, m=True)]
+        dn64 = [c(128, 128, 4, 4), c(256, 128, 8, 3)]
     else:
-        gu = [c(128, 64, 8, 3), c(128, 64, 8, 4), c(64, 64, 4, 4)]
-        dn = [c(256, 64, 8, 3), c(256, 64, 8, 4), c(128, 64, 8, 4)]
-    if rows_per_expert <= 256:
-        # Each expert pads to a multiple of BLOCK_M: at ~128 rows per expert BLOCK_M=128 can waste
-        # a large share of the tiles, so try 64 as well (not yet in the first H200 sweep).
-        return [(128, gu, dn), (64, [c(128, bk, 4, 4)], [c(128, bk, 4, 4)])]
+        gu = [c(128, 64, 8, 4), c(128, 64, 8, 4, m=True), c(128, 64, 8, 3, m=True)]
+        dn = [c(256, 64, 8, 3), c(256, 64, 8, 4), c(128, 128, 8, 3)]
+        gu64 = [c(128, 64, 4, 4, m=True), c(128, 64, 8, 4, m=True)]
+        dn64 = [c(256, 64, 8, 4), c(128, 64, 4, 4)]
+    if rows_per_expert <= 512:
+        # Each expert pads to a multiple of BLOCK_M: at a few hundred rows per expert BLOCK_M=128
+        # wastes a share of the tiles and fills fewer SMs, so BLOCK_M=64 competes.
+        return [(128, gu, dn), (64, gu64, dn64)]
     return [(128, gu, dn)]
 
 

@@ -73,6 +73,12 @@ def main() -> None:
     ap.add_argument("--out-dir", default=None, help="results directory (default benchmarks/results)")
     ap.add_argument("--table", default=str(rg.CONFIG_PATH), help="selection table to write with --tune")
     ap.add_argument("--quick", action="store_true", help="fewer T values")
+    ap.add_argument(
+        "--max-t",
+        type=int,
+        default=None,
+        help="only T <= this; with --tune the table's existing buckets above it are kept",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_router_gemm needs a CUDA GPU")
@@ -83,6 +89,10 @@ def main() -> None:
     bw = measure_copy_bandwidth()
     print(f"{name}: copy bandwidth {bw / 1e12:.2f} TB/s")
     t_values = [1, 8, 64, 512, 4096] if args.quick else T_VALUES
+    if args.max_t is not None:
+        t_values = [t for t in t_values if t <= args.max_t]
+    old_doc = json.loads(Path(args.table).read_text()) if Path(args.table).exists() else {}
+    old_table = old_doc.get("devices", {}).get(name, {})
     rows, table = [], {}
     try:
         for D, E, model in SHAPES:
@@ -103,17 +113,31 @@ def main() -> None:
                         buckets.append(bucket)
             finally:
                 if buckets:
+                    key = f"{D},{E}"
+                    if args.max_t is not None and old_table.get(key):
+                        # partial sweep: keep the old choices above the largest T measured here
+                        top = buckets[-1]["max_t"]
+                        buckets += [
+                            dict(b) for b in old_table[key] if b.get("max_t") is None or b["max_t"] > top
+                        ]
                     buckets[-1]["max_t"] = None  # the last bucket covers everything larger
-                    table[f"{D},{E}"] = _merge_buckets(buckets)
+                    table[key] = _merge_buckets(buckets)
     except KeyboardInterrupt:
         print("interrupted: writing what was measured")
     rows_ok = [r for r in rows if "error" not in r]
 
     cols = ["model", "T", "cublas_us", "auto_us", "triton_heur_us", "serial_heur_us"]
+    cols += ["graph_cublas_us", "graph_auto_us", "graph_atomic_heur_us", "graph_serial_heur_us"]
     cols += ["triton_best_us"] if args.tune else []
     cols += ["speedup_auto_vs_cublas", "roofline_us", "frac_roofline_auto"]
     print_table(f"router GEMM on {name} (copy bw {bw / 1e12:.2f} TB/s)", rows_ok, cols)
-    payload = {"copy_bandwidth_Bps": bw, "rows": rows, "tuned": bool(args.tune)}
+    payload = {
+        "copy_bandwidth_Bps": bw,
+        "rows": rows,
+        "tuned": bool(args.tune),
+        "timing": "*_us: eager calls, triton do_bench median (best of two); graph_*_us: per call, CUDA-graph "
+        "replay of 20 back-to-back calls, do_bench median / 20",
+    }
     if args.tune:
         path = Path(args.table)
         doc = json.loads(path.read_text()) if path.exists() else {}
@@ -175,6 +199,21 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
         triton_heur_us=t_heur,
         serial_heur_us=t_serial,
     )
+    if T <= 64:
+        # Launch overhead dominates at ~1 us of HBM time: the same calls replayed from a CUDA graph
+        # (what a graph-captured decode step sees). Atomic = zero-fill + GEMM (2 launches); serial =
+        # one launch.
+        atomic_cfg = dict(rg.heuristic_config(T, D, E, num_sms), REDUCE="atomic")
+        row["graph_cublas_us"] = _graph_us(lambda: rg.router_gemm(x, w, impl="cublas"))
+        row["graph_auto_us"] = _graph_us(lambda: rg.router_gemm(x, w, impl="auto"))
+        row["graph_atomic_heur_us"] = _graph_us(
+            lambda: rg.router_gemm(x, w, impl="triton", config=atomic_cfg)
+        )
+        row["graph_serial_heur_us"] = _graph_us(
+            lambda: rg.router_gemm(x, w, impl="triton", config=serial_cfg)
+        )
+        s_err = (rg.router_gemm(x, w, impl="triton", config=serial_cfg).double() - ref).abs().max().item()
+        row["serial_max_abs_err"] = s_err
     if T == 64:  # the split-K output must be zeroed first: what that alone costs
         row["zeros_us"] = bench_us(lambda: torch.zeros((T, E), dtype=torch.float32, device=dev))
     best_cfg, best_t, bucket = None, float("inf"), None
@@ -191,6 +230,10 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
                 best_cfg, best_t = cfg, t
         row["triton_best_us"] = best_t
         row["best_config"] = json.dumps(best_cfg)
+        if T <= 64 and best_cfg is not None:
+            row["graph_triton_best_us"] = _graph_us(
+                lambda: rg.router_gemm(x, w, impl="triton", config=best_cfg)
+            )
         impl = "triton" if best_t < t_cublas else "cublas"
         bucket = {"max_t": T, "impl": impl, "config": best_cfg if impl == "triton" else None}
     best = min(t_cublas, t_auto, t_heur, t_serial, best_t)
@@ -206,6 +249,25 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
         + (f" tuned {best_t:.2f} {best_cfg}" if tune else "")
     )
     return row, bucket
+
+
+def _graph_us(fn, replays: int = 20) -> float:
+    """Median time of one call replayed from a CUDA graph holding `replays` back-to-back calls
+    (so the graph launch itself is amortised), in microseconds."""
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(replays):
+            fn()
+    t = min(bench_us(g.replay, warmup=5, rep=30) for _ in range(2)) / replays
+    del g
+    return t
 
 
 def _merge_buckets(buckets: list[dict]) -> list[dict]:

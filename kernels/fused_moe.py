@@ -319,6 +319,7 @@ def _fused_moe_gemm_kernel(
     ATOMIC: tl.constexpr,
     UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr,
+    MERGE_GU: tl.constexpr,
 ):
     """One program = one M-block of one expert x one N-block.
 
@@ -327,6 +328,9 @@ def _fused_moe_gemm_kernel(
     else (down): a rows are slots; epilogue * topk_weight[slot]; ATOMIC adds into c [T, N] fp32 at row
     `slot // top_k`, otherwise stores at row `slot`.
     b is [E, N_total, K] (k contiguous) or, for w4a8, [E, N_total, K/2] uint8.
+    MERGE_GU (GATE_UP only): one [BLOCK_K, 2*BLOCK_N] weight tile (gate columns then up columns) and one
+    [BLOCK_M, 2*BLOCK_N] accumulator, so each K step is one wider tensor-core dot (one read of the A
+    tile from shared memory, one scale multiply for fp8) instead of two; split in the epilogue.
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -362,21 +366,29 @@ def _fused_moe_gemm_kernel(
     else:
         offs_kb = offs_k
     b_base = b_ptr + expert * stride_be + offs_kb[:, None] * stride_bk
-    b_ptrs = b_base + offs_bn[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATE_UP:
+    if MERGE_GU:
+        # Column j < BLOCK_N: gate row n0 + j; column BLOCK_N + j: up row up_offset + n0 + j.
+        offs_j = tl.arange(0, 2 * BLOCK_N)
+        offs_brow = ((pid_n * BLOCK_N + offs_j % BLOCK_N) % N + (offs_j // BLOCK_N) * up_offset).to(tl.int64)
+    else:
+        offs_brow = offs_bn
+    TILE_N: tl.constexpr = 2 * BLOCK_N if MERGE_GU else BLOCK_N
+    b_ptrs = b_base + offs_brow[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
+    SPLIT_UP: tl.constexpr = GATE_UP and not MERGE_GU
+    if SPLIT_UP:
         b_up_ptrs = b_base + (offs_bn + up_offset)[None, :] * stride_bn
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SCHEME != 0:
         a_s_ptrs = a_scale_ptr + a_row * stride_asm
         if SCHEME == 1:
-            b_s_row = offs_bn // 128
+            b_s_row = offs_brow // 128
             b_s_row_up = (offs_bn + up_offset) // 128
         else:
-            b_s_row = offs_bn
+            b_s_row = offs_brow
             b_s_row_up = offs_bn + up_offset
         b_s_ptrs = b_scale_ptr + expert * stride_bse + b_s_row * stride_bsn
-        if GATE_UP:
+        if SPLIT_UP:
             b_s_up_ptrs = b_scale_ptr + expert * stride_bse + b_s_row_up * stride_bsn
 
     if SCHEME == 2:
@@ -390,34 +402,38 @@ def _fused_moe_gemm_kernel(
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_rem, other=0.0)
-        b = _load_b_tile(b_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N, EVEN_K)
-        if GATE_UP:
+        b = _load_b_tile(b_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, TILE_N, EVEN_K)
+        if SPLIT_UP:
             b_up = _load_b_tile(b_up_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N, EVEN_K)
         if SCHEME == 0:
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-                if GATE_UP:
+                if SPLIT_UP:
                     b_up = b_up.to(tl.float32)
             acc = tl.dot(a, b, acc)
-            if GATE_UP:
+            if SPLIT_UP:
                 acc_up = tl.dot(a, b_up, acc_up)
         else:
             a_s = tl.load(a_s_ptrs + kb * stride_ask)
             b_s = tl.load(b_s_ptrs + kb * stride_bsk)
             acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
-            if GATE_UP:
+            if SPLIT_UP:
                 b_s_up = tl.load(b_s_up_ptrs + kb * stride_bsk)
                 acc_up += tl.dot(a, b_up) * (a_s[:, None] * b_s_up[None, :])
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += b_step
-        if GATE_UP:
+        if SPLIT_UP:
             b_up_ptrs += b_step
 
     n_ok = offs_n < N
     mask = row_ok[:, None] & n_ok[None, :]
     if GATE_UP:
-        out = acc / (1.0 + tl.exp(-acc)) * acc_up
+        if MERGE_GU:
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+        else:
+            gate, up = acc, acc_up
+        out = gate / (1.0 + tl.exp(-gate)) * up
         c_ptrs = c_ptr + slot.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
     else:
@@ -601,6 +617,7 @@ def _launch_gemm(
         ATOMIC=atomic,
         UPCAST=_INTERPRET and sid == 0,
         EVEN_K=k % cfg["BLOCK_K"] == 0,
+        MERGE_GU=bool(gate_up and cfg.get("MERGE_GU", False)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

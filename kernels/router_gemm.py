@@ -62,6 +62,7 @@ def _router_gemm_kernel(
     BLOCK_K: tl.constexpr,
     REDUCE: tl.constexpr,
     UPCAST: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     """Program (e-block, t-block, k-split) accumulates x[t-block, k-range] @ w[e-block, k-range]^T.
 
@@ -106,7 +107,7 @@ def _router_gemm_kernel(
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == split_k - 1:
             total = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-            for s in range(0, split_k):
+            for s in tl.static_range(NUM_SPLITS):
                 total += tl.load(ws_ptr + s * T * E + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
@@ -237,6 +238,7 @@ def _router_gemm_triton(
         BLOCK_K=bk,
         REDUCE=reduce_mode,
         UPCAST=_UPCAST,
+        NUM_SPLITS=split_k if reduce_mode == 2 else 1,
         num_warps=config.get("num_warps", 4),
         num_stages=config.get("num_stages", 3),
     )

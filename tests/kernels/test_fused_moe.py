@@ -237,6 +237,18 @@ def test_w4a8(rng_seed, fused):
     run_case(T=6, K=3, L=3, D=256, inter=128, scheme="w4a8", fused=fused, fp8_input=fused)
 
 
+@pytest.mark.parametrize(
+    "scheme, D, inter, block_n",
+    [("bf16", 72, 40, 16), ("fp8_block", 256, 256, 64), ("w4a8", 256, 128, 32)],
+)
+def test_merged_gate_up_tile(rng_seed, scheme, D, inter, block_n):
+    # MERGE_GU: one [BLOCK_K, 2*BLOCK_N] gate|up weight tile per K step; I not a multiple of BLOCK_N
+    # (bf16) and fp8 block scales that differ between the gate and up halves of the tile.
+    cfg = tiny_config(scheme, block_n=block_n)
+    cfg["gate_up"]["MERGE_GU"] = True
+    run_case(T=7, K=3, L=3, D=D, inter=inter, scheme=scheme, config=cfg)
+
+
 def test_gate_up_writes_every_valid_row(rng_seed):
     """Launch the gate_up GEMM alone into a NaN-poisoned buffer: valid slots written, others untouched."""
     L, inter, D, T, K = 3, 40, 72, 7, 2
