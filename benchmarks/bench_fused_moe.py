@@ -145,15 +145,17 @@ def candidates(rows_per_expert: float, scheme: str):
     # (ptxas sm_90, checked on the CPU): fp8 keeps a dot temporary as large as the accumulator, so its
     # gate|up tile stays at 128 columns per warpgroup row block (128x(2*64) or 64x(2*128) with 8 warps).
     if fp8:
-        gu = [c(64, 128, 8, 4), c(64, 128, 8, 4, m=True), c(64, 128, 8, 3, m=True)]
-        dn = [c(128, 128, 8, 3), c(128, 128, 8, 4)]
-        gu64 = [c(128, 128, 8, 3, m=True), c(64, 128, 4, 4, m=True)]
-        dn64 = [c(128, 128, 4, 4), c(256, 128, 8, 3)]
-    else:
-        gu = [c(128, 64, 8, 4), c(128, 64, 8, 4, m=True), c(128, 64, 8, 3, m=True)]
-        dn = [c(256, 64, 8, 3), c(256, 64, 8, 4), c(128, 128, 8, 3)]
-        gu64 = [c(128, 64, 4, 4, m=True), c(128, 64, 8, 4, m=True)]
-        dn64 = [c(256, 64, 8, 4), c(128, 64, 4, 4)]
+        # First H200 sweep: BLOCK_M=64 with 4 warps won every fp8 prefill bucket (more programs per
+        # SM hide the per-K-block scale readout), so it is tried at every size.
+        gu = [c(64, 128, 8, 4, m=True), c(64, 128, 8, 3, m=True)]
+        dn = [c(128, 128, 8, 3)]
+        gu64 = [c(64, 128, 4, 4, m=True), c(64, 128, 4, 3, m=True), c(128, 128, 8, 3, m=True)]
+        dn64 = [c(128, 128, 4, 4), c(128, 128, 4, 3), c(256, 128, 8, 3)]
+        return [(64, gu64, dn64), (128, gu, dn)]
+    gu = [c(128, 64, 8, 4), c(128, 64, 8, 4, m=True), c(128, 64, 8, 3, m=True)]
+    dn = [c(256, 64, 8, 3), c(256, 64, 8, 4), c(128, 128, 8, 3)]
+    gu64 = [c(128, 64, 4, 4, m=True), c(128, 64, 8, 4, m=True)]
+    dn64 = [c(256, 64, 8, 4), c(128, 64, 4, 4)]
     if rows_per_expert <= 512:
         # Each expert pads to a multiple of BLOCK_M: at a few hundred rows per expert BLOCK_M=128
         # wastes a share of the tiles and fills fewer SMs, so BLOCK_M=64 competes.
@@ -178,8 +180,13 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
     for bm, gus, dns in candidates(T * K / L, scheme):
         align = fm.moe_align_block_size(ids, bm, L)
         act_out = torch.empty(T * K, inter, device=x.device, dtype=torch.bfloat16)
-        acc = torch.zeros(T, D, device=x.device, dtype=torch.float32)
         atomic = K > 2
+        # fused top-k sum: fp32 [T, D] accumulated atomically; unfused: one bf16 row per slot [T*K, D]
+        acc = (
+            torch.zeros(T, D, device=x.device, dtype=torch.float32)
+            if atomic
+            else torch.zeros(T * K, D, device=x.device, dtype=torch.bfloat16)
+        )
 
         def time_one(cfg, gate_up, bm=bm, align=align, act_out=act_out, acc=acc, atomic=atomic):
             if gate_up:
@@ -240,6 +247,7 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
                     break
                 scored.append((time_one(cfg, name == "gate_up"), cfg))
             res[name] = min(scored, key=lambda s: s[0])
+            log.extend(f"BM={bm} {name} {t:.1f} us {json.dumps(cfg, sort_keys=True)}" for t, cfg in scored)
         total = res["gate_up"][0] + res["down"][0]
         log.append(f"BM={bm}: gate_up {res['gate_up'][0]:.1f} us, down {res['down'][0]:.1f} us")
         if best is None or total < best[0]:

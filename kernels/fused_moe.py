@@ -494,10 +494,16 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, scheme: str)
     if rows <= 64:
         gemm = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
         return dict(BLOCK_M=64, gate_up=dict(gemm), down=dict(gemm, BLOCK_N=128))
-    # fp8: two [128, 64] accumulators (plus the scaled-dot temporaries) already use ~255 registers.
-    gate_up = dict(BLOCK_N=128 if scheme == "bf16" else 64, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=4)
-    down = dict(BLOCK_N=256 if scheme == "bf16" else 128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, gate_up=gate_up, down=down)
+    # Prefill, from the H200 sweeps: bf16 128 x (2*128) merged gate|up tiles with 8 warps; fp8 keeps a
+    # scaled-dot temporary as large as its accumulator, and small 64-row tiles with 4 warps (more
+    # programs per SM to hide the per-K-block scale readout) won every fp8 bucket.
+    if scheme == "bf16":
+        gate_up = dict(BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=4, MERGE_GU=True)
+        down = dict(BLOCK_N=256, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=4)
+        return dict(BLOCK_M=128, gate_up=gate_up, down=down)
+    gate_up = dict(BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=4, MERGE_GU=True)
+    down = dict(BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64, gate_up=gate_up, down=down)
 
 
 def get_config(
@@ -513,7 +519,8 @@ def get_config(
     """Block config for one fused_moe call: the tuned entry of `kernels/configs/fused_moe.json` for
     (device, L, I, D, scheme) at the T-bucket nearest T (in log scale), else `heuristic_config`.
 
-    Returns `{"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}, "down": {...}}`.
+    Returns `{"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, MERGE_GU]},
+    "down": {...}}` (MERGE_GU, gate_up only, default False: one merged gate|up weight tile per K step).
     """
     table = _load_table(str(path or CONFIG_DIR / "fused_moe.json"))
     entries = table.get(device_key(device), {}).get(shape_key(num_experts, inter, hidden, scheme))
