@@ -56,8 +56,21 @@ def candidate_configs(T: int, D: int, E: int, num_sms: int) -> list[dict[str, in
                     out.append(
                         dict(BLOCK_T=bt, BLOCK_E=be, BLOCK_K=64, SPLIT_K=sk, num_warps=4, num_stages=4)
                     )
-    # the one-launch serial reduction for every split config
-    out += [dict(c, REDUCE="serial") for c in out if c["SPLIT_K"] > 1]
+    if T > 64:
+        # the one-launch serial reduction for every split config (at T <= 64 it lost to the atomic
+        # reduction in every CUDA-graph timing of the first H200 sweep: the last program's reduce
+        # is a serial tail, a graph's zero-fill node is cheap)
+        out += [dict(c, REDUCE="serial") for c in out if c["SPLIT_K"] > 1]
+    if T <= 16:
+        # the one-launch GEMV-style kernel: 1-4 whole weight rows per program, no split-K; its K loop
+        # is not software-pipelined, so wide K tiles (few iterations) keep the loads in flight
+        bt = triton.next_power_of_2(T)
+        for be in (1, 2, 4):
+            for bk in (1024, 2048, 4096, 8192):
+                if bt * be * bk <= 16384 and bk <= max(1024, triton.next_power_of_2(D)) and E // be >= 4:
+                    out.append(
+                        dict(BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, SPLIT_K=1, KERNEL="gemv", num_warps=8)
+                    )
     uniq = []
     for c in out:
         if c not in uniq:
@@ -78,6 +91,12 @@ def main() -> None:
         type=int,
         default=None,
         help="only T <= this; with --tune the table's existing buckets above it are kept",
+    )
+    ap.add_argument(
+        "--tune-max-t",
+        type=int,
+        default=None,
+        help="with --tune: sweep only T <= this (all T are still measured); buckets above are kept",
     )
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -101,7 +120,8 @@ def main() -> None:
             try:
                 for T in t_values:
                     try:
-                        row, bucket = _measure(model, D, E, T, w, bw, num_sms, args.tune, dev)
+                        tune_t = args.tune and (args.tune_max_t is None or T <= args.tune_max_t)
+                        row, bucket = _measure(model, D, E, T, w, bw, num_sms, tune_t, dev)
                     except Exception as exc:  # record and go on: one bad point must not lose the rest
                         print(f"{model} T={T}: FAILED {type(exc).__name__}: {exc}"[:300])
                         rows.append(
@@ -114,7 +134,8 @@ def main() -> None:
             finally:
                 if buckets:
                     key = f"{D},{E}"
-                    if args.max_t is not None and old_table.get(key):
+                    partial = args.max_t is not None or args.tune_max_t is not None
+                    if partial and old_table.get(key):
                         # partial sweep: keep the old choices above the largest T measured here
                         top = buckets[-1]["max_t"]
                         buckets += [
@@ -160,6 +181,13 @@ def main() -> None:
                         bench_us(lambda x=x, w=w: rg.router_gemm(x, w, impl="auto")) for _ in range(2)
                     )
                     row["speedup_tuned_vs_cublas"] = row["cublas_us"] / row["auto_tuned_us"]
+                    if row["T"] <= 64:
+                        row["graph_auto_tuned_us"] = _graph_us(
+                            lambda x=x, w=w: rg.router_gemm(x, w, impl="auto")
+                        )
+                        row["speedup_graph_tuned_vs_cublas"] = (
+                            row["graph_cublas_us"] / row["graph_auto_tuned_us"]
+                        )
             except KeyboardInterrupt:
                 print("interrupted while re-measuring")
             rows_ok = [r for r in rows_ok if "auto_tuned_us" in r]
@@ -169,6 +197,9 @@ def main() -> None:
                 "cublas_us",
                 "auto_tuned_us",
                 "speedup_tuned_vs_cublas",
+                "graph_cublas_us",
+                "graph_auto_tuned_us",
+                "speedup_graph_tuned_vs_cublas",
                 "frac_roofline_best",
             ]
             print_table(f"router GEMM with the tuned table on {name}", rows_ok, cols)
@@ -220,23 +251,33 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
     if tune:
         for cfg in candidate_configs(T, D, E, num_sms):
             try:
-                t = bench_us(
-                    lambda cfg=cfg: rg.router_gemm(x, w, impl="triton", config=cfg), warmup=3, rep=10
-                )
+                fn = lambda cfg=cfg: rg.router_gemm(x, w, impl="triton", config=cfg)  # noqa: E731
+                # T <= 64: picked by CUDA-graph replay time (eager times of a few-us kernel are the
+                # launcher's; decode steps run from a graph); larger T: eager do_bench
+                t = _graph_us(fn, replays=10, tries=1, rep=10) if T <= 64 else bench_us(fn, warmup=3, rep=10)
             except Exception as exc:  # a config that does not compile is skipped, not fatal
                 print(f"skip {cfg}: {type(exc).__name__}: {exc}"[:200])
                 continue
             if t < best_t:
                 best_cfg, best_t = cfg, t
-        row["triton_best_us"] = best_t
         row["best_config"] = json.dumps(best_cfg)
+        t_ref = t_cublas
         if T <= 64 and best_cfg is not None:
-            row["graph_triton_best_us"] = _graph_us(
+            # best_t is a graph time here: re-measure it (two tries) and give its eager time too
+            row["graph_triton_best_us"] = best_t = _graph_us(
                 lambda: rg.router_gemm(x, w, impl="triton", config=best_cfg)
             )
-        impl = "triton" if best_t < t_cublas else "cublas"
+            row["triton_best_us"] = min(
+                bench_us(lambda: rg.router_gemm(x, w, impl="triton", config=best_cfg)) for _ in range(2)
+            )
+            t_ref = row["graph_cublas_us"]
+            row["speedup_graph_best_vs_cublas"] = t_ref / best_t
+        else:
+            row["triton_best_us"] = best_t
+        impl = "triton" if best_t < t_ref else "cublas"
+        row["selected_by"] = "graph replay" if T <= 64 else "eager"
         bucket = {"max_t": T, "impl": impl, "config": best_cfg if impl == "triton" else None}
-    best = min(t_cublas, t_auto, t_heur, t_serial, best_t)
+    best = min(t_cublas, t_auto, t_heur, t_serial, row.get("triton_best_us", float("inf")))
     row.update(
         speedup_auto_vs_cublas=t_cublas / t_auto,
         roofline_us=roof_us,
@@ -251,7 +292,7 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
     return row, bucket
 
 
-def _graph_us(fn, replays: int = 20) -> float:
+def _graph_us(fn, replays: int = 20, tries: int = 2, rep: int = 30) -> float:
     """Median time of one call replayed from a CUDA graph holding `replays` back-to-back calls
     (so the graph launch itself is amortised), in microseconds."""
     fn()
@@ -265,7 +306,7 @@ def _graph_us(fn, replays: int = 20) -> float:
     with torch.cuda.graph(g):
         for _ in range(replays):
             fn()
-    t = min(bench_us(g.replay, warmup=5, rep=30) for _ in range(2)) / replays
+    t = min(bench_us(g.replay, warmup=3, rep=rep) for _ in range(tries)) / replays
     del g
     return t
 

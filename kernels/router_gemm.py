@@ -9,6 +9,9 @@ tiled configuration for mid-size T). Which implementation and which block config
 `benchmarks/bench_router_gemm.py --tune`; unseen shapes fall back to a heuristic (small T: Triton
 split-K; large T: cuBLAS).
 
+For a few tokens there is also a GEMV-style kernel (`KERNEL="gemv"`): each program owns 1-4 whole
+weight rows and sums over D itself, so one launch with no zero-fill and no cross-program reduction.
+
 Two split-K reductions: `REDUCE="atomic"` (fp32 atomic adds into a zero-filled output: two
 launches, and the summation order, so the last bits of the logits, may vary from run to run) and
 `REDUCE="serial"` (partials to a workspace, the last split to arrive sums them in a fixed order:
@@ -113,6 +116,54 @@ def _router_gemm_kernel(
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
+@triton.jit(do_not_specialize=["T"])
+def _router_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    T,
+    E,
+    D,
+    stride_xt,
+    stride_xd,
+    stride_we,
+    stride_wd,
+    stride_ot,
+    stride_oe,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """GEMV-style kernel for a handful of tokens: program (e-block, t-block) owns BLOCK_E whole weight
+    rows and reduces over all of D itself (CUDA-core FMAs and an in-register sum), so there is no
+    split-K, no zero-fill, no cross-program reduction: one launch, each output element stored once.
+    With BLOCK_E = 1..4 there are E / BLOCK_E programs streaming the weight side by side."""
+    pid_e = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_t = offs_t < T
+    mask_e = offs_e < E
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        kk = k + offs_k
+        mask_k = kk < D
+        xk = tl.load(
+            x_ptr + offs_t[:, None] * stride_xt + kk[None, :] * stride_xd,
+            mask=mask_t[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        wk = tl.load(
+            w_ptr + offs_e[:, None] * stride_we + kk[None, :] * stride_wd,
+            mask=mask_e[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(xk[:, None, :] * wk[None, :, :], axis=2)
+    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_e[None, :] * stride_oe
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_e[None, :])
+
+
 # --------------------------------------------------------------------------------------------------
 # Config selection
 # --------------------------------------------------------------------------------------------------
@@ -200,6 +251,30 @@ def _router_gemm_triton(
         num_sms = _sm_count(x.device.index or 0) if x.is_cuda else 132
         config = heuristic_config(T, D, E, num_sms)
     bt, be, bk = config["BLOCK_T"], config["BLOCK_E"], config["BLOCK_K"]
+    if config.get("KERNEL", "splitk") == "gemv":
+        out = torch.empty((T, E), dtype=out_dtype, device=x.device)
+        if T == 0 or E == 0:
+            return out
+        _router_gemv_kernel[(triton.cdiv(E, be), triton.cdiv(T, bt))](
+            x,
+            weight,
+            out,
+            T,
+            E,
+            D,
+            x.stride(0),
+            x.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            out.stride(0),
+            out.stride(1),
+            BLOCK_T=bt,
+            BLOCK_E=be,
+            BLOCK_K=bk,
+            num_warps=config.get("num_warps", 4),
+            num_stages=config.get("num_stages", 1),
+        )
+        return out
     k_tiles = triton.cdiv(D, bk)
     split_k = max(1, min(int(config["SPLIT_K"]), k_tiles))
     tiles_per_split = triton.cdiv(k_tiles, split_k)
@@ -272,8 +347,9 @@ def router_gemm(
             under TRITON_INTERPRET), or `torch` (`x.float() @ weight.float().t()`).
         config: Triton block config override (keys BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps,
             num_stages, and REDUCE: "atomic" (default: fp32 atomics into a zeroed output) or
-            "serial" (last-arriving split sums the partials: one launch, deterministic)); used
-            by the tuner and tests.
+            "serial" (last-arriving split sums the partials: one launch, deterministic); or
+            KERNEL: "gemv" (a few tokens: each program reduces whole weight rows, one launch,
+            SPLIT_K ignored)); used by the tuner and tests.
     Returns: logits `[T, E]` `out_dtype`.
     """
     if impl not in IMPLS:

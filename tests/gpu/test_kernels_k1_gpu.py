@@ -59,7 +59,9 @@ def test_group_quant_triton_bit_exact(rng_seed, column_major):
     # Scales: amax/448 on both sides; allow one fp32 ulp (the kernel may fold the division).
     assert s.stride() == ref_s.stride(), (s.stride(), ref_s.stride())
     bad_s = (s != ref_s).float().mean().item()
-    torch.testing.assert_close(s, ref_s, rtol=2.4e-7, atol=0, msg=lambda m: f"scales ({bad_s:.2e} differ): {m}")
+    torch.testing.assert_close(
+        s, ref_s, rtol=2.4e-7, atol=0, msg=lambda m: f"scales ({bad_s:.2e} differ): {m}"
+    )
     # Codes: identical except where x/scale lands within an fp32 ulp of an e4m3 rounding boundary;
     # then the codes differ by exactly one step, and such ties are rare.
     a = x_q.view(torch.uint8).to(torch.int16)
@@ -68,7 +70,16 @@ def test_group_quant_triton_bit_exact(rng_seed, column_major):
     frac = diff.float().mean().item()
     if diff.any():
         i = diff.nonzero()[0].tolist()
-        print("first differing code at", i, "kernel", int(a[tuple(i)]), "torch", int(b[tuple(i)]), "x", float(x[tuple(i)]))
+        print(
+            "first differing code at",
+            i,
+            "kernel",
+            int(a[tuple(i)]),
+            "torch",
+            int(b[tuple(i)]),
+            "x",
+            float(x[tuple(i)]),
+        )
     assert frac < 1e-3, f"{frac:.2e} of codes differ"
     assert bool(((a - b).abs()[diff] == 1).all()), "codes differ by more than one e4m3 step"
     assert s_t.device.type == "cuda" and s_t.shape == (1,)
@@ -76,12 +87,16 @@ def test_group_quant_triton_bit_exact(rng_seed, column_major):
 
 @pytest.mark.parametrize("shape", [(7168, 256), (2048, 128), (4096, 8)])
 @pytest.mark.parametrize("T", [0, 1, 7, 64, 300, 2048])
-@pytest.mark.parametrize("impl", ["auto", "triton", "serial"])
+@pytest.mark.parametrize("impl", ["auto", "triton", "serial", "gemv"])
 def test_router_gemm_gpu(rng_seed, shape, T, impl):
     D, E = shape
     x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
     w = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
     config = None
+    if impl == "gemv":  # the one-launch GEMV-style kernel (the tuner picks it for a few tokens)
+        bt = min(8, 1 << max(T - 1, 0).bit_length())
+        config = dict(BLOCK_T=bt, BLOCK_E=2, BLOCK_K=2048, SPLIT_K=1, KERNEL="gemv", num_warps=8)
+        impl = "triton"
     if impl == "serial":  # the one-launch split-K reduction, twice (counters must be left at zero)
         config = dict(heuristic_config(T, D, E), REDUCE="serial")
         router_gemm(torch.randn_like(x), w, impl="triton", config=config)

@@ -31,11 +31,13 @@ def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
 SPLIT = {"BLOCK_T": 16, "BLOCK_E": 16, "BLOCK_K": 32, "SPLIT_K": 3, "num_warps": 4, "num_stages": 2}
 TILED = {"BLOCK_T": 16, "BLOCK_E": 32, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2}
 SERIAL = dict(SPLIT, REDUCE="serial")
+GEMV = {"BLOCK_T": 4, "BLOCK_E": 16, "BLOCK_K": 64, "SPLIT_K": 1, "KERNEL": "gemv", "num_warps": 4}
+"""GEMV-style kernel: T (19) not a multiple of BLOCK_T, E (24) not of BLOCK_E, D (200) not of BLOCK_K."""
 
 
 @needs_triton
 @pytest.mark.parametrize("T", [0, 1, 19])
-@pytest.mark.parametrize("config", [SPLIT, TILED, SERIAL], ids=["splitk", "tiled", "serial"])
+@pytest.mark.parametrize("config", [SPLIT, TILED, SERIAL, GEMV], ids=["splitk", "tiled", "serial", "gemv"])
 def test_router_gemm_triton_vs_float64(rng_seed, T, config):
     D, E = 200, 24  # D not a multiple of BLOCK_K, E not a power of two
     x = torch.randn(T, D, dtype=torch.bfloat16, device=DEVICE)
