@@ -16,7 +16,10 @@ Two split-K reductions: `REDUCE="atomic"` (fp32 atomic adds into a zero-filled o
 launches, and the summation order, so the last bits of the logits, may vary from run to run) and
 `REDUCE="serial"` (partials to a workspace, the last split to arrive sums them in a fixed order:
 one launch, deterministic; it needs per-(device, stream) arrival counters that every launch leaves
-at zero). The shipped H200 table was tuned with "atomic" only; "serial" is in the tuning sweep.
+at zero). On H200 (2026-11-23, CUDA-graph replay) "serial" lost to "atomic" at every T <= 64 (the
+last program's reduction is a serial tail; a graph's zero-fill node is cheap), so the shipped table
+uses the GEMV kernel at T <= 2 (DeepSeek-V3; up to 8 for Qwen3, 4 for Mixtral) and atomic split-K up
+to T = 64-4096, then cuBLAS; "serial" stays available through `config` and the T > 64 sweep.
 """
 
 from __future__ import annotations
