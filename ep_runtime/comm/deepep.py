@@ -80,6 +80,21 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def _normal_received(
+    recv: Any, recv_ids: torch.Tensor, recv_weights: torch.Tensor, counts: torch.Tensor
+) -> DispatchedTokens:
+    """Wrap what DeepEP's normal dispatch returned (`recv` is `x` or `(x_fp8, scales)`)."""
+    recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
+    return DispatchedTokens(
+        layout=Layout.NORMAL,
+        x=recv_x,
+        x_scale=recv_scale,
+        num_recv_per_expert=counts,
+        recv_topk_ids=recv_ids.to(torch.int64),
+        recv_topk_weights=recv_weights,
+    )
+
+
 class DeepEPBufferOwner:
     """Owns the one `deep_ep.Buffer` that the normal and low-latency dispatchers of a run share.
 
@@ -372,22 +387,8 @@ class DeepEPDispatcher(Dispatcher):
 
         def finish() -> tuple[DispatchedTokens, DispatchHandle]:
             ev.current_stream_wait()
-            recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
-            dispatched = DispatchedTokens(
-                layout=Layout.NORMAL,
-                x=recv_x,
-                x_scale=recv_scale,
-                num_recv_per_expert=counts,
-                recv_topk_ids=recv_ids.to(torch.int64),
-                recv_topk_weights=recv_weights,
-            )
-            handle = DispatchHandle(
-                layout=Layout.NORMAL,
-                num_tokens=x.shape[0],
-                hidden_size=self.hidden,
-                routing=routing,
-                state=deep_handle,
-            )
+            dispatched = _normal_received(recv, recv_ids, recv_weights, counts)
+            handle = self._handle(Layout.NORMAL, x, routing, deep_handle)
             return dispatched, handle
 
         return Pending(finish)
@@ -453,15 +454,7 @@ class DeepEPDispatcher(Dispatcher):
             # Same routing object as the previous dispatch: DeepEP's cached mode reuses the layout
             # (no layout kernel, no CPU wait for the receive count).
             recv, _, _, _, _, _ = buffer.dispatch(x_in, handle=last[1], config=self.owner.dispatch_config)
-            recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
-            dispatched = DispatchedTokens(
-                layout=Layout.NORMAL,
-                x=recv_x,
-                x_scale=recv_scale,
-                num_recv_per_expert=last[2],
-                recv_topk_ids=last[3],
-                recv_topk_weights=last[4],
-            )
+            dispatched = _normal_received(recv, last[3], last[4], last[2])
             deep_handle = last[1]
         else:
             ids = self._ids(routing)
@@ -477,15 +470,7 @@ class DeepEPDispatcher(Dispatcher):
                 topk_weights=routing.topk_weights.contiguous(),
                 config=self.owner.dispatch_config,
             )
-            recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)
-            dispatched = DispatchedTokens(
-                layout=Layout.NORMAL,
-                x=recv_x,
-                x_scale=recv_scale,
-                num_recv_per_expert=_to_device(num_list, x.device),
-                recv_topk_ids=recv_ids.to(torch.int64),
-                recv_topk_weights=recv_weights,
-            )
+            dispatched = _normal_received(recv, recv_ids, recv_weights, _to_device(num_list, x.device))
             self._last = (
                 routing,
                 deep_handle,
@@ -493,14 +478,13 @@ class DeepEPDispatcher(Dispatcher):
                 dispatched.recv_topk_ids,
                 dispatched.recv_topk_weights,
             )
-        handle = DispatchHandle(
-            layout=Layout.NORMAL,
-            num_tokens=x.shape[0],
-            hidden_size=self.hidden,
-            routing=routing,
-            state=deep_handle,
-        )
+        handle = self._handle(Layout.NORMAL, x, routing, deep_handle)
         return dispatched, handle
+
+    def _handle(self, layout: Layout, x: torch.Tensor, routing: Routing, deep_handle: Any) -> DispatchHandle:
+        return DispatchHandle(
+            layout=layout, num_tokens=x.shape[0], hidden_size=self.hidden, routing=routing, state=deep_handle
+        )
 
     def _check_dispatch_args(self, x: torch.Tensor, routing: Routing) -> None:
         if x.dim() != 2 or x.shape[1] != self.hidden or x.dtype != torch.bfloat16:
@@ -548,13 +532,7 @@ class DeepEPDispatcher(Dispatcher):
             dispatched = DispatchedTokens(
                 layout=Layout.LOW_LATENCY, x=recv_x, x_scale=recv_scale, num_recv_per_expert=recv_count
             )
-            handle = DispatchHandle(
-                layout=Layout.LOW_LATENCY,
-                num_tokens=x.shape[0],
-                hidden_size=self.hidden,
-                routing=routing,
-                state=deep_handle,
-            )
+            handle = self._handle(Layout.LOW_LATENCY, x, routing, deep_handle)
             return dispatched, handle
 
         return result, hook
