@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ep_runtime.config import ModePlan, RuntimePlan
-from ep_runtime.types import DispatchedTokens, DispatchHandle, Layout, Routing
+from ep_runtime.types import DispatchedTokens, DispatchHandle, Layout, Precision, Routing
 
 _R = TypeVar("_R")
 
@@ -73,6 +73,13 @@ class Dispatcher(ABC):
         self.plan = plan
         self.mode_plan = mode_plan
         self.group = group
+        model = plan.config.model
+        self.num_experts = model.num_experts
+        self.num_local_experts = plan.num_local_experts
+        self.hidden = model.hidden_size
+        self.is_fp8 = mode_plan.precision == Precision.FP8
+        self.capacity = mode_plan.capacity
+        """`C` for the low-latency layout, None for normal."""
 
     @classmethod
     @abstractmethod

@@ -247,12 +247,6 @@ class DeepEPDispatcher(Dispatcher):
                 f"dispatcher needs {mode_plan.capacity} (dispatch.num_max_dispatch_tokens_per_rank)"
             )
         self.deep_ep = self.owner.deep_ep
-        model = plan.config.model
-        self.num_experts = model.num_experts
-        self.num_local_experts = plan.num_local_experts
-        self.hidden = model.hidden_size
-        self.is_fp8 = mode_plan.precision == Precision.FP8
-        self.capacity = mode_plan.capacity
         self._topk_dtype = getattr(self.deep_ep, "topk_idx_t", torch.int64)
         # Normal mode: (routing, DeepEP handle, counts, recv_topk_ids, recv_topk_weights) of the last
         # uncached dispatch, for the cached path (the received rows themselves are not kept).

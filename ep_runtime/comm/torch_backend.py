@@ -85,12 +85,6 @@ class TorchDispatcher(Dispatcher):
             raise ValueError(
                 f"process group has {self.num_ranks} ranks but parallel.ep_size is {plan.ep_size}"
             )
-        model = plan.config.model
-        self.num_experts = model.num_experts
-        self.num_local_experts = plan.num_local_experts
-        self.hidden = model.hidden_size
-        self.is_fp8 = mode_plan.precision == Precision.FP8
-        self.capacity = mode_plan.capacity
         self.num_scales = self.hidden // FP8_GROUP if self.is_fp8 else 0
         # Bytes of one token's payload: bf16 row, or fp8 row followed by its fp32 scales.
         self.row_bytes = self.hidden + 4 * self.num_scales if self.is_fp8 else 2 * self.hidden
