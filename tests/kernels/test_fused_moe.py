@@ -7,8 +7,12 @@ and the kernel may round a handful of activations to neighbouring fp8 values).
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 
+from ep_runtime.kernels import fused_moe as fm
 from ep_runtime.kernels.quant import (
     dequantize_fp8_block,
     dequantize_w4a8,
@@ -17,30 +21,6 @@ from ep_runtime.kernels.quant import (
     quantize_fp8_block,
     quantize_w4a8,
 )
-
-
-def ref_align(topk_ids, block_m, num_experts, expert_map=None):
-    """Python-loop reference of moe_align_block_size (returns lists / ints, padded total)."""
-    flat = topk_ids.reshape(-1).tolist()
-    emap = expert_map.tolist() if expert_map is not None else None
-    groups = [[] for _ in range(num_experts)]
-    for slot, e in enumerate(flat):
-        if e < 0 or e >= num_experts:
-            continue
-        if emap is not None:
-            e = emap[e]
-            if e < 0:
-                continue
-        groups[e].append(slot)
-    sentinel = len(flat)
-    ids, blocks = [], []
-    for e, g in enumerate(groups):
-        if not g:
-            continue
-        n = -(-len(g) // block_m) * block_m
-        ids += g + [sentinel] * (n - len(g))
-        blocks += [e] * (n // block_m)
-    return ids, blocks, len(ids)
 
 
 def make_weights(num_experts, inter, hidden, scheme, device="cpu", std=0.1):
@@ -113,11 +93,6 @@ def random_routing(T, K, num_experts, device="cpu", skip_frac=0.0):
 # Tests
 # ------------------------------------------------------------------------------------------------
 
-import contextlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-from ep_runtime.kernels import fused_moe as fm  # noqa: E402
 
 TOL = {"bf16": 1e-2, "fp8_block": 3e-2, "w4a8": 3e-2}
 
