@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -367,20 +366,9 @@ def _worker(rank: int, args: argparse.Namespace, init_file: str, q) -> None:
         q.put(("row", rank, row))
 
     try:
-        if args.device == "cuda":
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-        else:
-            torch.set_num_threads(1)
-            device = torch.device("cpu")
-        dist.init_process_group(
-            "nccl" if args.device == "cuda" else "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=args.world,
-            timeout=timedelta(seconds=args.timeout),
-            **({"device_id": device} if args.device == "cuda" else {}),
-        )
+        from benchmarks.common import init_rank
+
+        device = init_rank(rank, args.world, args.device, init_file, args.timeout)
         ceilings = _ceilings(device)
         emit({"kind": "ceilings", **ceilings})
         for scheme in args.weights:

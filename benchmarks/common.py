@@ -153,3 +153,27 @@ def deepseek_style_model(args, scheme: str) -> dict[str, Any]:
     if args.n_group:
         model.update(n_group=args.n_group, topk_group=args.topk_group)
     return model
+
+
+def init_rank(rank: int, world: int, device_kind: str, init_file: str, timeout_s: float) -> torch.device:
+    """Join a spawned benchmark's process group (NCCL on `cuda`, one GPU per rank; gloo on `cpu`)
+    and return this rank's device."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if device_kind == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+    dist.init_process_group(
+        "nccl" if device_kind == "cuda" else "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **({"device_id": device} if device_kind == "cuda" else {}),
+    )
+    return device
