@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.gpu import require_deep_ep
 from tests.gpu.test_deepep_gpu import _compare_low_latency, _identity_experts, _reference, _routing
 
 HIDDEN, NUM_EXPERTS, TOP_K, CAPACITY = 2048, 16, 4, 64
@@ -58,11 +59,7 @@ def _plan(precision: str = "auto", experts: str = "triton", weights: str = "bf16
 
 @pytest.fixture(scope="module")
 def nccl_world_1():
-    from ep_runtime.comm.deepep import INSTALL_HINT, import_deep_ep
-
-    deep_ep, why = import_deep_ep()
-    if deep_ep is None:
-        pytest.fail(f"deep_ep is not importable on this GPU machine: {why}\n{INSTALL_HINT}")
+    require_deep_ep()
     torch.cuda.set_device(0)
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group(

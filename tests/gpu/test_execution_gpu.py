@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.gpu import require_deep_ep
+
 WORLD = 2
 HIDDEN = 2048  # one of DeepEP's low-latency hidden sizes
 INTER = 256
@@ -195,9 +197,6 @@ def test_execution_torch_backend():
 
 @pytest.mark.gpu(count=2)
 def test_execution_deepep_backend():
-    from ep_runtime.comm.deepep import import_deep_ep
-
-    if import_deep_ep()[0] is None:
-        pytest.skip("deep_ep is not importable")
+    require_deep_ep()
     failures = _run("deepep", ["bf16", "fp8_block"])
     assert not failures, "\n".join(failures)

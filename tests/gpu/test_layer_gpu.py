@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.gpu import require_deep_ep
+
 WORLD = 2
 HIDDEN = 2048  # one of DeepEP's low-latency hidden sizes
 INTER = 256
@@ -149,12 +151,6 @@ def _run(cases: list[tuple[str, str, str]]) -> list[str]:
     return failures
 
 
-def _deep_ep_available() -> bool:
-    from ep_runtime.comm.deepep import import_deep_ep
-
-    return import_deep_ep()[0] is not None
-
-
 @pytest.mark.gpu(count=2)
 def test_layer_torch_backend():
     cases = [("torch", "triton", s) for s in ("bf16", "fp8_block", "w4a8")] + [
@@ -166,8 +162,7 @@ def test_layer_torch_backend():
 
 @pytest.mark.gpu(count=2)
 def test_layer_deepep_backend():
-    if not _deep_ep_available():
-        pytest.skip("deep_ep is not importable")
+    require_deep_ep()
     cases = [("deepep", "triton", s) for s in ("bf16", "fp8_block", "w4a8")]
     failures = _run(cases)
     assert not failures, "\n".join(failures)
