@@ -32,6 +32,19 @@ def _err(msg: str) -> None:
     print(f"[ep-launch] {msg}", file=sys.stderr, flush=True)
 
 
+# Seconds between printing why the job ends and calling `MPI.Abort`. The MPI runtime forwards each
+# rank's output through its process manager, which may tear the job down on the abort before it has
+# forwarded what the rank wrote last; the pause lets that output reach the user's terminal first.
+ABORT_GRACE_S = 1.5
+
+
+def _abort_job(comm, code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)
+    comm.Abort(code)
+
+
 def _node_address(host: str) -> str:
     try:
         return socket.gethostbyname(host)
@@ -100,7 +113,7 @@ def run_with_mpi(
 
     def abort(msg: str) -> None:
         _err(f"aborting the MPI job: {msg}")
-        comm.Abort(EXIT_WATCHDOG)
+        _abort_job(comm, EXIT_WATCHDOG)
 
     worker = RankWorker(
         plan,
@@ -124,7 +137,7 @@ def run_with_mpi(
             display.stop()
         _err(f"{exc}\n{traceback.format_exc()}")
         _err(f"rank {rank} on {node} failed at stage '{exc.stage}'; aborting the MPI job")
-        comm.Abort(EXIT_RANK_FAILED)
+        _abort_job(comm, EXIT_RANK_FAILED)
         return EXIT_RANK_FAILED  # not reached
     finally:
         if display is not None:
