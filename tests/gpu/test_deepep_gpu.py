@@ -8,16 +8,14 @@ stopping the run, so one failure still shows the others; the test fails if any c
 from __future__ import annotations
 
 import os
-import queue as queue_mod
-import tempfile
-import time
 import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.dist_utils import run_ranks
+from tests.gpu import require_deep_ep
 
 WORLD = 2
 HIDDEN = 2048  # one of DeepEP's low-latency hidden sizes
@@ -144,25 +142,20 @@ def _compare_low_latency(dt, dd, ot, od, fp8: bool) -> str:
     return f"received multisets equal{fp8_note}; combined max diff {diff:.3g}"
 
 
-def _worker(rank: int, world: int, init_file: str, queue) -> None:
+def _worker(rank: int, world: int) -> list[tuple[str, str, str]]:
+    reports: list[tuple[str, str, str]] = []
+
     def record(name: str, fn) -> None:
-        # Reported as each case ends, so a hang later still leaves the earlier results.
+        # Printed as each case ends, so a hang later still leaves the earlier results in the log.
         try:
-            msg = fn()
-            queue.put((rank, name, "ok", msg or ""))
+            status, msg = "ok", fn() or ""
         except Exception:  # noqa: BLE001 - reported with the traceback
-            queue.put((rank, name, "FAIL", traceback.format_exc(limit=4)))
+            status, msg = "FAIL", traceback.format_exc(limit=4)
+        reports.append((name, status, msg))
+        last = msg.strip().splitlines()[-1] if msg.strip() else ""
+        print(f"[rank {rank}] {status:4} {name}: {last}", flush=True)
 
     try:
-        torch.cuda.set_device(rank)
-        dist.init_process_group(
-            "nccl",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=120),
-            device_id=torch.device("cuda", rank),
-        )
         import deep_ep
 
         from ep_runtime.comm import check_combined_once, check_conservation
@@ -288,51 +281,20 @@ def _worker(rank: int, world: int, init_file: str, queue) -> None:
         for group in (*deepep.values(), *torch_disp.values()):
             for disp in group.values():
                 disp.close()
-    except Exception:  # noqa: BLE001
-        queue.put((rank, "setup", "FAIL", traceback.format_exc()))
-    finally:
-        queue.put((rank, None, "done", ""))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - reported with the cases before it
+        reports.append(("setup", "FAIL", traceback.format_exc()))
+    return reports
 
 
 @pytest.mark.gpu(count=2)
 def test_deepep_matches_torch_backend() -> None:
-    pytest.importorskip("deep_ep")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(r, WORLD, init_file, queue)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        reports: dict[int, list[tuple[str, str, str]]] = {r: [] for r in range(WORLD)}
-        done: set[int] = set()
-        deadline = time.monotonic() + float(os.environ.get("EP_GPU_TEST_TIMEOUT", "240"))
-        try:
-            while len(done) < WORLD and time.monotonic() < deadline:
-                try:
-                    rank, name, status, msg = queue.get(timeout=max(0.1, deadline - time.monotonic()))
-                except queue_mod.Empty:
-                    break
-                if status == "done":
-                    done.add(rank)
-                else:
-                    reports[rank].append((name, status, msg))
-                    last = msg.strip().splitlines()[-1] if msg.strip() else ""
-                    print(f"[rank {rank}] {status:4} {name}: {last}", flush=True)
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
+    require_deep_ep()
+    timeout = float(os.environ.get("EP_GPU_TEST_TIMEOUT", "240"))
+    reports = run_ranks(_worker, WORLD, timeout=timeout, backend="nccl")
     failures = [
         f"rank {rank} {name}:\n{msg}"
-        for rank in sorted(reports)
-        for name, status, msg in reports[rank]
+        for rank, cases in enumerate(reports)
+        for name, status, msg in cases
         if status != "ok"
     ]
-    missing = sorted(set(range(WORLD)) - done)
-    if missing:
-        failures.append(f"ranks {missing} did not finish (hang or crash); see the cases reported above")
     assert not failures, "\n".join(failures)

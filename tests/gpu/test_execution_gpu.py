@@ -1,6 +1,7 @@
 """Execution switches on 2 GPUs (NCCL): CUDA-graph decode, two-batch decode and chunked prefill, each
 against the plain eager path of the same layer (same seed, same weights) and the float32 reference,
-for the torch backend and the DeepEP backend (skipped when `deep_ep` is not importable).
+for the torch backend and the DeepEP backend (which fails with the install hint when `deep_ep` is
+not importable).
 
 Launches its own 2 processes. Per backend, every configuration builds its layer, runs the same
 steps and closes it (one DeepEP buffer per process at a time); the outputs are then compared with
@@ -14,16 +15,13 @@ the layer tests' bounds.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.dist_utils import run_ranks
 from tests.gpu import require_deep_ep
 
 WORLD = 2
@@ -123,18 +121,9 @@ def _run_config(rank: int, backend: str, scheme: str, name: str) -> tuple[list[t
     return outs, failures
 
 
-def _worker(rank: int, init_file: str, backend: str, schemes: list[str], queue) -> None:
+def _worker(rank: int, world: int, backend: str, schemes: list[str]) -> list[str]:
     failures: list[str] = []
     try:
-        torch.cuda.set_device(rank)
-        dist.init_process_group(
-            "nccl",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=120),
-            device_id=torch.device("cuda", rank),
-        )
         for scheme in schemes:
             results = {}
             for name in CONFIGS:
@@ -156,37 +145,13 @@ def _worker(rank: int, init_file: str, backend: str, schemes: list[str], queue) 
                                 f"{backend}/{scheme}/{name} step {step} rank {rank}: differs from plain, "
                                 f"rel {rel:.3g} (bitwise equal: {bool(torch.equal(a, b))})"
                             )
-    except BaseException:  # noqa: BLE001 - reported
+    except Exception:  # noqa: BLE001 - reported with the failures before it
         failures.append(f"rank {rank}: {traceback.format_exc()}")
-    finally:
-        queue.put((rank, failures))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _run(backend: str, schemes: list[str]) -> list[str]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        procs = [
-            ctx.Process(target=_worker, args=(r, init_file, backend, schemes, queue)) for r in range(WORLD)
-        ]
-        for p in procs:
-            p.start()
-        failures: list[str] = []
-        try:
-            for _ in range(WORLD):
-                _, f = queue.get(timeout=300)
-                failures += f
-        except Exception as exc:  # noqa: BLE001 - queue.Empty: a rank hung
-            failures.append(f"ranks did not report in time: {exc!r}")
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
     return failures
+
+
+def _run(dispatch_backend: str, schemes: list[str]) -> list[str]:
+    return sum(run_ranks(_worker, WORLD, dispatch_backend, schemes, timeout=300, backend="nccl"), [])
 
 
 @pytest.mark.gpu(count=2)

@@ -8,16 +8,13 @@ stopping the run, so one failure still shows the others. The DeepEP cases need `
 
 from __future__ import annotations
 
-import os
-import tempfile
 import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.dist_utils import run_ranks
 from tests.gpu import require_deep_ep
 
 WORLD = 2
@@ -107,48 +104,19 @@ def _case(rank: int, backend: str, scheme: str, experts: str) -> list[str]:
     return failures
 
 
-def _worker(rank: int, init_file: str, cases: list[tuple[str, str, str]], queue) -> None:
+def _worker(rank: int, world: int, cases: list[tuple[str, str, str]]) -> list[str]:
     failures: list[str] = []
     try:
-        torch.cuda.set_device(rank)
-        dist.init_process_group(
-            "nccl",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=120),
-            device_id=torch.device("cuda", rank),
-        )
         for backend, experts, scheme in cases:
             failures += _case(rank, backend, scheme, experts)
             dist.barrier()
-    except BaseException:  # noqa: BLE001 - reported
+    except Exception:  # noqa: BLE001 - reported with the failures before it
         failures.append(f"rank {rank}: {traceback.format_exc()}")
-    finally:
-        queue.put((rank, failures))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return failures
 
 
 def _run(cases: list[tuple[str, str, str]]) -> list[str]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(r, init_file, cases, queue)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        failures: list[str] = []
-        try:
-            for _ in range(WORLD):
-                _, f = queue.get(timeout=480)
-                failures += f
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-    return failures
+    return sum(run_ranks(_worker, WORLD, cases, timeout=480, backend="nccl"), [])
 
 
 @pytest.mark.gpu(count=2)
