@@ -121,7 +121,20 @@ def graph_us(fn) -> float:
 
 
 def candidates(rows_per_expert: float, scheme: str):
-    """(BLOCK_M, [gate_up candidates], [down candidates]) lists for one bucket."""
+    """(BLOCK_M, [gate_up candidates], [down candidates]) lists for one bucket. For w4a8 each block
+    config is tried with both in-kernel int4 -> e4m3 unpacks (`quant.int4_to_e4m3`), side by side
+    so that a tuning deadline cuts neither."""
+    sets = _block_candidates(rows_per_expert, scheme)
+    if scheme != "w4a8":
+        return sets
+
+    def both(cands):
+        return [v for c in cands for v in (c, dict(c, INT4_MAGIC=1))]
+
+    return [(bm, both(gu), both(dn)) for bm, gu, dn in sets]
+
+
+def _block_candidates(rows_per_expert: float, scheme: str):
 
     def c(bn, bk, w, s, g=8, m=False):
         d = dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)

@@ -92,8 +92,10 @@ def tune(dev, best: dict, num_rows: int = 8) -> None:
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
     ]
-    cands = base + [dict(c, GRID_M=1) for c in base]
+    common = base + [dict(c, GRID_M=1) for c in base]
     for scheme in SCHEMES:
+        # int4 weights: both in-kernel unpacks to e4m3 (`quant.int4_to_e4m3`) compete
+        cands = common + [dict(c, INT4_MAGIC=1) for c in common] if scheme == "w4a8" else common
         for stage, gated in ((0, True), (1, False)):
             kind = KINDS.get((scheme, gated))
             if kind is None or kind in best:

@@ -33,7 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ep_runtime.kernels.quant import FP8_DTYPE, per_token_group_dequant_fp8, per_token_group_quant_fp8
+from ep_runtime.kernels.quant import (
+    FP8_DTYPE,
+    int4_to_e4m3,
+    per_token_group_dequant_fp8,
+    per_token_group_quant_fp8,
+)
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -261,16 +266,14 @@ def _load_b_tile(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_K: tl.constexpr,
+    INT4_MAGIC: tl.constexpr,
 ):
     """[BLOCK_K, BLOCK_N] weight tile; w4a8 unpacks two int4 per byte (low nibble = even k) to e4m3."""
     if SCHEME == 2:
         p = tl.load(b_ptrs)
-        lo = (p & 0xF).to(tl.int8)
-        hi = (p >> 4).to(tl.int8)
-        lo = (lo ^ 8) - 8
-        hi = (hi ^ 8) - 8
-        w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
-        return w.to(tl.float16).to(tl.float8e4nv)
+        lo = int4_to_e4m3(p & 0xF, INT4_MAGIC)
+        hi = int4_to_e4m3(p >> 4, INT4_MAGIC)
+        return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
     elif SCHEME == 1 or EVEN_K:
         return tl.load(b_ptrs)
     else:
@@ -320,6 +323,7 @@ def _fused_moe_gemm_kernel(
     UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr,
     MERGE_GU: tl.constexpr,
+    INT4_MAGIC: tl.constexpr,
 ):
     """One program = one M-block of one expert x one N-block.
 
@@ -402,9 +406,9 @@ def _fused_moe_gemm_kernel(
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_rem, other=0.0)
-        b = _load_b_tile(b_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, TILE_N, EVEN_K)
+        b = _load_b_tile(b_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, TILE_N, EVEN_K, INT4_MAGIC)
         if SPLIT_UP:
-            b_up = _load_b_tile(b_up_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N, EVEN_K)
+            b_up = _load_b_tile(b_up_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N, EVEN_K, INT4_MAGIC)
         if SCHEME == 0:
             if UPCAST:
                 a = a.to(tl.float32)
@@ -520,7 +524,8 @@ def get_config(
     (device, L, I, D, scheme) at the T-bucket nearest T (in log scale), else `heuristic_config`.
 
     Returns `{"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, MERGE_GU]},
-    "down": {...}}` (MERGE_GU, gate_up only, default False: one merged gate|up weight tile per K step).
+    "down": {...}}` (MERGE_GU, gate_up only, default False: one merged gate|up weight tile per K step;
+    INT4_MAGIC, w4a8 only, default 0: how int4 weights become e4m3, see `quant.int4_to_e4m3`).
     """
     table = _load_table(str(path or CONFIG_DIR / "fused_moe.json"))
     entries = table.get(device_key(device), {}).get(shape_key(num_experts, inter, hidden, scheme))
@@ -625,6 +630,7 @@ def _launch_gemm(
         UPCAST=_INTERPRET and sid == 0,
         EVEN_K=k % cfg["BLOCK_K"] == 0,
         MERGE_GU=bool(gate_up and cfg.get("MERGE_GU", False)),
+        INT4_MAGIC=bool(sid == 2 and cfg.get("INT4_MAGIC", 0)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, round_to_e4m3_grid
+from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, int4_to_e4m3, round_to_e4m3_grid
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -64,18 +64,23 @@ def _round_to_fp8(v, EMULATE: tl.constexpr):
 
 @triton.jit
 def _load_b_tile(
-    b_base, offs_n, offs_k, mask_n, K, stride_bn, stride_bk, B_MODE: tl.constexpr, BLOCK_K: tl.constexpr
+    b_base,
+    offs_n,
+    offs_k,
+    mask_n,
+    K,
+    stride_bn,
+    stride_bk,
+    B_MODE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INT4_MAGIC: tl.constexpr,
 ):
     """Weight tile as [BLOCK_K, BLOCK_N] (bf16/fp8), or for INT4 the (even-k, odd-k) halves as two
     [BLOCK_K/2, BLOCK_N] e4m3 tiles (`offs_k` then indexes packed bytes)."""
     if B_MODE == 2:
         mask = (offs_k[:, None] < K // 2) & mask_n[None, :]
         p = tl.load(b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk, mask=mask, other=0)
-        lo = (p & 15).to(tl.int8)
-        hi = (p >> 4).to(tl.int8)
-        lo = ((lo ^ 8) - 8).to(tl.float16).to(tl.float8e4nv)
-        hi = ((hi ^ 8) - 8).to(tl.float16).to(tl.float8e4nv)
-        return lo, hi
+        return int4_to_e4m3(p & 15, INT4_MAGIC), int4_to_e4m3(p >> 4, INT4_MAGIC)
     else:
         mask = (offs_k[:, None] < K) & mask_n[None, :]
         b = tl.load(b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk, mask=mask, other=0.0)
@@ -129,6 +134,7 @@ def _masked_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_K: tl.constexpr,
     UPCAST: tl.constexpr,
+    INT4_MAGIC: tl.constexpr,
 ):
     """Program (m-lane, n-block, expert e) computes out[e, m-blocks, n-block] for the valid m-blocks
     m-lane, m-lane + GRID_M, ... of expert e (none when counts[e] == 0)."""
@@ -163,7 +169,9 @@ def _masked_gemm_kernel(
                 kb = k0 // 2 + offs_kb
             else:
                 kb = k0 + offs_kb
-            b0, b1 = _load_b_tile(b_base, offs_n, kb, mask_n, K, stride_bn, stride_bk, B_MODE, BLOCK_K)
+            b0, b1 = _load_b_tile(
+                b_base, offs_n, kb, mask_n, K, stride_bn, stride_bk, B_MODE, BLOCK_K, INT4_MAGIC
+            )
             if GATED:
                 u0, u1 = _load_b_tile(
                     b_base + up_offset * stride_bn,
@@ -175,6 +183,7 @@ def _masked_gemm_kernel(
                     stride_bk,
                     B_MODE,
                     BLOCK_K,
+                    INT4_MAGIC,
                 )
             # per-k-block weight scales, a vector over n
             if B_MODE != 0:
@@ -324,7 +333,8 @@ def _device_facts(index: int) -> tuple[str, int]:
 @functools.lru_cache(maxsize=4)
 def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     """`{device name: {"<kind>": {"BLOCK_M":..., "BLOCK_N":..., "BLOCK_K":..., "num_warps":...,
-    "num_stages":..., optional "GRID_M": max m-lanes}}}` where kind is `a<mode>-b<mode>-gated|plain`
+    "num_stages":..., optional "GRID_M": max m-lanes, optional "INT4_MAGIC": 0|1 (int4 weights:
+    see `quant.int4_to_e4m3`)}}}` where kind is `a<mode>-b<mode>-gated|plain`
     (see `_kind`). Missing file -> {}."""
     p = Path(path)
     if not p.exists():
@@ -438,6 +448,7 @@ def _launch(
         BLOCK_K=cfg["BLOCK_K"],
         GROUP_K=GROUP,
         UPCAST=_INTERPRET,
+        INT4_MAGIC=bool(cfg.get("INT4_MAGIC", 0)) and b_mode == B_INT4,
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )

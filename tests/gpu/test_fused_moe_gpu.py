@@ -53,6 +53,19 @@ def test_dsv3_like(scheme, fused):
     _case(T=256, K=8, L=16, D=7168, inter=2048, scheme=scheme, fused=fused)
 
 
+@pytest.mark.parametrize("T", [8, 2048])
+def test_w4a8_unpacks_agree(T):
+    """Compiled, both int4 -> e4m3 unpacks (`INT4_MAGIC` 0/1) give the same bits unfused under the
+    same block config, and each matches the reference."""
+    cfg = fm.heuristic_config(T, 8, 16, "w4a8")
+    magic = {k: (dict(v, INT4_MAGIC=1) if isinstance(v, dict) else v) for k, v in cfg.items()}
+    outs = []
+    for c in (cfg, magic):
+        torch.manual_seed(5)
+        outs.append(_case(T=T, K=8, L=16, D=7168, inter=2048, scheme="w4a8", fused=False, config=c))
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("T", [0, 1, 4, 96])
 def test_qwen_decode_and_small(T):
     torch.manual_seed(3)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_runtime.kernels.masked_grouped_gemm import masked_grouped_gemm, masked_moe, masked_moe_reference
+from ep_runtime.kernels.masked_grouped_gemm import (
+    A_BF16_QT,
+    B_INT4,
+    masked_grouped_gemm,
+    masked_moe,
+    masked_moe_reference,
+)
+from ep_runtime.kernels.masked_grouped_gemm import heuristic_config as heuristic_masked
 from ep_runtime.kernels.quant import (
     _per_token_group_quant_fp8_torch,
     per_tensor_quant_fp8,
@@ -140,6 +147,14 @@ def test_masked_moe_gpu(rng_seed, poisoned_empty, scheme, model):
     ref = masked_moe_reference(x, counts, w13, w2, **kw)
     _close(out, ref, counts.cpu(), TOL[scheme])
     _assert_not_written(out, counts.cpu())
+    if scheme == "w4a8":
+        # Compiled, the bit-built int4 -> e4m3 unpack gives the same weights: the same bits under
+        # the same block configs (the tuned tables may pick either).
+        cfgs = tuple(heuristic_masked(A_BF16_QT, B_INT4, gated, M) for gated in (True, False))
+        plain = masked_moe(x, counts, w13, w2, configs=cfgs, **kw)
+        magic = masked_moe(x, counts, w13, w2, configs=tuple({**c, "INT4_MAGIC": 1} for c in cfgs), **kw)
+        valid = torch.arange(M, device="cuda")[None, :] < counts[:, None]
+        assert torch.equal(magic[valid], plain[valid])
 
 
 @pytest.mark.parametrize("mode", ["bf16", "fp8a_bf16b", "fp8a_fp8b", "bf16a_fp8b"])

@@ -23,7 +23,14 @@ import os
 import pytest
 import torch
 
-from ep_runtime.kernels.masked_grouped_gemm import masked_grouped_gemm, masked_moe, masked_moe_reference
+from ep_runtime.kernels.masked_grouped_gemm import (
+    A_BF16_QT,
+    B_INT4,
+    heuristic_config,
+    masked_grouped_gemm,
+    masked_moe,
+    masked_moe_reference,
+)
 from ep_runtime.kernels.quant import (
     FP8_DTYPE,
     per_token_group_dequant_fp8,
@@ -141,6 +148,13 @@ def test_masked_moe_w4a8(rng_seed, poisoned_empty):
     ref = masked_moe_reference(x, counts, w13_p, w2_p, **kw)
     _close(out, ref, counts.cpu(), 8e-2)
     _assert_not_written(out, counts.cpu())
+    # The bit-built int4 -> e4m3 unpack (a tuned-table option) gives the same weights, so the same
+    # output bits under the same block configs.
+    cfgs = (heuristic_config(A_BF16_QT, B_INT4, True, M), heuristic_config(A_BF16_QT, B_INT4, False, M))
+    plain = masked_moe(x, counts, w13_p, w2_p, configs=cfgs, **kw)
+    magic = masked_moe(x, counts, w13_p, w2_p, configs=tuple({**c, "INT4_MAGIC": 1} for c in cfgs), **kw)
+    valid = torch.arange(M, device=DEVICE)[None, :] < counts[:, None]
+    assert torch.equal(magic[valid], plain[valid])
 
 
 @pytest.mark.parametrize("mode", ["bf16", "fp8a_bf16b", "fp8a_fp8b"])

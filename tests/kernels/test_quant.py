@@ -21,6 +21,7 @@ from ep_runtime.kernels.quant import (
     _per_token_group_quant_fp8_triton,
     dequantize_fp8_block,
     dequantize_w4a8,
+    int4_to_e4m3,
     pack_int4,
     per_tensor_quant_fp8,
     per_token_group_dequant_fp8,
@@ -116,6 +117,29 @@ def test_round_to_e4m3_grid_matches_torch_cast(rng_seed):
     out = torch.empty_like(x)
     _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
     assert torch.equal(out.cpu(), x.cpu().to(FP8_DTYPE).float())
+
+
+@triton.jit
+def _int4_kernel(p_ptr, lo_ptr, hi_ptr, MAGIC: tl.constexpr):
+    offs = tl.arange(0, 256)
+    p = tl.load(p_ptr + offs)
+    tl.store(lo_ptr + offs, int4_to_e4m3(p & 15, MAGIC).to(tl.uint8, bitcast=True))
+    tl.store(hi_ptr + offs, int4_to_e4m3(p >> 4, MAGIC).to(tl.uint8, bitcast=True))
+
+
+@pytest.mark.skipif(
+    not (INTERPRETED or torch.cuda.is_available()), reason="needs Triton (GPU or interpreter)"
+)
+@pytest.mark.parametrize("magic", [0, 1])
+def test_int4_to_e4m3_every_byte(magic):
+    """Both in-kernel int4 -> e4m3 conversions give torch's e4m3 bits of the unpacked int4, for
+    every byte (low and high nibble)."""
+    packed = torch.arange(256, dtype=torch.uint8)
+    want = unpack_int4(packed).float().to(FP8_DTYPE).view(torch.uint8)  # [lo0, hi0, lo1, hi1, ...]
+    lo = torch.empty(256, dtype=torch.uint8, device=DEVICE)
+    hi = torch.empty_like(lo)
+    _int4_kernel[(1,)](packed.to(DEVICE), lo, hi, MAGIC=magic)
+    assert torch.equal(lo.cpu(), want[0::2]) and torch.equal(hi.cpu(), want[1::2])
 
 
 def test_per_token_group_dequant_roundtrip(rng_seed):
