@@ -22,14 +22,8 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_utils import run_ranks
-from tests.gpu import require_deep_ep
+from tests.gpu import HIDDEN, TOP_K, WORLD, require_deep_ep, small_layer_plan
 
-WORLD = 2
-HIDDEN = 2048  # one of DeepEP's low-latency hidden sizes
-INTER = 256
-NUM_EXPERTS = 16
-TOP_K = 4
-CAPACITY = 32
 SAME_TOL = 1e-2
 REF_TOL = {"bf16": 2e-2, "fp8_block": 4e-2}
 
@@ -54,38 +48,12 @@ CONFIGS = {
 }
 
 
-def _plan(backend: str, scheme: str, execution: dict):
-    from ep_runtime.config import parse_config, resolve_plan
-
-    cfg = parse_config(
-        {
-            "model": {
-                "hidden_size": HIDDEN,
-                "num_experts": NUM_EXPERTS,
-                "top_k": TOP_K,
-                "moe_intermediate_size": INTER,
-                "scoring": "sigmoid",
-                "n_group": 4,
-                "topk_group": 2,
-                "use_correction_bias": True,
-                "routed_scaling_factor": 2.5,
-                "weights": scheme,
-                "seed": 3,
-            },
-            "parallel": {"ep_size": WORLD, "device": "cuda"},
-            "dispatch": {"backend": backend, "mode": "auto", "num_max_dispatch_tokens_per_rank": CAPACITY},
-            "execution": execution,
-        }
-    )
-    return resolve_plan(cfg)
-
-
 def _run_config(rank: int, backend: str, scheme: str, name: str) -> tuple[list[torch.Tensor], list[str]]:
     from ep_runtime.layer import EPMoE
 
     failures: list[str] = []
     outs: list[torch.Tensor] = []
-    layer = EPMoE(_plan(backend, scheme, CONFIGS[name]), rank=rank)
+    layer = EPMoE(small_layer_plan(backend, scheme, execution=CONFIGS[name]), rank=rank)
     try:
         for step, (tokens, is_prefill) in enumerate(STEPS):
             g = torch.Generator(device="cuda").manual_seed(100 * step + rank)

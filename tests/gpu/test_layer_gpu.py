@@ -15,14 +15,8 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_utils import run_ranks
-from tests.gpu import require_deep_ep
+from tests.gpu import HIDDEN, WORLD, require_deep_ep, small_layer_plan
 
-WORLD = 2
-HIDDEN = 2048  # one of DeepEP's low-latency hidden sizes
-INTER = 256
-NUM_EXPERTS = 16
-TOP_K = 4
-CAPACITY = 32
 # Relative Frobenius error vs the reference run on the layer's own routing (bf16 GEMMs on GPU;
 # w4a8 low-latency quantises per tensor where the reference uses group-128 scales).
 TOL = {"bf16": 2e-2, "fp8_block": 4e-2, "w4a8": 4e-2}
@@ -39,43 +33,17 @@ STEPS = [
 ]
 
 
-def _plan(backend: str, scheme: str, experts: str):
-    from ep_runtime.config import parse_config, resolve_plan
-
-    cfg = parse_config(
-        {
-            "model": {
-                "hidden_size": HIDDEN,
-                "num_experts": NUM_EXPERTS,
-                "top_k": TOP_K,
-                "moe_intermediate_size": INTER,
-                "scoring": "sigmoid",
-                "n_group": 4,
-                "topk_group": 2,
-                "use_correction_bias": True,
-                "routed_scaling_factor": 2.5,
-                "weights": scheme,
-                "seed": 3,
-            },
-            "parallel": {"ep_size": WORLD, "device": "cuda"},
-            "dispatch": {
-                "backend": backend,
-                "mode": "auto",
-                "num_max_dispatch_tokens_per_rank": CAPACITY,
-                "auto": {"normal_above_tokens": 96},
-                "check_conservation": backend == "torch",
-            },
-            "kernels": {"experts": experts},
-        }
-    )
-    return resolve_plan(cfg)
-
-
 def _case(rank: int, backend: str, scheme: str, experts: str) -> list[str]:
     from ep_runtime.layer import EPMoE
 
     failures = []
-    layer = EPMoE(_plan(backend, scheme, experts), rank=rank)
+    plan = small_layer_plan(
+        backend,
+        scheme,
+        dispatch={"auto": {"normal_above_tokens": 96}, "check_conservation": backend == "torch"},
+        kernels={"experts": experts},
+    )
+    layer = EPMoE(plan, rank=rank)
     try:
         for step, (tokens, is_prefill, layout, rounds) in enumerate(STEPS):
             g = torch.Generator(device="cuda").manual_seed(100 * step + rank)
