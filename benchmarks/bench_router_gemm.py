@@ -23,7 +23,13 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import bench_us, measure_copy_bandwidth, print_table, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bench_us,
+    graph_us,
+    measure_copy_bandwidth,
+    print_table,
+    write_results,
+)
 from ep_runtime.kernels import router_gemm as rg  # noqa: E402
 
 SHAPES = [(7168, 256, "DeepSeek-V3"), (2048, 128, "Qwen3-30B-A3B"), (4096, 8, "Mixtral-8x7B")]
@@ -293,22 +299,7 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
 
 
 def _graph_us(fn, replays: int = 20, tries: int = 2, rep: int = 30) -> float:
-    """Median time of one call replayed from a CUDA graph holding `replays` back-to-back calls
-    (so the graph launch itself is amortised), in microseconds."""
-    fn()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(replays):
-            fn()
-    t = min(bench_us(g.replay, warmup=3, rep=rep) for _ in range(tries)) / replays
-    del g
-    return t
+    return graph_us(fn, replays=replays, tries=tries, warmup=3, rep=rep)
 
 
 def _merge_buckets(buckets: list[dict]) -> list[dict]:

@@ -69,6 +69,26 @@ def bench_us(fn, warmup: int = 10, rep: int = 50) -> float:
     return times[len(times) // 2] * 1e6
 
 
+def graph_us(fn, replays: int = 1, tries: int = 1, warmup: int = 5, rep: int = 40) -> float:
+    """Median time of one `fn()` replayed from a CUDA graph that holds `replays` back-to-back calls
+    (more replays amortise the graph launch), best of `tries` measurements, in microseconds. `fn`
+    runs once eagerly and once on a side stream first (compilation, allocator warm-up)."""
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(replays):
+            fn()
+    t = min(bench_us(g.replay, warmup=warmup, rep=rep) for _ in range(tries)) / replays
+    del g
+    return t
+
+
 def measure_copy_bandwidth(num_bytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s (reads + writes counted), the HBM ceiling."""
     src = torch.empty(num_bytes // 2, dtype=torch.uint8, device="cuda")
