@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU checks of docs/gpu-runbook.md in groups that each fit one device call (600 s), so a
+# session's scarce GPU minutes go to measuring, not to typing commands. Run on the GPU machine from
+# the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
+# project installed, and `deep_ep` importable for the DeepEP steps):
+#
+#   bash benchmarks/gpu_session.sh GROUP            # GROUP: k1 | x2-comm | x2-layer | x2-step | x2-run
+#
+# Every command runs under its own `timeout`, its output goes to $OUT/<group>-<n>.log (and the
+# terminal), a failing command does not stop the group, and the group ends with one line per
+# command: exit status, seconds, command. Benchmarks write their JSON under $OUT/results.
+set -u
+group=${1:-}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT/results"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+
+summary=()
+n=0
+step() {  # step SECONDS COMMAND...
+  local limit=$1 rc t0
+  shift
+  n=$((n + 1))
+  echo "=== [$group $n] $*" | tee "$OUT/$group-$n.log"
+  t0=$(date +%s)
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$OUT/$group-$n.log"
+  rc=${PIPESTATUS[0]}
+  summary+=("rc=$rc $(($(date +%s) - t0))s $*")
+}
+
+need_deep_ep() {
+  if ! python -c "import deep_ep" 2>/dev/null; then
+    echo "deep_ep is not importable: set it up first (docs/gpu-runbook.md, 'DeepEP')" >&2
+    exit 2
+  fi
+}
+
+cfg=deploy/configs
+case "$group" in
+  k1)  # one GPU: kernels, the single-GPU DeepEP checks, the runs, kernel benchmarks
+    step 240 python -m pytest -q -m gpu tests/gpu/test_kernels_k1_gpu.py tests/gpu/test_fused_moe_gpu.py \
+      tests/kernels/test_router_gemm.py tests/unit/test_resources.py
+    step 120 python -m pytest -q -m gpu -rA tests/gpu/test_deepep_single_gpu.py
+    step 120 python -m ep_runtime.cli run --config $cfg/h200x1-deepep-ll.yaml --report "$OUT/results/run-h200x1-deepep-ll.json"
+    # re-tune the kernel tables (w4a8 now also tries the bit-built int4 unpack, INT4_MAGIC)
+    step 200 python benchmarks/bench_masked_gemm.py --tune --out-dir "$OUT/results"
+    step 300 python benchmarks/bench_fused_moe.py --quick --tune --budget-s 280 --out "$OUT/results"
+    mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
+    ;;
+  x2-comm)  # issue 4: DeepEP vs the torch backend, then raw DeepEP vs the runtime
+    need_deep_ep
+    step 230 env EP_GPU_TEST_TIMEOUT=200 python -m pytest -q -s -m gpu tests/gpu/test_deepep_gpu.py
+    step 200 python benchmarks/bench_dispatch.py --out-dir "$OUT/results"
+    ;;
+  x2-layer)  # issues 5 and 7: the layer and the execution switches on 2 GPUs, then the layer benchmark
+    need_deep_ep
+    step 300 python -m pytest -q -m gpu tests/gpu/test_layer_gpu.py tests/gpu/test_execution_gpu.py
+    step 120 python benchmarks/bench_layer.py --backend deepep --out-dir "$OUT/results"
+    step 100 python benchmarks/bench_layer.py --backend torch --out-dir "$OUT/results"
+    ;;
+  x2-step)  # issue 7: the whole step, every switch, both backends
+    need_deep_ep
+    step 480 python benchmarks/bench_step.py --out-dir "$OUT/results" --timeout 450
+    ;;
+  x2-run)  # issues 6 and 8: the main job through Ray on 2 GPUs, then a killed rank
+    need_deep_ep
+    step 240 python -m ep_runtime.cli run --config $cfg/h200x2-deepep.yaml --report "$OUT/results/run-h200x2-deepep.json"
+    step 150 python -m ep_runtime.cli run --config $cfg/h200x2-deepep.yaml --steps 4 --fault 1:decode:kill
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_session.sh k1|x2-comm|x2-layer|x2-step|x2-run" >&2
+    exit 2
+    ;;
+esac
+
+echo "=== $group summary"
+printf '%s\n' "${summary[@]}" | tee "$OUT/$group-summary.txt"
