@@ -53,6 +53,7 @@ TUNE_AT = {
     ("dsv3_e128", "fp8_block"): (128, 2048, 8192),
     ("dsv3_e32", "bf16"): (128, 2048, 8192),
     ("dsv3_e32", "fp8_block"): (2048, 8192),
+    ("dsv3_e32", "w4a8"): (2048,),  # W4A8_AT; both int4 unpacks compete
     ("qwen3_30b", "bf16"): (128, 2048),
     ("mixtral", "bf16"): (128, 2048, 8192),
     ("mixtral", "fp8_block"): (2048, 8192),

@@ -4,7 +4,7 @@
 # the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
 # project installed, and `deep_ep` importable for the DeepEP steps):
 #
-#   bash benchmarks/gpu_session.sh GROUP            # GROUP: k1 | x2-comm | x2-layer | x2-step | x2-run
+#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-tune | x2-comm | x2-layer | x2-step | x2-run
 #
 # Every command runs under its own `timeout`, its output goes to $OUT/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
@@ -37,14 +37,16 @@ need_deep_ep() {
 
 cfg=deploy/configs
 case "$group" in
-  k1)  # one GPU: kernels, the single-GPU DeepEP checks, the runs, kernel benchmarks
+  k1)  # one GPU: kernels, the single-GPU DeepEP checks, the main job with DeepEP low-latency
     step 240 python -m pytest -q -m gpu tests/gpu/test_kernels_k1_gpu.py tests/gpu/test_fused_moe_gpu.py \
       tests/kernels/test_router_gemm.py tests/unit/test_resources.py
     step 120 python -m pytest -q -m gpu -rA tests/gpu/test_deepep_single_gpu.py
     step 120 python -m ep_runtime.cli run --config $cfg/h200x1-deepep-ll.yaml --report "$OUT/results/run-h200x1-deepep-ll.json"
-    # re-tune the kernel tables (w4a8 now also tries the bit-built int4 unpack, INT4_MAGIC)
-    step 200 python benchmarks/bench_masked_gemm.py --tune --out-dir "$OUT/results"
-    step 300 python benchmarks/bench_fused_moe.py --quick --tune --budget-s 280 --out "$OUT/results"
+    ;;
+  k1-tune)  # one GPU: re-tune the kernel tables for this device (w4a8 also tries INT4_MAGIC)
+    step 150 python benchmarks/bench_router_gemm.py --tune --quick --out-dir "$OUT/results"
+    step 180 python benchmarks/bench_masked_gemm.py --tune --out-dir "$OUT/results"
+    step 250 python benchmarks/bench_fused_moe.py --quick --tune --budget-s 230 --out "$OUT/results"
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
     ;;
   x2-comm)  # issue 4: DeepEP vs the torch backend, then raw DeepEP vs the runtime
@@ -68,7 +70,7 @@ case "$group" in
     step 150 python -m ep_runtime.cli run --config $cfg/h200x2-deepep.yaml --steps 4 --fault 1:decode:kill
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh k1|x2-comm|x2-layer|x2-step|x2-run" >&2
+    echo "usage: bash benchmarks/gpu_session.sh k1|k1-tune|x2-comm|x2-layer|x2-step|x2-run" >&2
     exit 2
     ;;
 esac
