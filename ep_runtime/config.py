@@ -50,6 +50,36 @@ DEEPEP_LOW_LATENCY_HIDDEN_SIZES = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 819
 DEEPEP_LOW_LATENCY_MAX_TOPK = 11
 # NVLink peers per node that DeepEP's intranode kernels address.
 DEEPEP_MAX_NVL_PEERS = 8
+# DeepEP normal-mode kernel limits (revision 567632d): local experts per rank (its layout kernels
+# run one thread per expert in a 128-thread block), top-k slots per token, and the per-warp TMA
+# staging of the intranode dispatch (half a row plus an 8-byte barrier in 8 KiB; rows of a multiple
+# of 32 bytes).
+DEEPEP_NORMAL_MAX_LOCAL_EXPERTS = 128
+DEEPEP_NORMAL_MAX_TOPK = 32
+DEEPEP_INTRANODE_TMA_BYTES = 8192
+# NVSHMEM's queue-pair depth DeepEP starts with unless NVSHMEM_QP_DEPTH says otherwise; a
+# low-latency dispatch asserts depth >= 2 * (C + 1).
+DEEPEP_DEFAULT_QP_DEPTH = 1024
+
+
+def deepep_qp_depth() -> int:
+    """The NVSHMEM queue-pair depth DeepEP will use in this environment."""
+    import os
+
+    raw = os.environ.get("NVSHMEM_QP_DEPTH", "")
+    return int(raw) if raw.strip().isdigit() else DEEPEP_DEFAULT_QP_DEPTH
+
+
+def deepep_default_num_qps(
+    num_local_experts: int, num_sms: int, *, low_latency: bool, normal_internode: bool
+) -> int:
+    """DeepEP queue pairs per rank when the file leaves `dispatch.deepep.num_qps_per_rank` unset:
+    low-latency kernels need at least one per local expert; internode normal kernels need
+    num_sms / 2 or at least num_sms (DeepEP's own internode test uses max(num_sms, L))."""
+    qps = num_local_experts if low_latency else 1
+    if normal_internode:
+        qps = max(qps, num_sms)
+    return qps
 
 
 class _Section(BaseModel):
@@ -234,7 +264,9 @@ class DeepEPConfig(_Section):
     normal_combine: DeepEPChunkConfig | None = None
     """Normal combine `Config`; None = DeepEP's default for the rank count."""
     num_qps_per_rank: int | None = Field(default=None, gt=0)
-    """RDMA queue pairs per rank for low-latency mode; default: local experts per rank."""
+    """RDMA queue pairs per rank; default: local experts per rank for low-latency mode, and at least
+    num_sms for normal mode across nodes (DeepEP needs >= local experts for low-latency, and
+    num_sms / 2 or >= num_sms for internode normal kernels)."""
     allow_nvlink_for_low_latency_mode: bool = True
     """Let low-latency kernels use NVLink for intranode peers."""
     allow_mnnvl: bool = False
@@ -531,6 +563,63 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
             errs.append(
                 ("model.hidden_size", f"({m.hidden_size}) DeepEP needs rows of a multiple of 16 bytes")
             )
+        local = m.num_experts // par.ep_size if m.num_experts % par.ep_size == 0 else 0
+        has_normal, has_ll = d.mode in ("normal", "auto"), d.mode in ("low_latency", "auto")
+        if has_normal:
+            if local > DEEPEP_NORMAL_MAX_LOCAL_EXPERTS:
+                errs.append(
+                    (
+                        "model.num_experts",
+                        f"({m.num_experts}) gives {local} experts per rank; DeepEP normal mode handles at "
+                        f"most {DEEPEP_NORMAL_MAX_LOCAL_EXPERTS} per rank (more ranks, or dispatch.mode "
+                        "'low_latency', or dispatch.backend 'torch')",
+                    )
+                )
+            if m.top_k > DEEPEP_NORMAL_MAX_TOPK:
+                errs.append(
+                    (
+                        "model.top_k",
+                        f"({m.top_k}) exceeds DeepEP normal mode's maximum of {DEEPEP_NORMAL_MAX_TOPK}",
+                    )
+                )
+        qps = d.deepep.num_qps_per_rank
+        if qps is not None and has_ll and local and qps < local:
+            errs.append(
+                (
+                    "dispatch.deepep.num_qps_per_rank",
+                    f"({qps}) DeepEP low-latency mode needs at least one queue pair per local expert "
+                    f"(>= {local}), or leave it unset",
+                )
+            )
+        sms = d.deepep.num_sms
+        if qps is not None and has_normal and par.nodes > 1 and not (qps == sms // 2 or qps >= sms):
+            errs.append(
+                (
+                    "dispatch.deepep.num_qps_per_rank",
+                    f"({qps}) DeepEP internode normal mode needs num_sms / 2 ({sms // 2}) or >= num_sms "
+                    f"({sms}) queue pairs per rank, or leave it unset",
+                )
+            )
+        if has_ll:
+            C = d.num_max_dispatch_tokens_per_rank
+            if (par.ep_size * C) % 4:
+                errs.append(
+                    (
+                        "dispatch.num_max_dispatch_tokens_per_rank",
+                        f"({C}) DeepEP low-latency needs ep_size x C ({par.ep_size * C}) to be a multiple "
+                        "of 4 (its TMA copies); allowed: a C that makes it one",
+                    )
+                )
+            depth = deepep_qp_depth()
+            if 2 * (C + 1) > depth:
+                errs.append(
+                    (
+                        "dispatch.num_max_dispatch_tokens_per_rank",
+                        f"({C}) DeepEP low-latency needs NVSHMEM_QP_DEPTH >= 2 * (C + 1) = {2 * (C + 1)}, "
+                        f"and it is {depth}; allowed: C <= {depth // 2 - 1}, or raise NVSHMEM_QP_DEPTH "
+                        "in the ranks' environment",
+                    )
+                )
         if d.mode in ("low_latency", "auto"):
             if m.hidden_size not in DEEPEP_LOW_LATENCY_HIDDEN_SIZES:
                 errs.append(
@@ -569,6 +658,18 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
                 )
             )
         precision = rule.default if choice == "auto" else Precision(choice)
+        if d.backend == "deepep" and layout == Layout.NORMAL and par.nodes == 1:
+            row = m.hidden_size * (1 if precision == Precision.FP8 else 2)
+            if row % 32 or row // 2 + 8 > DEEPEP_INTRANODE_TMA_BYTES:
+                errs.append(
+                    (
+                        "model.hidden_size",
+                        f"({m.hidden_size}) a {precision.value} row of {row} bytes does not fit DeepEP's "
+                        f"intranode dispatch (rows of a multiple of 32 bytes, at most "
+                        f"{2 * (DEEPEP_INTRANODE_TMA_BYTES - 8)} bytes); allowed: fp8 normal dispatch "
+                        "(dispatch.precision.normal), or dispatch.backend 'torch'",
+                    )
+                )
         if precision == Precision.FP8:
             if m.hidden_size % FP8_GROUP:
                 errs.append(
@@ -659,8 +760,10 @@ def deepep_normal_nvl_bytes(
     return (n + 127) // 128 * 128
 
 
-# DeepEP's own default normal-mode chunk sizes (its `get_dispatch_config`) go up to 512 tokens.
-_DEEPEP_DEFAULT_NVL_RECV_TOKENS = 512
+# `num_max_nvl_chunked_recv_tokens` of DeepEP's default normal-mode configs by rank count (its
+# `get_dispatch_config` / `get_combine_config`, the same for both), for sizing the NVL buffer.
+_DEEPEP_DEFAULT_NVL_RECV_TOKENS = {2: 256, 4: 256, 8: 256, 16: 288, 24: 288, 32: 288, 48: 288, 64: 288,
+                                   96: 480, 128: 560, 144: 720, 160: 720}  # fmt: skip
 
 
 def resolve_plan(cfg: EPConfig) -> RuntimePlan:
@@ -680,7 +783,7 @@ def resolve_plan(cfg: EPConfig) -> RuntimePlan:
                         for c in (d.deepep.normal_dispatch, d.deepep.normal_combine)
                         if c
                     ]
-                    or [_DEEPEP_DEFAULT_NVL_RECV_TOKENS]
+                    or [_DEEPEP_DEFAULT_NVL_RECV_TOKENS.get(par.ep_size, 720)]
                 )
                 nvl = deepep_normal_nvl_bytes(m.hidden_size, par.ep_size, d.deepep.num_sms, recv_tokens)
             else:

@@ -79,6 +79,9 @@ class EPMoE(torch.nn.Module):
         layer_index: which layer's weights to build (default `model.layer_index`).
         graph_buckets: token counts captured by the CUDA-graph decode runner (default: powers of two
             up to `C`, and `C`); only with `execution.cuda_graph_decode`.
+        shared_comm: communication state shared by every layer of this process, from
+            `ep_runtime.comm.build_shared_state(plan, group)` (DeepEP: the one `deep_ep.Buffer`;
+            a model with several MoE layers should pass it to each). None: the layer makes its own.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class EPMoE(torch.nn.Module):
         placement: Sequence[Sequence[int]] | None = None,
         layer_index: int | None = None,
         graph_buckets: Sequence[int] | None = None,
+        shared_comm: Any | None = None,
     ):
         super().__init__()
         if not isinstance(plan, RuntimePlan):
@@ -162,7 +166,7 @@ class EPMoE(torch.nn.Module):
         kwargs = (
             {"comm": mpi_comm} if mpi_comm is not None and plan.config.dispatch.backend == "deepep" else {}
         )
-        self.dispatchers = build_dispatchers(plan, group, **kwargs)
+        self.dispatchers = build_dispatchers(plan, group, shared=shared_comm, **kwargs)
         self._pending: PendingTelemetry | None = None
         self._telemetry: StepTelemetry | None = None
         self.last_routing: Routing | None = None

@@ -287,6 +287,7 @@ class RankWorker:
         self._progress_store = None
         self._store_lock = threading.Lock()  # the progress connection is shared by threads
         self._layers: list[Any] = []
+        self._shared_comm: Any = None
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -417,11 +418,19 @@ class RankWorker:
     def _build_layers(self, device: torch.device) -> None:
         import torch.distributed as dist
 
+        from ep_runtime.comm import build_shared_state
         from ep_runtime.layer import EPMoE
         from ep_runtime.resources import check_memory
 
         # Fail before allocating (weights, DeepEP buffers) with advice on what to lower.
         check_memory(self.plan, device)
+        # One communication state (DeepEP: one buffer) for all the layers of this process.
+        comm_kwargs = (
+            {"comm": self.mpi_comm}
+            if self.mpi_comm is not None and self.plan.config.dispatch.backend == "deepep"
+            else {}
+        )
+        self._shared_comm = build_shared_state(self.plan, dist.group.WORLD, **comm_kwargs)
         base = self.plan.config.model.layer_index
         for i in range(self.plan.config.workload.num_layers):
             self._layers.append(
@@ -432,6 +441,7 @@ class RankWorker:
                     device=device,
                     mpi_comm=self.mpi_comm,
                     layer_index=base + i,
+                    shared_comm=self._shared_comm,
                 )
             )
 
@@ -468,8 +478,11 @@ class RankWorker:
     def run(self) -> dict[str, Any]:
         """Run the whole job on this rank; returns its result (JSON-friendly)."""
         watchdog = Watchdog(self.tracker, peers=self.peers_report, on_expire=self.on_expire).start()
+        failed = True
         try:
-            return self._run()
+            result = self._run()
+            failed = False
+            return result
         except RankFailure:
             raise
         except BaseException as exc:
@@ -483,7 +496,7 @@ class RankWorker:
             raise RankFailure(self.info.rank, self.info.node, self.tracker.stage, detail) from exc
         finally:
             watchdog.stop()
-            self._shutdown()
+            self._shutdown(collective=not failed)
 
     def _run(self) -> dict[str, Any]:
         import torch.distributed as dist
@@ -637,13 +650,23 @@ class RankWorker:
         )
         return out
 
-    def _shutdown(self) -> None:
-        for layer in self._layers:
+    def _shutdown(self, collective: bool = True) -> None:
+        """Free the layers, the shared communication state and the process group. After a failure
+        (`collective=False`) the layers are only dropped: closing them may wait on peers (DeepEP's
+        buffer teardown is collective), and a peer that died or hangs would keep this rank from
+        ever reporting; the launcher ends the processes, which frees what is left."""
+        for layer in self._layers if collective else ():
             try:
                 layer.close()
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
         self._layers = []
+        if self._shared_comm is not None and collective:  # after its layers: the last reference frees it
+            try:
+                self._shared_comm.release()
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+        self._shared_comm = None
         try:
             import torch.distributed as dist
 

@@ -127,11 +127,24 @@ class Dispatcher(ABC):
 
     @classmethod
     def build_all(
-        cls, plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any
+        cls,
+        plan: RuntimePlan,
+        group: dist.ProcessGroup | None = None,
+        *,
+        shared: Any | None = None,
+        **kwargs: Any,
     ) -> dict[Layout, Dispatcher]:
         """One dispatcher per mode of `plan` (both under `mode: auto`). Backends whose modes share
-        state (DeepEP: one buffer for both layouts) override this; `kwargs` go to the constructor."""
+        state (DeepEP: one buffer for both layouts) override this; `shared` is what
+        `shared_state` made (None: this call makes its own); `kwargs` go to the constructor."""
         return {layout: cls(plan, mode_plan, group, **kwargs) for layout, mode_plan in plan.modes.items()}
+
+    @classmethod
+    def shared_state(cls, plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any) -> Any:
+        """State that every layer of one process should share, or None (default: nothing to share).
+        DeepEP: one `deep_ep.Buffer` per process (NVSHMEM is initialised once per process), sized
+        for the plan. The object has `acquire()` / `release()`: whoever makes it holds one reference
+        and releases it after the layers that use it are closed."""
         return None
 
 
@@ -153,14 +166,7 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_dispatchers(
-    plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any
-) -> dict[Layout, Dispatcher]:
-    """The dispatchers a rank needs for `plan`, one per mode, after checking `supports` for each.
-
-    Raises ValueError naming the backend, the mode and the reason when a mode cannot be served.
-    `kwargs` reach the backend's constructor (DeepEP: `comm=` an `mpi4py.MPI.Comm`).
-    """
+def _plan_backend(plan: RuntimePlan) -> type[Dispatcher]:
     backends = {mp.backend for mp in plan.modes.values()}
     if len(backends) != 1:
         raise ValueError(f"all modes of a plan must use one backend, got {sorted(backends)}")
@@ -169,4 +175,23 @@ def build_dispatchers(
         ok, reason = cls.supports(plan, mode_plan)
         if not ok:
             raise ValueError(f"dispatch.backend '{cls.name}' cannot serve the {layout.value} mode: {reason}")
-    return cls.build_all(plan, group, **kwargs)
+    return cls
+
+
+def build_dispatchers(
+    plan: RuntimePlan, group: dist.ProcessGroup | None = None, *, shared: Any | None = None, **kwargs: Any
+) -> dict[Layout, Dispatcher]:
+    """The dispatchers a rank needs for `plan`, one per mode, after checking `supports` for each.
+
+    Raises ValueError naming the backend, the mode and the reason when a mode cannot be served.
+    `shared`: from `build_shared_state` (one per process, for every layer); `kwargs` reach the
+    backend's constructor (DeepEP: `comm=` an `mpi4py.MPI.Comm`).
+    """
+    return _plan_backend(plan).build_all(plan, group, shared=shared, **kwargs)
+
+
+def build_shared_state(plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any) -> Any:
+    """What the layers of one process share for `plan`'s backend (see `Dispatcher.shared_state`),
+    or None when the backend shares nothing. The caller holds one reference (`release()` it after
+    closing the layers)."""
+    return _plan_backend(plan).shared_state(plan, group, **kwargs)

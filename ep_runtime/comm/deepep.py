@@ -29,6 +29,8 @@ from ep_runtime.config import (
     DEEPEP_LOW_LATENCY_MAX_TOPK,
     ModePlan,
     RuntimePlan,
+    deepep_default_num_qps,
+    deepep_qp_depth,
     max_buffer_bytes,
 )
 from ep_runtime.types import FP8_GROUP, DispatchedTokens, DispatchHandle, Layout, Precision, Routing
@@ -158,9 +160,19 @@ class DeepEPBufferOwner:
                 "RDMA/low-latency buffer is also allocated; lower it or the normal-mode chunk sizes"
             )
         self.num_nvl_bytes, self.num_rdma_bytes = nvl, rdma
-        self.num_qps_per_rank = tune.num_qps_per_rank or (
-            self.num_local_experts if self.has_low_latency else 1
+        self.num_qps_per_rank = tune.num_qps_per_rank or deepep_default_num_qps(
+            self.num_local_experts,
+            tune.num_sms,
+            low_latency=self.has_low_latency,
+            normal_internode=Layout.NORMAL in plan.modes and plan.config.parallel.nodes > 1,
         )
+        if self.has_low_latency and deepep_qp_depth() < 2 * (self.capacity + 1):
+            # DeepEP asserts this at the first low-latency dispatch; say it before allocating.
+            raise ValueError(
+                f"DeepEP low-latency with C = {self.capacity} (dispatch.num_max_dispatch_tokens_per_rank) "
+                f"needs NVSHMEM_QP_DEPTH >= {2 * (self.capacity + 1)} in this rank's environment; it is "
+                f"{deepep_qp_depth()}"
+            )
         self.explicitly_destroy = tune.explicitly_destroy
         if group is None and comm is None:
             group = dist.group.WORLD
@@ -254,11 +266,25 @@ class DeepEPDispatcher(Dispatcher):
 
     @classmethod
     def build_all(
-        cls, plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any
+        cls,
+        plan: RuntimePlan,
+        group: dist.ProcessGroup | None = None,
+        *,
+        shared: DeepEPBufferOwner | None = None,
+        **kwargs: Any,
     ) -> dict[Layout, Dispatcher]:
-        """One dispatcher per mode of the plan, all sharing one `deep_ep.Buffer`."""
-        owner = kwargs.pop("owner", None) or DeepEPBufferOwner(plan, group, kwargs.get("comm"))
+        """One dispatcher per mode of the plan, all sharing one `deep_ep.Buffer`: `shared` (the
+        process's buffer, from `shared_state`) or a new one."""
+        owner = shared or DeepEPBufferOwner(plan, group, kwargs.get("comm"))
         return {layout: cls(plan, mp, group, owner=owner, **kwargs) for layout, mp in plan.modes.items()}
+
+    @classmethod
+    def shared_state(
+        cls, plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any
+    ) -> DeepEPBufferOwner:
+        """The process's one DeepEP buffer for every layer of `plan` (NVSHMEM is initialised once
+        per process; a buffer per layer would also multiply its memory). Holds one reference."""
+        return DeepEPBufferOwner(plan, group, kwargs.get("comm")).acquire()
 
     @classmethod
     def supports(cls, plan: RuntimePlan, mode_plan: ModePlan) -> tuple[bool, str]:
@@ -358,16 +384,17 @@ class DeepEPDispatcher(Dispatcher):
 
             x_in: Any = per_token_group_quant_fp8(x, group_size=FP8_GROUP)
         else:
-            x_in = x
+            x_in = x.contiguous()  # DeepEP's normal dispatch asserts a contiguous x
         ids = self._ids(routing)
         weights = routing.topk_weights.contiguous()
         ev = self.deep_ep.Buffer.capture()
-        num_per_rank, _, num_per_expert, is_token_in_rank, ev = buffer.get_dispatch_layout(
+        num_per_rank, num_per_rdma_rank, num_per_expert, is_token_in_rank, ev = buffer.get_dispatch_layout(
             ids, self.num_experts, previous_event=ev, async_finish=True, allocate_on_comm_stream=True
         )
         recv, recv_ids, recv_weights, num_list, deep_handle, ev = buffer.dispatch(
             x_in,
             num_tokens_per_rank=num_per_rank,
+            num_tokens_per_rdma_rank=num_per_rdma_rank,  # None on one node; required across nodes
             is_token_in_rank=is_token_in_rank,
             num_tokens_per_expert=num_per_expert,
             topk_idx=ids,
@@ -442,7 +469,7 @@ class DeepEPDispatcher(Dispatcher):
 
             x_in: Any = per_token_group_quant_fp8(x, group_size=FP8_GROUP)
         else:
-            x_in = x
+            x_in = x.contiguous()  # DeepEP's normal dispatch asserts a contiguous x
         last = self._last
         if last is not None and last[0] is routing:
             # Same routing object as the previous dispatch: DeepEP's cached mode reuses the layout
@@ -452,12 +479,13 @@ class DeepEPDispatcher(Dispatcher):
             deep_handle = last[1]
         else:
             ids = self._ids(routing)
-            num_per_rank, _, num_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
+            num_per_rank, num_per_rdma_rank, num_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
                 ids, self.num_experts
             )
             recv, recv_ids, recv_weights, num_list, deep_handle, _ = buffer.dispatch(
                 x_in,
                 num_tokens_per_rank=num_per_rank,
+                num_tokens_per_rdma_rank=num_per_rdma_rank,  # None on one node; required across nodes
                 is_token_in_rank=is_token_in_rank,
                 num_tokens_per_expert=num_per_expert,
                 topk_idx=ids,

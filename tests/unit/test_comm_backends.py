@@ -167,10 +167,16 @@ class _FakeBuffer:
         _FakeBuffer.calls.append(("clean", c, hidden, num_experts))
 
     def get_dispatch_layout(self, ids, num_experts):
-        return None, None, None, None, None
+        return "per-rank", "per-rdma-rank", "per-expert", "in-rank", None
 
     def dispatch(self, x, handle=None, **kwargs):
         _FakeBuffer.calls.append(("dispatch", handle is not None))
+        assert x.is_contiguous(), "DeepEP asserts a contiguous x"
+        if handle is None:  # the layout goes through whole, the RDMA counts included
+            assert (kwargs["num_tokens_per_rank"], kwargs["num_tokens_per_rdma_rank"]) == (
+                "per-rank",
+                "per-rdma-rank",
+            )
         k = 2
         return x, torch.zeros(x.shape[0], k, dtype=torch.int64), torch.zeros(x.shape[0], k), [0, 0], "h", None
 
@@ -230,7 +236,7 @@ def test_deepep_shared_buffer_sizes_clean_and_close(fake_deep_ep) -> None:
     assert nvl == -(-max(plan_nvl, 1000 * 256) // 128) * 128 and nvl % 128 == 0
     assert rdma == max(plan.for_layout(Layout.LOW_LATENCY).num_rdma_bytes, 128 * 8)
     assert ll_mode is True and qps == 2  # local experts
-    x = torch.zeros(3, 2048, dtype=torch.bfloat16)
+    x = torch.zeros(2048, 3, dtype=torch.bfloat16).t()  # a non-contiguous view: made contiguous
     routing = Routing(torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2))
     normal, ll = disp[Layout.NORMAL], disp[Layout.LOW_LATENCY]
     d, h = normal.dispatch(x, routing)
@@ -280,3 +286,38 @@ def test_deepep_rejects_configs_deepep_would_assert_on(fake_deep_ep) -> None:
     )
     with pytest.raises(ValueError, match=r"sized for capacity 8, this low-latency dispatcher needs 16"):
         DeepEPDispatcher(other, other.for_layout(Layout.LOW_LATENCY), None, owner=owner)
+
+
+def test_deepep_queue_pairs_default_and_depth(fake_deep_ep, monkeypatch) -> None:
+    from ep_runtime.comm.deepep import DeepEPBufferOwner
+    from ep_runtime.config import deepep_default_num_qps
+
+    # Low-latency: one queue pair per local expert; internode normal: at least num_sms.
+    assert deepep_default_num_qps(16, 24, low_latency=True, normal_internode=True) == 24
+    assert deepep_default_num_qps(32, 24, low_latency=True, normal_internode=True) == 32
+    assert deepep_default_num_qps(16, 24, low_latency=False, normal_internode=False) == 1
+    assert deepep_default_num_qps(16, 24, low_latency=True, normal_internode=False) == 16
+    plan = _small_deepep_plan()
+    monkeypatch.setenv("NVSHMEM_QP_DEPTH", "16")  # < 2 * (C + 1) = 18 for C = 8
+    with pytest.raises(ValueError, match=r"C = 8 .* needs NVSHMEM_QP_DEPTH >= 18 in this rank's environment"):
+        DeepEPBufferOwner(plan)
+    monkeypatch.setenv("NVSHMEM_QP_DEPTH", "18")
+    DeepEPBufferOwner(plan).acquire().release()
+
+
+def test_deepep_layers_of_one_process_share_one_buffer(fake_deep_ep) -> None:
+    plan = _small_deepep_plan()
+    shared = comm.build_shared_state(plan, None)
+    layers = [comm.build_dispatchers(plan, None, shared=shared) for _ in range(3)]
+    assert [c[0] for c in fake_deep_ep.calls] == ["init"], "one deep_ep.Buffer for every layer"
+    assert all(d.owner is shared for disp in layers for d in disp.values())
+    for disp in layers:
+        for d in disp.values():
+            d.close()
+    assert ("destroy",) not in fake_deep_ep.calls  # the process still holds its reference
+    shared.release()
+    assert fake_deep_ep.calls[-1] == ("destroy",)
+
+
+def test_torch_backend_shares_nothing() -> None:
+    assert comm.build_shared_state(_plan(backend="torch", device="cpu")) is None

@@ -328,3 +328,68 @@ def test_deepep_chunk_config_rules_match_deepep_asserts():
 def test_nvl_buffer_int_max_with_low_latency():
     errs = errors_of(gpu_doc(**{"dispatch.buffer": {"num_nvl_bytes": 2**31}}))
     assert errs[0][0] == "dispatch.buffer.num_nvl_bytes"
+
+
+# DeepEP kernel limits (revision 567632d) that would otherwise trap on the GPU mid-run.
+
+
+def test_deepep_normal_mode_local_expert_and_topk_limits():
+    errs = errors_of(gpu_doc(**{"model.num_experts": 288, "model.top_k": 8}))  # 144 per rank
+    assert any(p == "model.num_experts" and "at most 128 per rank" in m for p, m in errs), errs
+    ll_only = gpu_doc(**{"model.num_experts": 288, "model.top_k": 8, "dispatch.mode": "low_latency"})
+    assert resolve_plan(parse_config(ll_only)).num_local_experts == 144
+    errs = errors_of(gpu_doc(**{"model.num_experts": 64, "model.top_k": 33, "dispatch.mode": "normal"}))
+    assert ("model.top_k", "(33) exceeds DeepEP normal mode's maximum of 32") in errs
+
+
+@pytest.mark.parametrize(
+    ("hidden", "precision", "ok"),
+    [
+        (7168, "bf16", True),
+        (8192, "bf16", False),
+        (8192, "fp8", True),
+        (8176, "bf16", True),
+        (1000, "bf16", False),
+    ],
+)
+def test_deepep_intranode_row_limit(hidden, precision, ok):
+    doc = gpu_doc(
+        **{"model.hidden_size": hidden, "dispatch.mode": "normal", "dispatch.precision.normal": precision}
+    )
+    if ok:
+        assert parse_config(doc).model.hidden_size == hidden
+    else:
+        errs = errors_of(doc)
+        assert any(p == "model.hidden_size" and "intranode dispatch" in m for p, m in errs), errs
+
+
+def test_deepep_queue_pair_rules():
+    ll = {"dispatch.mode": "low_latency", "model.num_experts": 64}  # 32 local experts
+    errs = errors_of(gpu_doc(**ll, **{"dispatch.deepep": {"num_qps_per_rank": 8}}))
+    assert any(p == "dispatch.deepep.num_qps_per_rank" and ">= 32" in m for p, m in errs), errs
+    assert parse_config(gpu_doc(**ll, **{"dispatch.deepep": {"num_qps_per_rank": 32}}))
+    internode = {
+        "parallel.ep_size": 16,
+        "parallel.nodes": 2,
+        "model.num_experts": 256,
+        "dispatch.mode": "normal",
+    }
+    errs = errors_of(gpu_doc(**internode, **{"dispatch.deepep": {"num_sms": 24, "num_qps_per_rank": 16}}))
+    assert any(p == "dispatch.deepep.num_qps_per_rank" and "num_sms / 2 (12)" in m for p, m in errs), errs
+    for qps in (12, 24, 32):
+        assert parse_config(
+            gpu_doc(**internode, **{"dispatch.deepep": {"num_sms": 24, "num_qps_per_rank": qps}})
+        )
+
+
+def test_deepep_low_latency_capacity_limits(monkeypatch):
+    monkeypatch.delenv("NVSHMEM_QP_DEPTH", raising=False)
+    errs = errors_of(gpu_doc(**{"dispatch.num_max_dispatch_tokens_per_rank": 7}))  # 2 ranks x 7
+    assert any(p == "dispatch.num_max_dispatch_tokens_per_rank" and "multiple of 4" in m for p, m in errs)
+    errs = errors_of(gpu_doc(**{"dispatch.num_max_dispatch_tokens_per_rank": 512}))
+    assert any("NVSHMEM_QP_DEPTH >= 2 * (C + 1) = 1026" in m and "C <= 511" in m for _, m in errs), errs
+    assert parse_config(gpu_doc(**{"dispatch.num_max_dispatch_tokens_per_rank": 510}))
+    monkeypatch.setenv("NVSHMEM_QP_DEPTH", "2048")
+    assert parse_config(gpu_doc(**{"dispatch.num_max_dispatch_tokens_per_rank": 512}))
+    # The torch backend has neither limit.
+    assert parse_config(base(**{"dispatch.num_max_dispatch_tokens_per_rank": 4095}))
