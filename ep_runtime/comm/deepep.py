@@ -18,7 +18,7 @@ requires.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -223,6 +223,19 @@ class DeepEPBufferOwner:
             self._last_layout = Layout.LOW_LATENCY
 
 
+class _CachedLayout(NamedTuple):
+    """What a normal dispatch leaves for the next one on the same routing (DeepEP's cached mode):
+    the routing object and its tensors' in-place versions (a routing edited in place must not reuse
+    a stale layout), DeepEP's handle, and the receive-side metadata (the rows are not kept)."""
+
+    routing: Routing
+    versions: tuple[int, int]
+    handle: Any
+    counts: torch.Tensor
+    recv_topk_ids: torch.Tensor
+    recv_topk_weights: torch.Tensor
+
+
 @register
 class DeepEPDispatcher(Dispatcher):
     """Dispatch/combine through DeepEP's kernels (NVLink intranode; RDMA/NVSHMEM low-latency).
@@ -260,9 +273,8 @@ class DeepEPDispatcher(Dispatcher):
             )
         self.deep_ep = self.owner.deep_ep
         self._topk_dtype = getattr(self.deep_ep, "topk_idx_t", torch.int64)
-        # Normal mode: (routing, DeepEP handle, counts, recv_topk_ids, recv_topk_weights) of the last
-        # uncached dispatch, for the cached path (the received rows themselves are not kept).
-        self._last: tuple[Routing, Any, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Normal mode: the last uncached dispatch's layout, for DeepEP's cached path.
+        self._last: _CachedLayout | None = None
 
     @classmethod
     def build_all(
@@ -471,12 +483,13 @@ class DeepEPDispatcher(Dispatcher):
         else:
             x_in = x.contiguous()  # DeepEP's normal dispatch asserts a contiguous x
         last = self._last
-        if last is not None and last[0] is routing:
-            # Same routing object as the previous dispatch: DeepEP's cached mode reuses the layout
-            # (no layout kernel, no CPU wait for the receive count).
-            recv, _, _, _, _, _ = buffer.dispatch(x_in, handle=last[1], config=self.owner.dispatch_config)
-            dispatched = _normal_received(recv, last[3], last[4], last[2])
-            deep_handle = last[1]
+        versions = (routing.topk_ids._version, routing.topk_weights._version)
+        if last is not None and last.routing is routing and last.versions == versions:
+            # Same routing object as the previous dispatch, its tensors unchanged: DeepEP's cached
+            # mode reuses the layout (no layout kernel, no CPU wait for the receive count).
+            recv, _, _, _, _, _ = buffer.dispatch(x_in, handle=last.handle, config=self.owner.dispatch_config)
+            dispatched = _normal_received(recv, last.recv_topk_ids, last.recv_topk_weights, last.counts)
+            deep_handle = last.handle
         else:
             ids = self._ids(routing)
             num_per_rank, num_per_rdma_rank, num_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
@@ -493,8 +506,9 @@ class DeepEPDispatcher(Dispatcher):
                 config=self.owner.dispatch_config,
             )
             dispatched = _normal_received(recv, recv_ids, recv_weights, _to_device(num_list, x.device))
-            self._last = (
+            self._last = _CachedLayout(
                 routing,
+                versions,
                 deep_handle,
                 dispatched.num_recv_per_expert,
                 dispatched.recv_topk_ids,

@@ -242,6 +242,10 @@ def test_deepep_shared_buffer_sizes_clean_and_close(fake_deep_ep) -> None:
     d, h = normal.dispatch(x, routing)
     normal.dispatch(x, routing)  # the same Routing object: DeepEP's cached layout
     assert fake_deep_ep.calls[-2:] == [("dispatch", False), ("dispatch", True)]
+    routing.topk_ids[0, 0] = 1  # edited in place: the cached layout is stale, a fresh one is made
+    normal.dispatch(x, routing)
+    normal.dispatch(x, routing)
+    assert fake_deep_ep.calls[-2:] == [("dispatch", False), ("dispatch", True)]
     assert d.num_recv_per_expert.dtype == torch.int32
     normal.combine(d.x, h)
     fake_deep_ep.calls.clear()
