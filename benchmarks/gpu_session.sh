@@ -66,8 +66,12 @@ case "$group" in
     ;;
   x2-run)  # issues 6 and 8: the main job through Ray on 2 GPUs, then a killed rank
     need_deep_ep
-    step 240 python -m ep_runtime.cli run --config $cfg/h200x2-deepep.yaml --report "$OUT/results/run-h200x2-deepep.json"
-    step 150 python -m ep_runtime.cli run --config $cfg/h200x2-deepep.yaml --steps 4 --fault 1:decode:kill
+    step 200 python -m ep_runtime.cli run --config $cfg/h200x2-deepep.yaml --report "$OUT/results/run-h200x2-deepep.json"
+    step 120 python -m ep_runtime.cli run --config $cfg/h200x2-deepep.yaml --steps 4 --fault 1:decode:kill
+    # the same job with every GPU visible to every rank (Ray's per-actor CUDA_VISIBLE_DEVICES off):
+    # the fallback docs/deploy.md names if a library cannot reach peers it cannot see
+    step 200 env RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 python -m ep_runtime.cli run \
+      --config $cfg/h200x2-deepep.yaml --report "$OUT/results/run-h200x2-deepep-allvisible.json"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_session.sh k1|k1-tune|x2-comm|x2-layer|x2-step|x2-run" >&2
