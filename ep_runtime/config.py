@@ -686,6 +686,22 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
                     )
                 )
     ex = cfg.execution
+    above = d.auto.normal_above_tokens
+    if (
+        ex.cuda_graph_decode
+        and d.mode == "auto"
+        and above is not None
+        and above < d.num_max_dispatch_tokens_per_rank
+    ):
+        errs.append(
+            (
+                "execution.cuda_graph_decode",
+                f"graph decode steps run every T <= C ({d.num_max_dispatch_tokens_per_rank}) in low-latency "
+                f"mode, while dispatch.auto.normal_above_tokens ({above}) sends T > {above} to normal mode: "
+                "the same step would take a different path with graphs on; set normal_above_tokens >= C "
+                "or leave it unset",
+            )
+        )
     if ex.cuda_graph_decode and par.device != "cuda":
         errs.append(("execution.cuda_graph_decode", "needs parallel.device 'cuda'; allowed on cpu: false"))
     if (ex.cuda_graph_decode or ex.decode_two_batch) and d.mode == "normal":

@@ -2,7 +2,9 @@
 
 Plain step (every switch off): one batch, `dispatch -> experts -> combine`, each call blocking its
 stream on the previous one. The schedules here keep the numerics of that path (same per-row
-arithmetic, same reduction order per token) and change only when communication is issued:
+arithmetic, same reduction order per token) and change only when communication is issued. One
+exception: w4a8 low-latency experts quantise their input per tensor, so a micro-batch or chunk
+gets its own activation scale and results differ within that scheme's quantisation tolerance.
 
   - `two_batch_round` (`execution.decode_two_batch`): a low-latency round split into two
     micro-batches A and B. Issue order, identical on every rank:
@@ -201,10 +203,11 @@ class DecodeGraphRunner:
 
     The caller's promise (not checked, to keep the step sync-free): every rank of the EP group runs
     a graph decode step at the same time, i.e. `is_prefill=False` and `T <= C` on every rank (the
-    buckets may differ between ranks: every graph issues the same collectives, whose sizes depend
-    only on `C`). The first graph step captures every bucket on every rank (the captures run
-    collectives, so they happen together, in the same order); later steps only replay. A rank
-    that broke the promise would leave its peers waiting in a collective.
+    bucket a step uses may differ between ranks: every graph issues the same collectives, whose
+    sizes depend only on `C`; the bucket lists must be the same, which the capture checks). The
+    first graph step captures every bucket on every rank (the captures run collectives, so they
+    happen together, in the same order); later steps only replay. A rank that broke the promise
+    would leave its peers waiting in a collective (until the collective timeout).
 
     Args:
         layer: the `EPMoE` (low-latency layout in its plan).
@@ -241,6 +244,7 @@ class DecodeGraphRunner:
         self.warmup = warmup
         self._slots: dict[int, _Captured] = {}
         self._pool: Any = None
+        self._parity: int | None = None
         self.captured = False
 
     def bucket_for(self, num_tokens: int) -> int:
@@ -287,6 +291,15 @@ class DecodeGraphRunner:
         """Capture every bucket (collective: every rank calls it at the same point)."""
         if self.captured:
             return
+        # Every bucket's capture runs collectives: the bucket lists must match on every rank (one
+        # small all-reduce of max and -min of a signature; every rank reaches the same verdict).
+        sig = [len(self.buckets), sum(self.buckets), sum(b * b for b in self.buckets)]
+        agreed = self.layer._all_reduce_max(sig + [-v for v in sig])
+        if agreed[:3] != [-v for v in agreed[3:]]:
+            raise ValueError(
+                f"CUDA-graph decode buckets differ between ranks (this rank: {self.buckets}); pass the "
+                "same graph_buckets on every rank"
+            )
         if not self.use_graph:
             self.captured = True
             return
@@ -314,7 +327,27 @@ class DecodeGraphRunner:
             slot.graph = graph
             self._slots[b] = slot
         torch.cuda.current_stream().synchronize()  # once, at capture time only
+        owner = self._deepep_owner()
+        # Every body makes an even number of low-latency calls, so all buckets share this parity.
+        self._parity = None if owner is None else owner.low_latency_calls % 2
         self.captured = True
+
+    def _deepep_owner(self) -> Any:
+        disp = self.layer.dispatchers[Layout.LOW_LATENCY]
+        return getattr(disp, "owner", None) if getattr(disp, "call_parity", False) else None
+
+    def _check_parity(self) -> None:
+        """DeepEP alternates two low-latency buffers per call and a graph replays the buffers it
+        captured: replaying after an odd number of eager low-latency calls since the capture would
+        run into the buffer the last call used (corrupt counts or a hang). The parity is the same on
+        every rank, so every rank raises together."""
+        owner = self._deepep_owner()
+        if owner is not None and self._parity is not None and owner.low_latency_calls % 2 != self._parity:
+            raise RuntimeError(
+                "CUDA-graph decode: an odd number of DeepEP low-latency calls ran eagerly since the "
+                "graphs were captured (every eager step must issue dispatch/combine pairs); call "
+                "layer.graph_runner.reset() to capture again"
+            )
 
     def _clean_deepep(self) -> None:
         """DeepEP: a replayed low-latency step after normal-mode kernels needs a clean low-latency
@@ -333,6 +366,7 @@ class DecodeGraphRunner:
             self.capture_all()
         if self.use_graph:
             self._clean_deepep()
+            self._check_parity()
             slot = self._slots[bucket]
         else:
             slot = self._slots.get(bucket) or self._new_slot(bucket)

@@ -68,6 +68,10 @@ class Dispatcher(ABC):
 
     name: ClassVar[str]
     layouts: ClassVar[frozenset[Layout]]
+    call_parity: ClassVar[bool] = False
+    """True when the backend alternates between two buffers on every low-latency call (DeepEP):
+    a captured decode graph then needs an even number of eager low-latency calls between capture
+    and replay, and extra calls (e.g. a debug probe) must come in pairs."""
 
     def __init__(self, plan: RuntimePlan, mode_plan: ModePlan, group: dist.ProcessGroup | None = None):
         self.plan = plan

@@ -190,6 +190,9 @@ class DeepEPBufferOwner:
         self.rank = self.buffer.rank
         self._refs = 0
         self._last_layout: Layout | None = None
+        self.low_latency_calls = 0
+        """Low-latency dispatch/combine calls issued from the host (eagerly or while capturing):
+        its parity says which of DeepEP's two low-latency buffers the next call uses."""
 
     def acquire(self) -> DeepEPBufferOwner:
         if self.buffer is None:
@@ -214,6 +217,8 @@ class DeepEPBufferOwner:
         if is_dispatch and layout == Layout.LOW_LATENCY and self._last_layout == Layout.NORMAL:
             self.clean_low_latency()
         self._last_layout = layout
+        if layout == Layout.LOW_LATENCY:
+            self.low_latency_calls += 1  # DeepEP alternates its two low-latency buffers per call
         return self.buffer
 
     def clean_low_latency(self) -> None:
@@ -248,6 +253,7 @@ class DeepEPDispatcher(Dispatcher):
 
     name = "deepep"
     layouts = frozenset({Layout.NORMAL, Layout.LOW_LATENCY})
+    call_parity = True  # DeepEP flips its low-latency buffer index on every dispatch and combine
 
     def __init__(
         self,

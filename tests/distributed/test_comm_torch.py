@@ -240,6 +240,23 @@ def _run_errors(rank: int, world: int, seed: int) -> str:
     ):
         check_conservation(routing, tampered, handle)
     ll.combine(dispatched.x, handle)
+    # A backend that alternates buffers per low-latency call (DeepEP) gets the probe combine twice,
+    # keeping the step's call count even, and both probes must pass.
+    calls: list[int] = []
+    combine = ll.combine
+
+    def counted(out, h, scale=1.0):
+        calls.append(1)
+        return combine(out, h) * scale
+
+    ll.call_parity = True
+    ll.combine = counted
+    dispatched, handle = ll.dispatch(x, routing)
+    check_combined_once(ll, routing, dispatched, handle)
+    assert len(calls) == 2
+    ll.combine = lambda out, h: counted(out, h, scale=2.0 if len(calls) % 2 else 1.0)  # 2nd probe off
+    with pytest.raises(ConservationError, match=r"not combined exactly once"):
+        check_combined_once(ll, routing, dispatched, handle)
     dist.barrier()
     for disp in dispatchers.values():
         disp.close()

@@ -172,6 +172,10 @@ def _run(rank: int, world: int) -> list[dict]:
             has_graph_stage="graph" in tel.stage_ms,
         )
     )
+    # Bucket lists that differ between ranks are refused on every rank before any capture.
+    mismatched = DecodeGraphRunner(layer, buckets=[1, 2] if rank == 0 else [1, 4], use_graph=False)
+    with pytest.raises(ValueError, match="buckets differ between ranks"):
+        mismatched.run(_hidden(70, rank, 1))
     # prefill (T > C) with a runner present takes the eager path
     layer.graph_runner = runner
     h = _hidden(61, rank, 10)

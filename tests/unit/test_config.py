@@ -393,3 +393,17 @@ def test_deepep_low_latency_capacity_limits(monkeypatch):
     assert parse_config(gpu_doc(**{"dispatch.num_max_dispatch_tokens_per_rank": 512}))
     # The torch backend has neither limit.
     assert parse_config(base(**{"dispatch.num_max_dispatch_tokens_per_rank": 4095}))
+
+
+def test_graph_decode_and_a_lower_normal_threshold_disagree():
+    doc = gpu_doc(
+        **{
+            "dispatch.num_max_dispatch_tokens_per_rank": 128,
+            "dispatch.auto": {"normal_above_tokens": 64},
+            "execution.cuda_graph_decode": True,
+        }
+    )
+    errs = errors_of(doc)
+    assert any(p == "execution.cuda_graph_decode" and "normal_above_tokens (64)" in m for p, m in errs), errs
+    doc["dispatch"]["auto"]["normal_above_tokens"] = 128
+    assert parse_config(doc).execution.cuda_graph_decode
