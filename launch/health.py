@@ -10,6 +10,7 @@ not heard from (read from the shared progress store), then calls the launcher's 
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -31,9 +32,14 @@ STAGES = (
     "decode",
     "verify",
     "finish",
+    "teardown",
     "done",
 )
 """The stages of one rank, in order (also the names fault injection accepts)."""
+
+BACKSTOP_S = 30.0
+"""Seconds past a rank watchdog's own deadline after which the C-level backstop timer ends the
+process (for waits inside native calls that hold the GIL, where the watchdog thread cannot run)."""
 
 EXIT_WATCHDOG = 3
 """Exit status of a rank process ended by its watchdog."""
@@ -72,7 +78,7 @@ def stage_limit(stage: str, timeouts: TimeoutsConfig) -> float | None:
     """Seconds a rank may spend in `stage` (None: unbounded, e.g. the idle `done`)."""
     if stage in ("rendezvous", "process_group"):
         return timeouts.rendezvous_s
-    if stage in ("build_layer", "finish"):
+    if stage in ("build_layer", "finish", "teardown"):
         return timeouts.collective_s
     if stage in ("start", "warmup", "prefill", "decode", "verify"):
         return timeouts.step_s
@@ -165,6 +171,11 @@ class StageTracker:
     def stage(self) -> str:
         return self._stage
 
+    @property
+    def since(self) -> float:
+        """`time.monotonic()` when the current stage was entered."""
+        return self._since
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -211,12 +222,15 @@ class Watchdog:
         on_expire: Callable[[str], None] | None = None,
         grace_s: float = 2.0,
         poll_s: float = 0.25,
+        backstop_s: float | None = None,
     ):
         self.tracker = tracker
         self.peers = peers
         self.on_expire = on_expire
         self.grace_s = grace_s
         self.poll_s = poll_s
+        self.backstop_s = backstop_s
+        self._armed: tuple[str, float] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"ep-watchdog-{tracker.rank}", daemon=True)
 
@@ -228,10 +242,31 @@ class Watchdog:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
+        if self._armed is not None:
+            faulthandler.cancel_dump_traceback_later()
+            self._armed = None
+
+    def _arm_backstop(self, snap: dict[str, Any]) -> None:
+        """The hard backstop (`backstop_s` set; a rank in its own process only): a C-level timer
+        that prints every thread's stack and exits the process `backstop_s` after this thread would
+        have ended the rank. It fires even when this thread cannot run because a native call holds
+        the GIL (DeepEP's buffer set-up and teardown, its intranode dispatch's CPU wait)."""
+        key = (snap["stage"], self.tracker.since)  # re-armed once per stage entry
+        if self._armed == key:
+            return
+        limit = snap["limit_s"]
+        if limit is None:
+            faulthandler.cancel_dump_traceback_later()
+        else:
+            left = limit + watchdog_slack(limit) - snap["elapsed_s"] + self.grace_s + self.backstop_s
+            faulthandler.dump_traceback_later(max(left, 1.0), exit=True)
+        self._armed = key
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
             snap = self.tracker.snapshot()
+            if self.backstop_s is not None:
+                self._arm_backstop(snap)
             limit = snap["limit_s"]
             if limit is None or snap["elapsed_s"] <= limit + watchdog_slack(limit):
                 continue

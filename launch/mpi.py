@@ -22,7 +22,7 @@ import traceback
 from typing import Any
 
 from ep_runtime.config import EPConfig, parse_config, resolve_plan
-from ep_runtime.launch.health import EXIT_WATCHDOG, FaultSpec, RankFailure, StageTracker
+from ep_runtime.launch.health import BACKSTOP_S, EXIT_WATCHDOG, FaultSpec, RankFailure, StageTracker
 from ep_runtime.launch.worker import LOOPBACK, RankInfo, RankWorker, Rendezvous, bind_rendezvous
 
 EXIT_RANK_FAILED = 3
@@ -126,6 +126,7 @@ def run_with_mpi(
         on_expire=abort,
         steps=steps,
         verify=verify,
+        backstop_s=BACKSTOP_S,
     )
     display = _ProgressThread(worker, size) if rank == 0 else None
     try:

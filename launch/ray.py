@@ -26,7 +26,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ep_runtime.config import EPConfig, RuntimePlan, parse_config, resolve_plan
-from ep_runtime.launch.health import FaultSpec, LaunchError, RankFailure, StageTracker, watchdog_slack
+from ep_runtime.launch.health import (
+    BACKSTOP_S,
+    FaultSpec,
+    LaunchError,
+    RankFailure,
+    StageTracker,
+    watchdog_slack,
+)
 from ep_runtime.launch.worker import LOOPBACK, RankInfo, RankWorker, Rendezvous, bind_rendezvous
 
 POLL_S = 0.5
@@ -84,6 +91,7 @@ class _RankActor:
             tracker=self._tracker,
             steps=steps,
             verify=verify,
+            backstop_s=BACKSTOP_S,
         )
         self._sock = None  # the worker owns (and closes) it now
         return worker.run()

@@ -143,7 +143,9 @@ def library_environment(plan: RuntimePlan, rendezvous: Rendezvous) -> dict[str, 
     if plan.device == "cuda":
         env.update(
             {
-                "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+                # On an NCCL error or timeout, end the process without aborting communicators
+                # (3 = SkipCleanUp): an abort could wait behind a kernel stuck on a dead peer.
+                "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
                 # NVLink multicast (NVLS) is off: the lent H200 machines do not support it, and
                 # neither NCCL, torch symmetric memory nor NVSHMEM need it for EP traffic.
                 "NCCL_NVLS_ENABLE": "0",
@@ -265,6 +267,7 @@ class RankWorker:
         on_expire: Callable[[str], None] | None = None,
         steps: int | None = None,
         verify: bool | None = None,
+        backstop_s: float | None = None,
     ):
         if info.rank == 0 and listen_socket is None:
             raise ValueError("rank 0 needs listen_socket (bind_rendezvous) to serve the rendezvous store")
@@ -280,6 +283,9 @@ class RankWorker:
         self.fault = fault
         self.tracker = tracker or StageTracker(info.rank, info.node, plan.config.timeouts)
         self.on_expire = on_expire
+        self.backstop_s = backstop_s
+        """Seconds past the watchdog's own deadline after which a C-level timer ends the process
+        (see `Watchdog`); only for a rank in its own process (the launchers), None in tests."""
         w = plan.config.workload
         self.decode_steps = w.decode_steps if steps is None else steps
         self.verify = w.verify if verify is None else verify
@@ -477,11 +483,17 @@ class RankWorker:
 
     def run(self) -> dict[str, Any]:
         """Run the whole job on this rank; returns its result (JSON-friendly)."""
-        watchdog = Watchdog(self.tracker, peers=self.peers_report, on_expire=self.on_expire).start()
+        watchdog = Watchdog(
+            self.tracker, peers=self.peers_report, on_expire=self.on_expire, backstop_s=self.backstop_s
+        ).start()
         failed = True
         try:
             result = self._run()
             failed = False
+            # Teardown is collective (DeepEP's buffer, the process group): bounded like one.
+            self._enter("teardown")
+            self._shutdown(collective=True)
+            self._enter("done")
             return result
         except RankFailure:
             raise
@@ -495,8 +507,9 @@ class RankWorker:
             self.tracker.error = detail
             raise RankFailure(self.info.rank, self.info.node, self.tracker.stage, detail) from exc
         finally:
+            if failed:
+                self._shutdown(collective=False)
             watchdog.stop()
-            self._shutdown(collective=not failed)
 
     def _run(self) -> dict[str, Any]:
         import torch.distributed as dist
@@ -571,7 +584,6 @@ class RankWorker:
                 verification = self._verify(records, layouts)
         self._enter("finish")
         dist.barrier()
-        self._enter("done")
         return {
             "rank": rank,
             "node": self.info.node,
@@ -670,7 +682,9 @@ class RankWorker:
         try:
             import torch.distributed as dist
 
-            if dist.is_initialized():
+            # After a failure an NCCL group may block in its teardown behind a stuck collective;
+            # the process is about to end, so only gloo (CPU) groups are destroyed then.
+            if dist.is_initialized() and (collective or dist.get_backend() == "gloo"):
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass

@@ -88,13 +88,8 @@ def test_watchdog_names_stage_and_peers():
 
 def test_stage_limits_come_from_the_file():
     t = TimeoutsConfig(placement_s=1, rendezvous_s=2, collective_s=3, step_s=4)
-    assert [stage_limit(s, t) for s in ("rendezvous", "process_group", "build_layer", "decode", "done")] == [
-        2,
-        2,
-        3,
-        4,
-        None,
-    ]
+    stages = ("rendezvous", "process_group", "build_layer", "decode", "teardown", "done")
+    assert [stage_limit(s, t) for s in stages] == [2, 2, 3, 4, 3, None]
 
 
 def test_rendezvous_listens_on_the_named_interface_only():
@@ -114,7 +109,7 @@ def test_environment_defaults_never_override_the_user(monkeypatch):
     cuda = _plan(parallel={"device": "cuda"}, kernels={"experts": "auto"})
     env = library_environment(cuda, Rendezvous("10.0.0.1", 1))
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["NVSHMEM_DISABLE_NVLS"] == "1"
-    assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
     assert "GLOO_SOCKET_IFNAME" not in env  # not loopback: the user's interface choice
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -131,3 +126,44 @@ def test_launchers_never_use_a_shell():
     for path in sources:
         text = path.read_text()
         assert not re.search(r"shell\s*=\s*True|os\.system\(|os\.popen\(", text), path
+
+
+_BACKSTOP_CHILD = """
+import time
+from ep_runtime.config import TimeoutsConfig
+from ep_runtime.launch.health import StageTracker, Watchdog
+import ep_runtime.launch.health as health
+
+health.watchdog_slack = lambda limit: 0.2  # keep the test short
+tracker = StageTracker(0, "node-a", TimeoutsConfig(step_s=0.3))
+tracker.enter("decode")
+Watchdog(tracker, on_expire=lambda msg: None, poll_s=0.05, grace_s=0.1, backstop_s=0.5).start()
+time.sleep(0.3)
+{block}
+print("still alive", flush=True)
+"""
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_backstop_ends_a_rank_whose_watchdog_cannot_act(held):
+    """The watchdog thread's own action did nothing here (on_expire returns); the C-level backstop
+    still ends the process about 0.3 + 0.2 + 0.1 + 0.5 s after the stage began, with every thread's
+    stack, even while the main thread holds the GIL in one long native call. A rank whose stage ends
+    in time disarms it."""
+    import subprocess
+    import sys
+
+    if held:  # a native call that never releases the GIL (as DeepEP's buffer set-up can)
+        block = "import re; re.match(r'(a+)+$', 'a' * 40 + 'b')"
+    else:
+        block = "tracker.enter('done'); time.sleep(2.5)"
+    child = _BACKSTOP_CHILD.replace("{block}", block)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    if held:
+        assert proc.returncode != 0 and "still alive" not in proc.stdout, proc.stdout + proc.stderr
+        assert "Timeout" in proc.stderr and "Thread" in proc.stderr, proc.stderr
+        assert took < 20, took
+    else:
+        assert proc.returncode == 0 and "still alive" in proc.stdout, proc.stdout + proc.stderr
