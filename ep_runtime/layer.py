@@ -319,7 +319,9 @@ class EPMoE(torch.nn.Module):
             return Layout.NORMAL, max_tokens
         return Layout.LOW_LATENCY, max_tokens
 
-    def forward(self, hidden: torch.Tensor, *, is_prefill: bool = False) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, *, is_prefill: bool = False, graph_step: bool | None = None
+    ) -> torch.Tensor:
         """One MoE step on this rank's tokens.
 
         Args:
@@ -327,6 +329,12 @@ class EPMoE(torch.nn.Module):
                 router and dispatch, and the output returns as float32). `T` may be 0; every rank
                 must call forward for every step.
             is_prefill: the step carries prefill (auto mode then uses the normal layout).
+            graph_step: with `execution.cuda_graph_decode`, whether this step replays a decode
+                graph. It must be the same on every rank: an engine whose ranks' batches differ
+                (e.g. data-parallel attention) decides it once per model step for the whole group
+                (all ranks decode and every rank's `T <= C`) and passes it to every layer. None:
+                decided from this rank's own step (`not is_prefill and T <= C`), which is
+                group-consistent only when every rank's step is alike.
         Returns: `[T, D]` in `hidden.dtype`: the routed experts' weighted sum for each token.
         """
         if self._closed:
@@ -336,7 +344,14 @@ class EPMoE(torch.nn.Module):
         num_tokens = x.shape[0]
         timer = StageTimer(self.device)
         runner = self.graph_runner
-        if runner is not None and not is_prefill and num_tokens <= runner.capacity:
+        if graph_step is None:
+            graph_step = runner is not None and not is_prefill and num_tokens <= runner.capacity
+        elif graph_step and (runner is None or is_prefill or num_tokens > runner.capacity):
+            raise ValueError(
+                "graph_step=True needs execution.cuda_graph_decode, is_prefill=False and T <= C "
+                f"(dispatch.num_max_dispatch_tokens_per_rank); got T = {num_tokens}, is_prefill={is_prefill}"
+            )
+        if graph_step:
             return self._forward_graph(x, hidden.dtype, timer)
         layout, max_tokens = self._choose_layout(num_tokens, is_prefill)
         timer.lap("mode")

@@ -181,6 +181,12 @@ def _run(rank: int, world: int) -> list[dict]:
     h = _hidden(61, rank, 10)
     y = layer(h, is_prefill=True)
     out.append(dict(name="graph-skip-prefill", layout=layer.last_telemetry.layout))
+    # graph_step given by the caller (group-consistent): False runs eagerly even with T <= C; True
+    # with T > C is refused before any collective (on both ranks here, as both break it).
+    layer(_hidden(62, rank, [2, 3][rank]), graph_step=False)
+    assert "graph" not in layer.last_telemetry.stage_ms and layer.last_telemetry.max_tokens_any_rank == 3
+    with pytest.raises(ValueError, match=r"graph_step=True needs .* T <= C"):
+        layer(_hidden(63, rank, 10), graph_step=True)
     layer.graph_runner = None
 
     # The async API against the sync one, both layouts (exact: same ops, same order).
