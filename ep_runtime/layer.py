@@ -292,8 +292,21 @@ class EPMoE(torch.nn.Module):
             raise ValueError(f"hidden is on {hidden.device} but the layer is on {self.device}")
         if not isinstance(is_prefill, bool):
             raise ValueError(f"is_prefill must be a bool, got {type(is_prefill).__name__}")
-        if self.check_finite and not bool(torch.isfinite(hidden).all()):
+        if self.check_finite:
+            self._check_finite(hidden)
+
+    def _check_finite(self, hidden: torch.Tensor) -> None:
+        """`check_finite`: one host sync and, with several ranks, one all-reduce of the verdict, so
+        a bad input on one rank stops the step on every rank (no peer is left in a collective)."""
+        bad = int(not bool(torch.isfinite(hidden).all()))
+        any_bad = self._all_reduce_max([bad])[0]
+        if bad:
             raise ValueError("hidden holds non-finite values (NaN or Inf)")
+        if any_bad:
+            raise ValueError(
+                "another rank's hidden holds non-finite values (NaN or Inf; check_finite): every rank "
+                "stops this step"
+            )
 
     def _all_reduce_max(self, values: list[int]) -> list[int]:
         """Element-wise max of small host ints over the EP group (one collective, one host sync)."""
