@@ -1,0 +1,108 @@
+"""Compile Triton kernels for Hopper (sm_90) without a GPU and print a JSON summary per case: the
+tensor-core instructions in the PTX and the machine-code op counts (`nvdisasm`). Run by
+tests/kernels/test_compile_sm90.py in a fresh process without TRITON_INTERPRET (kernels imported
+under the interpreter cannot be compiled)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ep_runtime.kernels import fused_moe as fm
+from ep_runtime.kernels import masked_grouped_gemm as mg
+
+
+def compile_sm90(jit, ptr_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int):
+    sig = {p.name: "constexpr" if p.is_constexpr else ptr_types.get(p.name, "i32") for p in jit.params}
+    cex = {(jit.arg_names.index(k),): v for k, v in constexprs.items()}
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(
+        ASTSource(fn=jit, signature=sig, constexprs=cex), target=GPUTarget("cuda", 90, 32), options=opts
+    )
+
+
+def sass_ops(kernel) -> dict[str, int]:
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        text = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    ops: collections.Counter = collections.Counter()
+    for line in text.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", line)
+        if m:
+            ops[m.group(1)] += 1
+    return dict(ops)
+
+
+MASKED_PTRS = dict(
+    a_ptr="*bf16", a_scale_ptr="*fp32", b_ptr="*u8", b_scale_ptr="*fp32", out_ptr="*bf16",
+    out_scale_ptr="*fp32", counts_ptr="*i32", amax_in_ptr="*fp32", amax_out_ptr="*fp32",
+)  # fmt: skip
+
+
+def fused_ptrs(scheme: int, gate_up: bool) -> dict[str, str]:
+    a = {0: "*bf16", 2: "*fp8e4nv"}[scheme]
+    b = {0: "*bf16", 2: "*u8"}[scheme]
+    return dict(a_ptr=a, b_ptr=b, c_ptr="*bf16" if gate_up else "*fp32", a_scale_ptr="*fp32",
+                b_scale_ptr="*fp32", topk_w_ptr="*fp32", sorted_ids_ptr="*i32", expert_ids_ptr="*i32",
+                num_post_ptr="*i32")  # fmt: skip
+
+
+def cases():
+    for gated in (True, False):
+        for magic in (False, True):
+            ce = dict(A_MODE=mg.A_BF16_QT, B_MODE=mg.B_INT4, OUT_MODE=mg.OUT_AMAX if gated else mg.OUT_PLAIN,
+                      GATED=gated, B_SCALE_ROWS=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_K=128,
+                      UPCAST=False, INT4_MAGIC=magic)  # fmt: skip
+            yield (
+                f"masked-w4a8-{'gated' if gated else 'plain'}-magic{int(magic)}",
+                mg._masked_gemm_kernel,
+                MASKED_PTRS,
+                ce,
+                4,
+                3,
+            )
+    for gate_up in (True, False):
+        for magic in (False, True):
+            ce = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SCHEME=2, GATE_UP=gate_up,
+                      MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True, MERGE_GU=gate_up,
+                      INT4_MAGIC=magic)  # fmt: skip
+            name = f"fused-w4a8-{'gate_up' if gate_up else 'down'}-magic{int(magic)}"
+            yield name, fm._fused_moe_gemm_kernel, fused_ptrs(2, gate_up), ce, 4, 4
+    ce = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SCHEME=0, GATE_UP=True, MUL_WEIGHT=False,
+              ATOMIC=False, UPCAST=False, EVEN_K=True, MERGE_GU=True, INT4_MAGIC=False)  # fmt: skip
+    yield "fused-bf16-gate_up", fm._fused_moe_gemm_kernel, fused_ptrs(0, True), ce, 8, 4
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("run without TRITON_INTERPRET", file=sys.stderr)
+        return 2
+    out = {}
+    for name, jit, ptrs, ce, warps, stages in cases():
+        try:
+            k = compile_sm90(jit, ptrs, ce, warps, stages)
+        except Exception as exc:  # noqa: BLE001 - reported per case
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+            continue
+        out[name] = {
+            "mma": sorted(set(re.findall(r"(wgmma\.mma_async\S*|mma\.sync\S*)", k.asm["ptx"]))),
+            "ops": sass_ops(k),
+        }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

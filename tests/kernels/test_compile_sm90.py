@@ -1,0 +1,54 @@
+"""The Triton kernels compile for Hopper (sm_90) on this CPU-only machine: Triton's front end, its
+NVIDIA passes and the bundled `ptxas` run without a GPU (tests/kernels/sm90_compile.py, in its own
+process without the interpreter). This catches what the interpreter cannot (types only the
+compiler checks, register and shared-memory limits) and checks the code's shape: the w4a8 paths
+use the fp8 tensor cores (`wgmma ... e4m3`), bf16 prefill the bf16 ones, and the bit-built int4
+unpack (`INT4_MAGIC`) removes the integer-to-float conversions (`I2F`) of the unpack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.sm90_compile"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = {name: r["error"] for name, r in out.items() if "error" in r}
+    assert not errors, errors
+    return out
+
+
+def _uses(result: dict, pattern: str) -> bool:
+    return any(pattern in m for m in result["mma"])
+
+
+@pytest.mark.parametrize(
+    "kernel", ["masked-w4a8-gated", "masked-w4a8-plain", "fused-w4a8-gate_up", "fused-w4a8-down"]
+)
+def test_w4a8_uses_fp8_tensor_cores_and_magic_drops_the_conversions(compiled, kernel):
+    plain, magic = compiled[f"{kernel}-magic0"], compiled[f"{kernel}-magic1"]
+    for r in (plain, magic):
+        assert _uses(r, "wgmma.mma_async") and _uses(r, "e4m3.e4m3"), r["mma"]
+    i2f_plain, i2f_magic = plain["ops"].get("I2F", 0), magic["ops"].get("I2F", 0)
+    # The unpack's conversions go (a few may remain for index arithmetic outside the K loop).
+    assert i2f_plain >= 64 and i2f_magic <= i2f_plain // 8, (i2f_plain, i2f_magic)
+    assert sum(magic["ops"].values()) < sum(plain["ops"].values())
+
+
+def test_bf16_prefill_uses_bf16_tensor_cores(compiled):
+    r = compiled["fused-bf16-gate_up"]
+    assert _uses(r, "wgmma.mma_async") and _uses(r, "bf16.bf16"), r["mma"]
