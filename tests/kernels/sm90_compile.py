@@ -20,14 +20,47 @@ from triton.compiler import ASTSource
 from ep_runtime.kernels import fused_moe as fm
 from ep_runtime.kernels import masked_grouped_gemm as mg
 
+# How Triton's launcher specialises the integer arguments of a real launch (DeepSeek-like shapes,
+# contiguous tensors): stride 1 becomes the constant 1, multiples of 16 carry `tt.divisibility`
+# (which enables vectorised and asynchronous copies, so software pipelining). Pointers are 16-byte
+# aligned. Without this the compiler sees unaligned scalars and neither vectorises nor pipelines.
+SPECIALISED = {
+    "_fused_moe_gemm_kernel": dict(
+        ones=("stride_ak", "stride_bk", "stride_cn", "stride_ask", "stride_bsk"),
+        div16=("N", "K", "up_offset", "stride_am", "stride_be", "stride_bn", "stride_cm", "stride_bse"),
+    ),
+    "_masked_gemm_kernel": dict(
+        ones=("stride_ak", "stride_bk", "stride_on", "stride_bsk", "stride_osn"),
+        div16=(
+            "M",
+            "N",
+            "K",
+            "up_offset",
+            "stride_al",
+            "stride_am",
+            "stride_bl",
+            "stride_bn",
+            "stride_ol",
+            "stride_om",
+            "stride_bsl",
+        ),
+    ),  # fmt: skip
+}
+
 
 def compile_sm90(jit, ptr_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int):
-    sig = {p.name: "constexpr" if p.is_constexpr else ptr_types.get(p.name, "i32") for p in jit.params}
-    cex = {(jit.arg_names.index(k),): v for k, v in constexprs.items()}
+    spec = SPECIALISED.get(jit.__name__, dict(ones=(), div16=()))
+    sig = {
+        p.name: "constexpr" if p.is_constexpr or p.name in spec["ones"] else ptr_types.get(p.name, "i32")
+        for p in jit.params
+    }
+    index = jit.arg_names.index
+    cex = {(index(k),): v for k, v in constexprs.items()}
+    cex.update({(index(k),): 1 for k in spec["ones"]})
+    attrs = {(index(k),): [["tt.divisibility", 16]] for k in (*ptr_types, *spec["div16"])}
+    src = ASTSource(fn=jit, signature=sig, constexprs=cex, attrs=attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(
-        ASTSource(fn=jit, signature=sig, constexprs=cex), target=GPUTarget("cuda", 90, 32), options=opts
-    )
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def sass_ops(kernel) -> dict[str, int]:
