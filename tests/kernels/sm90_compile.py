@@ -118,12 +118,77 @@ def cases():
     yield "fused-bf16-gate_up", fm._fused_moe_gemm_kernel, fused_ptrs(0, True), ce, 8, 4
 
 
+def table_cases():
+    """Every distinct block config of the shipped tuned tables (fused MoE, masked GEMM), as the
+    launchers would compile it on a Hopper GPU."""
+    import json as _json
+
+    seen = set()
+    fused = _json.loads((fm.CONFIG_DIR / "fused_moe.json").read_text())
+    for dev, shapes in fused.items():
+        if not isinstance(shapes, dict):
+            continue
+        for skey, buckets in shapes.items():
+            scheme = next(s for s in fm.SCHEMES if skey.endswith("_" + s))
+            sid = fm._SCHEME_ID[scheme]
+            for cfg in buckets.values():
+                for stage in ("gate_up", "down"):
+                    g = cfg[stage]
+                    gate_up = stage == "gate_up"
+                    ce = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"],
+                              GROUP_M=g["GROUP_M"], SCHEME=sid, GATE_UP=gate_up, MUL_WEIGHT=not gate_up,
+                              ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
+                              MERGE_GU=bool(gate_up and g.get("MERGE_GU", False)),
+                              INT4_MAGIC=bool(sid == 2 and g.get("INT4_MAGIC", 0)))  # fmt: skip
+                    key = ("fused", sid, g["num_warps"], g["num_stages"], tuple(sorted(ce.items())))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    ptrs = fused_ptrs(0 if sid == 0 else 2, gate_up)
+                    if sid == 1:
+                        ptrs["b_ptr"] = "*fp8e4nv"
+                    name = f"table-fused-{dev}-{scheme}-{stage}-BM{ce['BLOCK_M']}-BN{ce['BLOCK_N']}-BK{ce['BLOCK_K']}-w{g['num_warps']}-s{g['num_stages']}"
+                    yield name, fm._fused_moe_gemm_kernel, ptrs, ce, g["num_warps"], g["num_stages"]
+    masked = _json.loads(mg.CONFIG_PATH.read_text()).get("devices", {})
+    for dev, kinds in masked.items():
+        for kind, cfg in kinds.items():
+            a_part, b_part, how = kind.split("-")
+            a_mode, b_mode, gated = int(a_part[1:]), int(b_part[1:]), how == "gated"
+            out_mode = (
+                {mg.B_BF16: mg.OUT_PLAIN, mg.B_FP8_BLOCK: mg.OUT_FP8G, mg.B_INT4: mg.OUT_AMAX}[b_mode]
+                if gated
+                else mg.OUT_PLAIN
+            )
+            quantised = (
+                a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G, mg.A_BF16_QG, mg.A_BF16_QT) or b_mode != mg.B_BF16
+            )
+            block_n, warps = cfg["BLOCK_N"], cfg.get("num_warps", 4)
+            if out_mode == mg.OUT_FP8G:  # as `_launch` forces it
+                block_n, warps = mg.GROUP, max(warps, 8)
+            ce = dict(A_MODE=a_mode, B_MODE=b_mode, OUT_MODE=out_mode, GATED=gated,
+                      B_SCALE_ROWS=mg.GROUP if b_mode == mg.B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
+                      BLOCK_N=block_n, BLOCK_K=mg.GROUP if quantised else cfg["BLOCK_K"], GROUP_K=mg.GROUP,
+                      UPCAST=False, INT4_MAGIC=bool(b_mode == mg.B_INT4 and cfg.get("INT4_MAGIC", 0)))  # fmt: skip
+            fp8_in = a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G)
+            ptrs = dict(MASKED_PTRS, a_ptr="*fp8e4nv" if fp8_in else "*bf16",
+                        b_ptr={mg.B_BF16: "*bf16", mg.B_FP8_BLOCK: "*fp8e4nv", mg.B_INT4: "*u8"}[b_mode],
+                        out_ptr="*fp8e4nv" if out_mode == mg.OUT_FP8G else "*bf16")  # fmt: skip
+            yield (
+                f"table-masked-{dev}-{kind}",
+                mg._masked_gemm_kernel,
+                ptrs,
+                ce,
+                warps,
+                cfg.get("num_stages", 3),
+            )
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("run without TRITON_INTERPRET", file=sys.stderr)
         return 2
     out = {}
-    for name, jit, ptrs, ce, warps, stages in cases():
+    for name, jit, ptrs, ce, warps, stages in (*cases(), *table_cases()):
         try:
             k = compile_sm90(jit, ptrs, ce, warps, stages)
         except Exception as exc:  # noqa: BLE001 - reported per case

@@ -52,3 +52,15 @@ def test_w4a8_uses_fp8_tensor_cores_and_magic_drops_the_conversions(compiled, ke
 def test_bf16_prefill_uses_bf16_tensor_cores(compiled):
     r = compiled["fused-bf16-gate_up"]
     assert _uses(r, "wgmma.mma_async") and _uses(r, "bf16.bf16"), r["mma"]
+
+
+def test_every_shipped_table_config_compiles_for_hopper(compiled):
+    """A tuned-table entry that does not compile would only fail on a GPU, mid-run."""
+    table = {name: r for name, r in compiled.items() if name.startswith("table-")}
+    assert len([n for n in table if n.startswith("table-fused-")]) >= 10
+    assert len([n for n in table if n.startswith("table-masked-")]) >= 5
+    for name, r in table.items():
+        bm = int(name.split("-BM")[1].split("-")[0]) if "-BM" in name else None
+        if bm is not None and bm >= 64:
+            assert any("wgmma.mma_async" in m for m in r["mma"]), (name, r["mma"])
+        assert r["mma"], (name, "no tensor-core instruction")
