@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -19,6 +20,7 @@ from triton.compiler import ASTSource
 
 from ep_runtime.kernels import fused_moe as fm
 from ep_runtime.kernels import masked_grouped_gemm as mg
+from ep_runtime.kernels import router_gemm as rg
 
 # How Triton's launcher specialises the integer arguments of a real launch (DeepSeek-like shapes,
 # contiguous tensors): stride 1 becomes the constant 1, multiples of 16 carry `tt.divisibility`
@@ -28,6 +30,12 @@ SPECIALISED = {
     "_fused_moe_gemm_kernel": dict(
         ones=("stride_ak", "stride_bk", "stride_cn", "stride_ask", "stride_bsk"),
         div16=("N", "K", "up_offset", "stride_am", "stride_be", "stride_bn", "stride_cm", "stride_bse"),
+    ),
+    "_router_gemm_kernel": dict(
+        ones=("stride_xd", "stride_wd", "stride_oe"), div16=("D", "stride_xt", "stride_we")
+    ),
+    "_router_gemv_kernel": dict(
+        ones=("stride_xd", "stride_wd", "stride_oe"), div16=("D", "stride_xt", "stride_we")
     ),
     "_masked_gemm_kernel": dict(
         ones=("stride_ak", "stride_bk", "stride_on", "stride_bsk", "stride_osn"),
@@ -149,6 +157,39 @@ def table_cases():
                         ptrs["b_ptr"] = "*fp8e4nv"
                     name = f"table-fused-{dev}-{scheme}-{stage}-BM{ce['BLOCK_M']}-BN{ce['BLOCK_N']}-BK{ce['BLOCK_K']}-w{g['num_warps']}-s{g['num_stages']}"
                     yield name, fm._fused_moe_gemm_kernel, ptrs, ce, g["num_warps"], g["num_stages"]
+    router = _json.loads(Path(rg.CONFIG_PATH).read_text()).get("devices", {})
+    for dev, shapes in router.items():
+        for shape, buckets in shapes.items():
+            D = int(shape.split(",")[0])
+            for b in buckets:
+                cfg = b.get("config")
+                if b.get("impl") != "triton" or not cfg:
+                    continue
+                bt, be, bk = cfg["BLOCK_T"], cfg["BLOCK_E"], cfg["BLOCK_K"]
+                warps, stages = (
+                    cfg.get("num_warps", 4),
+                    cfg.get("num_stages", 1 if cfg.get("KERNEL") == "gemv" else 3),
+                )
+                ptrs = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32")
+                name = f"table-router-{dev}-{shape}-T{b.get('max_t')}"
+                if cfg.get("KERNEL", "splitk") == "gemv":
+                    ce = dict(BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk)
+                    key = ("gemv", warps, stages, tuple(sorted(ce.items())))
+                    jit = rg._router_gemv_kernel
+                else:  # the split the launcher derives
+                    k_tiles = -(-D // bk)
+                    split = max(1, min(int(cfg["SPLIT_K"]), k_tiles))
+                    split = -(-k_tiles // -(-k_tiles // split))
+                    reduce = 0 if split == 1 else (2 if cfg.get("REDUCE", "atomic") == "serial" else 1)
+                    ce = dict(BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, REDUCE=reduce, UPCAST=False,
+                              NUM_SPLITS=split if reduce == 2 else 1)  # fmt: skip
+                    ptrs.update(ws_ptr="*fp32", counter_ptr="*i32")
+                    key = ("splitk", warps, stages, tuple(sorted(ce.items())))
+                    jit = rg._router_gemm_kernel
+                if key in seen:
+                    continue
+                seen.add(key)
+                yield name, jit, ptrs, ce, warps, stages
     masked = _json.loads(mg.CONFIG_PATH.read_text()).get("devices", {})
     for dev, kinds in masked.items():
         for kind, cfg in kinds.items():

@@ -59,7 +59,10 @@ def test_every_shipped_table_config_compiles_for_hopper(compiled):
     table = {name: r for name, r in compiled.items() if name.startswith("table-")}
     assert len([n for n in table if n.startswith("table-fused-")]) >= 10
     assert len([n for n in table if n.startswith("table-masked-")]) >= 5
+    assert len([n for n in table if n.startswith("table-router-")]) >= 3
     for name, r in table.items():
+        if name.startswith("table-router-"):
+            continue  # GEMV-style kernels: CUDA-core FMAs by design
         bm = int(name.split("-BM")[1].split("-")[0]) if "-BM" in name else None
         if bm is not None and bm >= 64:
             assert any("wgmma.mma_async" in m for m in r["mma"]), (name, r["mma"])
