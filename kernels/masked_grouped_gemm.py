@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, int4_to_e4m3, round_to_e4m3_grid
+from .tables import device_table
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -342,6 +343,14 @@ def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     return json.loads(p.read_text()).get("devices", {})
 
 
+@functools.lru_cache(maxsize=16)
+def _device_kinds(index: int) -> dict[str, Any]:
+    """This GPU's part of the table (or a same-architecture GPU's, see `kernels.tables`)."""
+    name, _ = _device_facts(index)
+    _, kinds = device_table(load_table(), name, torch.cuda.get_device_capability(index), "masked GEMM")
+    return kinds or {}
+
+
 def _kind(a_mode: int, b_mode: int, gated: bool) -> str:
     return f"a{a_mode}-b{b_mode}-{'gated' if gated else 'plain'}"
 
@@ -364,8 +373,8 @@ def _pick_config(
     if override is not None:
         return dict(override)
     if device.type == "cuda":
-        name, _ = _device_facts(device.index if device.index is not None else torch.cuda.current_device())
-        cfg = load_table().get(name, {}).get(_kind(a_mode, b_mode, gated))
+        kinds = _device_kinds(device.index if device.index is not None else torch.cuda.current_device())
+        cfg = kinds.get(_kind(a_mode, b_mode, gated))
         if cfg is not None:
             cfg = dict(cfg)
             if M <= 16:

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tables import device_table
+
 IMPLS = ("auto", "cublas", "triton", "torch")
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "router_gemm.json"
 _UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
@@ -193,6 +195,15 @@ def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     return doc.get("devices", {})
 
 
+@functools.lru_cache(maxsize=16)
+def _device_shapes(index: int) -> dict[str, Any]:
+    """This GPU's part of the table (or a same-architecture GPU's, see `kernels.tables`)."""
+    _, shapes = device_table(
+        load_table(), _device_name(index), torch.cuda.get_device_capability(index), "router GEMM"
+    )
+    return shapes or {}
+
+
 def heuristic_config(T: int, D: int, E: int, num_sms: int = 132) -> dict[str, int]:
     """Fallback Triton config: small tiles plus enough K splits for ~2 programs per SM."""
     block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
@@ -214,7 +225,7 @@ def heuristic_config(T: int, D: int, E: int, num_sms: int = 132) -> dict[str, in
 def select(T: int, D: int, E: int, device: torch.device) -> tuple[str, dict[str, int] | None]:
     """Pick `("triton", config)` or `("cublas", None)` for this shape on this CUDA device."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    buckets = load_table().get(_device_name(index), {}).get(f"{D},{E}")
+    buckets = _device_shapes(index).get(f"{D},{E}")
     if buckets:
         for b in buckets:
             if b.get("max_t") is None or T <= b["max_t"]:

@@ -1,0 +1,51 @@
+"""Which tuned block-config table a GPU uses.
+
+Each kernel family ships tables tuned per device (`kernels/configs/*.json`, keyed by device name).
+A device without its own table takes the table of another device of the same architecture when
+there is one: on Hopper (sm_90) the H100 and H200 share the tensor cores, the SM count and the
+shared memory per SM, so block shapes tuned on one are good starting points on the other (the HBM
+bandwidth differs, so absolute times do not carry over). Otherwise the kernel's heuristic applies.
+A fallback is reported once per (table, device) with `warnings.warn`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+# Same-architecture families, in order of preference for a device with no table of its own.
+_FAMILIES: dict[tuple[int, int], tuple[str, ...]] = {
+    (9, 0): ("h200", "h100", "h800", "gh200", "h20"),
+}
+_warned: set[tuple[str, str]] = set()
+
+
+def normalise(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3' (the form `fused_moe.device_key` uses)."""
+    return name.replace("NVIDIA ", "").strip().replace(" ", "-").lower()
+
+
+def device_table(
+    tables: Mapping[str, Any], name: str, capability: tuple[int, int] | None, what: str
+) -> tuple[str | None, Any]:
+    """The entry of `tables` (keyed by device name, in either form) for the device `name` with
+    compute `capability`: its own, else a same-architecture device's (preferred order above), else
+    `(None, None)`. `what` names the table in the one-time fallback warning."""
+    by_norm = {normalise(k): k for k in tables}
+    own = by_norm.get(normalise(name))
+    if own is not None:
+        return own, tables[own]
+    for family in _FAMILIES.get(tuple(capability) if capability else (), ()):
+        for norm, key in sorted(by_norm.items()):
+            if norm == family or norm.startswith(family + "-"):
+                tag = (what, name)
+                if tag not in _warned:
+                    _warned.add(tag)
+                    warnings.warn(
+                        f"no tuned {what} table for {name}; using the {key} table (same architecture, "
+                        f"sm_{capability[0]}{capability[1]}). Tune this device with the benchmark's --tune.",
+                        stacklevel=3,
+                    )
+                return key, tables[key]
+    return None, None

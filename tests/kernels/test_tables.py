@@ -1,0 +1,60 @@
+"""Which tuned table a GPU uses: its own, else a same-architecture GPU's (with a one-time warning),
+else none (the kernels' heuristics). Also: the shipped tables resolve this way for an H100."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from ep_runtime.kernels import fused_moe as fm
+from ep_runtime.kernels import masked_grouped_gemm as mg
+from ep_runtime.kernels import router_gemm as rg
+from ep_runtime.kernels import tables
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def test_own_table_wins_in_either_name_form():
+    t = {"NVIDIA H200": "h200-cfg", "NVIDIA H100 80GB HBM3": "h100-cfg"}
+    assert tables.device_table(t, H100, (9, 0), "x") == ("NVIDIA H100 80GB HBM3", "h100-cfg")
+    assert tables.device_table({"h100-80gb-hbm3": 1}, H100, (9, 0), "x") == ("h100-80gb-hbm3", 1)
+
+
+def test_same_architecture_fallback_warns_once():
+    t = {"NVIDIA H200": "h200-cfg", "NVIDIA A100-SXM4-80GB": "a100-cfg"}
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        assert tables.device_table(t, "NVIDIA H800", (9, 0), "test table") == ("NVIDIA H200", "h200-cfg")
+        assert tables.device_table(t, "NVIDIA H800", (9, 0), "test table") == ("NVIDIA H200", "h200-cfg")
+    msgs = [str(w.message) for w in got]
+    assert (
+        len(msgs) == 1 and "no tuned test table table for NVIDIA H800; using the NVIDIA H200 table" in msgs[0]
+    )
+
+
+def test_no_fallback_across_architectures():
+    t = {"NVIDIA H200": "h200-cfg"}
+    assert tables.device_table(t, "NVIDIA A100-SXM4-80GB", (8, 0), "x") == (None, None)
+    assert tables.device_table(t, "NVIDIA B200", (10, 0), "x") == (None, None)
+    assert tables.device_table({}, H100, (9, 0), "x") == (None, None)
+    # "h20" is a Hopper family of its own: a fallback (with its warning), matched by name, not prefix
+    with pytest.warns(UserWarning, match="using the NVIDIA H20 table"):
+        assert tables.device_table({"NVIDIA H20": 1}, H100, (9, 0), "h20 test") == ("NVIDIA H20", 1)
+    assert tables.device_table({"NVIDIA H20": 1}, "NVIDIA H200", (8, 0), "x") == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("what", "shipped"),
+    [
+        ("fused MoE", json.loads((fm.CONFIG_DIR / "fused_moe.json").read_text())),
+        ("masked GEMM", json.loads(mg.CONFIG_PATH.read_text())["devices"]),
+        ("router GEMM", json.loads(rg.CONFIG_PATH.read_text())["devices"]),
+    ],
+)
+def test_shipped_tables_serve_an_h100(what, shipped):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        key, table = tables.device_table(shipped, H100, (9, 0), what)
+    assert key is not None and tables.normalise(key).startswith(("h100", "h200")) and table
