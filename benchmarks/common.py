@@ -69,10 +69,10 @@ def bench_us(fn, warmup: int = 10, rep: int = 50) -> float:
     return times[len(times) // 2] * 1e6
 
 
-def graph_us(fn, replays: int = 1, tries: int = 1, warmup: int = 5, rep: int = 40) -> float:
-    """Median time of one `fn()` replayed from a CUDA graph that holds `replays` back-to-back calls
-    (more replays amortise the graph launch), best of `tries` measurements, in microseconds. `fn`
-    runs once eagerly and once on a side stream first (compilation, allocator warm-up)."""
+def capture_graph(fn, replays: int = 1):
+    """Run `fn` once eagerly and once on a side stream (compilation, allocator warm-up), then
+    capture `replays` back-to-back calls in a CUDA graph. Returns `(graph, output of the last
+    captured call)`; the output's storage is refreshed by every `graph.replay()`."""
     fn()
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -80,12 +80,20 @@ def graph_us(fn, replays: int = 1, tries: int = 1, warmup: int = 5, rep: int = 4
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    graph = torch.cuda.CUDAGraph()
+    out = None
+    with torch.cuda.graph(graph):
         for _ in range(replays):
-            fn()
-    t = min(bench_us(g.replay, warmup=warmup, rep=rep) for _ in range(tries)) / replays
-    del g
+            out = fn()
+    return graph, out
+
+
+def graph_us(fn, replays: int = 1, tries: int = 1, warmup: int = 5, rep: int = 40) -> float:
+    """Median time of one `fn()` replayed from a CUDA graph that holds `replays` back-to-back calls
+    (more replays amortise the graph launch), best of `tries` measurements, in microseconds."""
+    graph, _ = capture_graph(fn, replays)
+    t = min(bench_us(graph.replay, warmup=warmup, rep=rep) for _ in range(tries)) / replays
+    del graph
     return t
 
 

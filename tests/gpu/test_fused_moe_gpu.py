@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.common import capture_graph
 from ep_runtime.kernels import fused_moe as fm
 from tests.kernels.test_fused_moe import TOL, make_weights, random_routing, ref_moe, rel_err
 from tests.kernels.test_moe_align import check_align
@@ -86,14 +87,7 @@ def test_cuda_graph_capture_no_host_sync():
     x = torch.randn(T, D, device=DEV).bfloat16()
     fn = lambda: fm.fused_moe(x, w13, w2, ids, w)  # noqa: E731
     eager = fn()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
+    g, out = capture_graph(fn)
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=1e-3)
