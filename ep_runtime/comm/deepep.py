@@ -397,30 +397,9 @@ class DeepEPDispatcher(Dispatcher):
 
     def _dispatch_normal_async(self, x: torch.Tensor, routing: Routing) -> PendingDispatch:
         buffer = self.owner.enter(Layout.NORMAL)
-        if self.is_fp8:
-            from ep_runtime.kernels.quant import per_token_group_quant_fp8
-
-            x_in: Any = per_token_group_quant_fp8(x, group_size=FP8_GROUP)
-        else:
-            x_in = x.contiguous()  # DeepEP's normal dispatch asserts a contiguous x
-        ids = self._ids(routing)
-        weights = routing.topk_weights.contiguous()
-        ev = self.deep_ep.Buffer.capture()
-        num_per_rank, num_per_rdma_rank, num_per_expert, is_token_in_rank, ev = buffer.get_dispatch_layout(
-            ids, self.num_experts, previous_event=ev, async_finish=True, allocate_on_comm_stream=True
-        )
-        recv, recv_ids, recv_weights, num_list, deep_handle, ev = buffer.dispatch(
-            x_in,
-            num_tokens_per_rank=num_per_rank,
-            num_tokens_per_rdma_rank=num_per_rdma_rank,  # None on one node; required across nodes
-            is_token_in_rank=is_token_in_rank,
-            num_tokens_per_expert=num_per_expert,
-            topk_idx=ids,
-            topk_weights=weights,
-            config=self.owner.dispatch_config,
-            previous_event=ev,
-            async_finish=True,
-            allocate_on_comm_stream=True,
+        x_in = self._normal_input(x)
+        recv, recv_ids, recv_weights, num_list, deep_handle, ev = self._layout_and_dispatch(
+            buffer, x_in, routing, asynchronous=True
         )
         counts = _to_device(num_list, x.device)
 
@@ -482,12 +461,7 @@ class DeepEPDispatcher(Dispatcher):
 
     def _dispatch_normal(self, x: torch.Tensor, routing: Routing) -> tuple[DispatchedTokens, DispatchHandle]:
         buffer = self.owner.enter(Layout.NORMAL)
-        if self.is_fp8:
-            from ep_runtime.kernels.quant import per_token_group_quant_fp8
-
-            x_in: Any = per_token_group_quant_fp8(x, group_size=FP8_GROUP)
-        else:
-            x_in = x.contiguous()  # DeepEP's normal dispatch asserts a contiguous x
+        x_in = self._normal_input(x)
         last = self._last
         versions = (routing.topk_ids._version, routing.topk_weights._version)
         if last is not None and last.routing is routing and last.versions == versions:
@@ -497,19 +471,8 @@ class DeepEPDispatcher(Dispatcher):
             dispatched = _normal_received(recv, last.recv_topk_ids, last.recv_topk_weights, last.counts)
             deep_handle = last.handle
         else:
-            ids = self._ids(routing)
-            num_per_rank, num_per_rdma_rank, num_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
-                ids, self.num_experts
-            )
-            recv, recv_ids, recv_weights, num_list, deep_handle, _ = buffer.dispatch(
-                x_in,
-                num_tokens_per_rank=num_per_rank,
-                num_tokens_per_rdma_rank=num_per_rdma_rank,  # None on one node; required across nodes
-                is_token_in_rank=is_token_in_rank,
-                num_tokens_per_expert=num_per_expert,
-                topk_idx=ids,
-                topk_weights=routing.topk_weights.contiguous(),
-                config=self.owner.dispatch_config,
+            recv, recv_ids, recv_weights, num_list, deep_handle, _ = self._layout_and_dispatch(
+                buffer, x_in, routing, asynchronous=False
             )
             dispatched = _normal_received(recv, recv_ids, recv_weights, _to_device(num_list, x.device))
             self._last = _CachedLayout(
@@ -522,6 +485,37 @@ class DeepEPDispatcher(Dispatcher):
             )
         handle = self._handle(Layout.NORMAL, x, routing, deep_handle)
         return dispatched, handle
+
+    def _normal_input(self, x: torch.Tensor) -> Any:
+        """What normal dispatch sends: `(e4m3, scales)` for fp8, else `x` (DeepEP asserts contiguity)."""
+        if self.is_fp8:
+            from ep_runtime.kernels.quant import per_token_group_quant_fp8
+
+            return per_token_group_quant_fp8(x, group_size=FP8_GROUP)
+        return x.contiguous()
+
+    def _layout_and_dispatch(self, buffer: Any, x_in: Any, routing: Routing, *, asynchronous: bool) -> tuple:
+        """DeepEP's uncached normal dispatch: `get_dispatch_layout`, then `dispatch`; returns
+        dispatch's `(recv_x, recv_topk_idx, recv_topk_weights, counts list, handle, event)`.
+        Asynchronous: both on the communication stream, the layout after an event of the current
+        stream, the dispatch after the layout's event."""
+        ids = self._ids(routing)
+        on_comm = dict(async_finish=True, allocate_on_comm_stream=True) if asynchronous else {}
+        first = dict(on_comm, previous_event=self.deep_ep.Buffer.capture()) if asynchronous else {}
+        num_per_rank, num_per_rdma_rank, num_per_expert, is_token_in_rank, ev = buffer.get_dispatch_layout(
+            ids, self.num_experts, **first
+        )
+        return buffer.dispatch(
+            x_in,
+            num_tokens_per_rank=num_per_rank,
+            num_tokens_per_rdma_rank=num_per_rdma_rank,  # None on one node; required across nodes
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_per_expert,
+            topk_idx=ids,
+            topk_weights=routing.topk_weights.contiguous(),
+            config=self.owner.dispatch_config,
+            **(dict(on_comm, previous_event=ev) if asynchronous else {}),
+        )
 
     def _handle(self, layout: Layout, x: torch.Tensor, routing: Routing, deep_handle: Any) -> DispatchHandle:
         return DispatchHandle(
