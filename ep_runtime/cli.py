@@ -137,10 +137,13 @@ def _run_config(args: argparse.Namespace):
     return cfg, path
 
 
-def _fault(args: argparse.Namespace):
+def _job_inputs(args: argparse.Namespace):
+    """`run` / `worker`: the validated config, its path and the fault spec; raises ConfigError or
+    ValueError (usage errors)."""
     from ep_runtime.launch.health import FaultSpec
 
-    return FaultSpec.parse(args.fault) if args.fault else None
+    cfg, path = _run_config(args)
+    return cfg, path, FaultSpec.parse(args.fault) if args.fault else None
 
 
 def _finish(plan, results, wall_s: float, args: argparse.Namespace, launcher: str, path: str) -> int:
@@ -173,8 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ep_runtime.launch.health import LaunchError
 
     try:
-        cfg, path = _run_config(args)
-        fault = _fault(args)
+        cfg, path, fault = _job_inputs(args)
     except (ConfigError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
@@ -210,8 +212,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from ep_runtime.launch.mpi import run_with_mpi
 
     try:
-        cfg, path = _run_config(args)
-        fault = _fault(args)
+        cfg, path, fault = _job_inputs(args)
     except (ConfigError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
