@@ -90,3 +90,33 @@ def run_ranks(
                 if p.is_alive():
                     p.kill()
     return [results[r] for r in range(world_size)]
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Processes (other than this one) whose environment carries `EP_TEST_MARKER=marker` (Linux
+    /proc): how the launcher tests find what a job left behind."""
+    from pathlib import Path
+
+    needle = f"EP_TEST_MARKER={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_no_marked(marker: str, timeout: float = 20.0, poll: float = 0.5) -> list[int]:
+    """Wait up to `timeout` s for the marked processes to exit; returns those still alive."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    left = marked_pids(marker)
+    while left and time.monotonic() < deadline:
+        time.sleep(poll)
+        left = marked_pids(marker)
+    return left

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.dist_utils import wait_no_marked
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
@@ -26,19 +28,6 @@ def _mpiexec_installed():
     # The README's setup installs MPICH into the venv; a missing mpiexec is a broken setup, not a skip.
     if not MPIEXEC.exists():
         pytest.fail(f"{MPIEXEC} not installed: run `bash deploy/setup-local.sh` (pip install mpich)")
-
-
-def _marked_pids(marker: str) -> list[int]:
-    needle = f"EP_TEST_MARKER={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
 
 
 def _mpiexec(
@@ -56,12 +45,7 @@ def _mpiexec(
         timeout=timeout,
     )
     elapsed = time.monotonic() - t0
-    deadline = time.monotonic() + 10
-    left = _marked_pids(marker)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.25)
-        left = _marked_pids(marker)
-    return proc, elapsed, left
+    return proc, elapsed, wait_no_marked(marker, timeout=10, poll=0.25)
 
 
 @pytest.mark.parametrize("n", [2, 4])

@@ -31,6 +31,7 @@ from ep_runtime.config import load_config, parse_config, resolve_plan  # noqa: E
 from ep_runtime.launch.health import FaultSpec, LaunchError  # noqa: E402
 from ep_runtime.launch.ray import run_with_ray  # noqa: E402
 from ep_runtime.launch.report import summarize  # noqa: E402
+from tests.dist_utils import marked_pids, wait_no_marked  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -42,30 +43,6 @@ def _config(**overrides):
     for section, values in overrides.items():
         data[section].update(values)
     return parse_config(data, "local-cpu.yaml (test overrides)")
-
-
-def _marked_pids(marker: str) -> list[int]:
-    """Processes whose environment carries `marker` (Linux /proc)."""
-    needle = f"EP_TEST_MARKER={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
-def _wait_no_marked(marker: str, timeout: float = 20.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    left = _marked_pids(marker)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
-        left = _marked_pids(marker)
-    return left
 
 
 def _env(marker: str) -> dict[str, str]:
@@ -89,7 +66,7 @@ def test_killed_rank_ends_the_job_naming_it_and_leaves_no_process():
         timeout=150,
     )
     elapsed = time.monotonic() - t0
-    left = _wait_no_marked(marker)
+    left = wait_no_marked(marker)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     report = proc.stderr
     assert "job failed: rank 1 died at stage 'decode'" in report, report
@@ -129,7 +106,7 @@ def test_ctrl_c_stops_actors_and_the_embedded_cluster(tmp_path):
             proc.kill()
     assert proc.returncode == 130, seen + out
     assert "interrupted" in out
-    left = _wait_no_marked(marker)
+    left = wait_no_marked(marker)
     assert not left, f"processes left behind: {left}"
 
 
@@ -164,14 +141,14 @@ def test_join_prestarted_head_on_loopback():
     finally:
         # Stop only this head's processes (`ray stop` would stop every Ray cluster on the machine).
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _marked_pids(marker):
+            for pid in marked_pids(marker):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            if not _wait_no_marked(marker, timeout=10):
+            if not wait_no_marked(marker, timeout=10):
                 break
-    assert not _marked_pids(marker)
+    assert not marked_pids(marker)
 
 
 # -- one embedded cluster shared by the in-process tests -----------------------------------------
