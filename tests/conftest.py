@@ -34,3 +34,18 @@ def rng_seed() -> int:
     print(f"seed={seed}")
     torch.manual_seed(seed)
     return seed
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """`torch.empty` returns NaN-filled tensors (0xFF bytes; 0x7F, NaN, for e4m3), so a kernel output
+    row that should have been written but was not shows up (masked GEMM tests, CPU and GPU)."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.view(torch.uint8).fill_(0x7F if t.dtype == torch.float8_e4m3fn else 0xFF)
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
