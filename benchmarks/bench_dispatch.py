@@ -276,13 +276,7 @@ def _bench_normal(rank: int, world: int, args, timer: _Timer, device: str, have_
         rows.append(_row("normal", "runtime torch", precision, res, d_bytes, c_bytes, raw_res))
         tdisp.close()
 
-    for precision in ("bf16", "fp8"):
-        n0 = len(rows)
-        one_precision(precision)
-        _print_rows(rank, rows[n0:])
-    for owner in owners:
-        owner.release()
-    return rows
+    return _over_precisions(rank, ("bf16", "fp8"), one_precision, rows, owners)
 
 
 def _bench_low_latency(
@@ -336,7 +330,13 @@ def _bench_low_latency(
         rows.append(_row("low_latency", "runtime torch", precision, res, d_bytes, c_bytes, raw_res))
         tdisp.close()
 
-    for precision in ("fp8", "bf16"):
+    return _over_precisions(rank, ("fp8", "bf16"), one_precision, rows, owners)
+
+
+def _over_precisions(rank: int, precisions, one_precision, rows: list[dict], owners: list) -> list[dict]:
+    """Run `one_precision` for each precision (printing its rows as they come), then release the
+    DeepEP buffers the section held; returns `rows`."""
+    for precision in precisions:
         n0 = len(rows)
         one_precision(precision)
         _print_rows(rank, rows[n0:])

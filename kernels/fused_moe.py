@@ -63,6 +63,18 @@ def align_buffer_size(num_slots: int, block_m: int, num_experts: int) -> int:
 
 
 @triton.jit
+def _local_ids(ids_ptr, map_ptr, offs, num_slots, num_experts, HAS_MAP: tl.constexpr):
+    """The local expert id of each slot in `offs` (through the expert map when there is one) and
+    whether it is one of this rank's experts (`-1`, out of range and non-local ids are not)."""
+    ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=-1)
+    ok = (ids >= 0) & (ids < num_experts)
+    if HAS_MAP:
+        ids = tl.load(map_ptr + ids, mask=ok, other=-1).to(ids.dtype)
+        ok = ok & (ids >= 0) & (ids < num_experts)
+    return ids, ok
+
+
+@triton.jit
 def _moe_align_kernel(
     # pointers
     ids_ptr,
@@ -89,11 +101,7 @@ def _moe_align_kernel(
     counts = tl.zeros((NUM_BINS,), dtype=tl.int32)
     for start in range(0, num_slots, CHUNK):
         offs = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=-1)
-        ok = (ids >= 0) & (ids < num_experts)
-        if HAS_MAP:
-            ids = tl.load(map_ptr + ids, mask=ok, other=-1).to(ids.dtype)
-            ok = ok & (ids >= 0) & (ids < num_experts)
+        ids, ok = _local_ids(ids_ptr, map_ptr, offs, num_slots, num_experts, HAS_MAP)
         b = tl.where(ok, ids, num_experts).to(tl.int32)
         counts += tl.histogram(b, NUM_BINS)
     padded = tl.where(bins < num_experts, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
@@ -104,11 +112,7 @@ def _moe_align_kernel(
     running = my_start
     for start in range(0, num_slots, CHUNK):
         offs = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=-1)
-        ok = (ids >= 0) & (ids < num_experts)
-        if HAS_MAP:
-            ids = tl.load(map_ptr + ids, mask=ok, other=-1).to(ids.dtype)
-            ok = ok & (ids >= 0) & (ids < num_experts)
+        ids, ok = _local_ids(ids_ptr, map_ptr, offs, num_slots, num_experts, HAS_MAP)
         mine = ok & (ids == e)
         rank = tl.cumsum(mine.to(tl.int32), axis=0) - 1
         tl.store(sorted_ids_ptr + running + rank, offs.to(tl.int32), mask=mine)
