@@ -40,7 +40,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import print_table, write_results  # noqa: E402
+from benchmarks.common import deepep_normal_dispatch, print_table, write_results  # noqa: E402
 
 HIDDEN, TOP_K, NUM_EXPERTS = 7168, 8, 256
 
@@ -219,18 +219,7 @@ def _bench_normal(rank: int, world: int, args, timer: _Timer, device: str, have_
             raw_ids = ids.to(getattr(owner.deep_ep, "topk_idx_t", torch.int64))  # DeepEP's index type
 
             def raw_dispatch():
-                n_rank, n_rdma, n_expert, in_rank, _ = buf.get_dispatch_layout(raw_ids, E)
-                _, _, _, _, handle, _ = buf.dispatch(
-                    x_in(),
-                    num_tokens_per_rank=n_rank,
-                    num_tokens_per_rdma_rank=n_rdma,
-                    is_token_in_rank=in_rank,
-                    num_tokens_per_expert=n_expert,
-                    topk_idx=raw_ids,
-                    topk_weights=weights,
-                    config=owner.dispatch_config,
-                )
-                return handle
+                return deepep_normal_dispatch(buf, x_in(), raw_ids, weights, E, owner.dispatch_config)[4]
 
             raw_res = timer.pairs(
                 raw_dispatch, lambda h: buf.combine(expert_out, h, config=owner.combine_config)

@@ -195,7 +195,8 @@ def _floor(layer, tel, ceilings: dict, scheme: str, bytes_per_expert: float) -> 
 
 def _raw_deepep_ms(layer, h: torch.Tensor, is_prefill: bool, iters: int, device: torch.device) -> float:
     """Raw DeepEP dispatch + combine (its kernels only, no runtime wrapper) for this layer's routing."""
-    from ep_runtime.types import FP8_GROUP, Layout
+    from benchmarks.common import deepep_normal_dispatch
+    from ep_runtime.types import Layout
 
     layout = Layout.NORMAL if is_prefill else Layout.LOW_LATENCY
     disp = layer.dispatchers[layout]
@@ -216,26 +217,12 @@ def _raw_deepep_ms(layer, h: torch.Tensor, is_prefill: bool, iters: int, device:
 
         del buf
     else:
-        if disp.is_fp8:
-            from ep_runtime.kernels.quant import per_token_group_quant_fp8
-
-            x_in: Any = per_token_group_quant_fp8(h, group_size=FP8_GROUP)
-        else:
-            x_in = h
+        x_in = disp._normal_input(h)  # the payload the runtime sends (fp8 quantised by policy)
         buf = owner.enter(Layout.NORMAL)
 
         def dispatch():
             b = owner.enter(Layout.NORMAL)
-            n_rank, _, n_expert, in_rank, _ = b.get_dispatch_layout(ids, E)
-            recv, _, _, _, handle, _ = b.dispatch(
-                x_in,
-                num_tokens_per_rank=n_rank,
-                is_token_in_rank=in_rank,
-                num_tokens_per_expert=n_expert,
-                topk_idx=ids,
-                topk_weights=weights,
-                config=owner.dispatch_config,
-            )
+            recv, _, _, _, handle, _ = deepep_normal_dispatch(b, x_in, ids, weights, E, owner.dispatch_config)
             return recv, handle
 
         recv, _ = dispatch()

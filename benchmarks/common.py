@@ -97,6 +97,23 @@ def graph_us(fn, replays: int = 1, tries: int = 1, warmup: int = 5, rep: int = 4
     return t
 
 
+def deepep_normal_dispatch(buffer, x_in, ids, weights, num_experts: int, config):
+    """Raw DeepEP (no runtime wrapper): `get_dispatch_layout` then an uncached normal `dispatch`
+    of `x_in` (a tensor, or `(e4m3, scales)`); returns dispatch's tuple `(recv_x, recv_topk_idx,
+    recv_topk_weights, counts list, handle, event)`. `ids` must already be DeepEP's index type."""
+    n_rank, n_rdma, n_expert, in_rank, _ = buffer.get_dispatch_layout(ids, num_experts)
+    return buffer.dispatch(
+        x_in,
+        num_tokens_per_rank=n_rank,
+        num_tokens_per_rdma_rank=n_rdma,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=n_expert,
+        topk_idx=ids,
+        topk_weights=weights,
+        config=config,
+    )
+
+
 def measure_copy_bandwidth(num_bytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s (reads + writes counted), the HBM ceiling."""
     src = torch.empty(num_bytes // 2, dtype=torch.uint8, device="cuda")
