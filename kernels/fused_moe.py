@@ -39,7 +39,7 @@ from ep_runtime.kernels.quant import (
     per_token_group_dequant_fp8,
     per_token_group_quant_fp8,
 )
-from ep_runtime.kernels.tables import device_table
+from ep_runtime.kernels.tables import for_device
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -493,14 +493,6 @@ def _load_table(path: str) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-@cache
-def _device_shapes(path: str, index: int) -> dict[str, Any]:
-    """This GPU's part of the table (or a same-architecture GPU's, see `kernels.tables`)."""
-    name = torch.cuda.get_device_name(index)
-    _, shapes = device_table(_load_table(path), name, torch.cuda.get_device_capability(index), "fused MoE")
-    return shapes or {}
-
-
 def heuristic_config(num_tokens: int, top_k: int, num_experts: int, scheme: str) -> dict[str, Any]:
     """Fallback block config from the expected rows per expert (T*K/L)."""
     rows = num_tokens * top_k / max(num_experts, 1)
@@ -543,7 +535,7 @@ def get_config(
     path = str(path or CONFIG_DIR / "fused_moe.json")
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         index = device.index if device.index is not None else torch.cuda.current_device()
-        shapes = _device_shapes(path, index)
+        shapes = for_device("fused MoE", _load_table, path, index)
     else:
         shapes = _load_table(path).get(device_key(device), {})
     entries = shapes.get(shape_key(num_experts, inter, hidden, scheme))

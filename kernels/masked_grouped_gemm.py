@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, int4_to_e4m3, round_to_e4m3_grid
-from .tables import device_table
+from .tables import for_device
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -343,14 +343,6 @@ def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     return json.loads(p.read_text()).get("devices", {})
 
 
-@functools.lru_cache(maxsize=16)
-def _device_kinds(index: int) -> dict[str, Any]:
-    """This GPU's part of the table (or a same-architecture GPU's, see `kernels.tables`)."""
-    name, _ = _device_facts(index)
-    _, kinds = device_table(load_table(), name, torch.cuda.get_device_capability(index), "masked GEMM")
-    return kinds or {}
-
-
 def _kind(a_mode: int, b_mode: int, gated: bool) -> str:
     return f"a{a_mode}-b{b_mode}-{'gated' if gated else 'plain'}"
 
@@ -373,7 +365,8 @@ def _pick_config(
     if override is not None:
         return dict(override)
     if device.type == "cuda":
-        kinds = _device_kinds(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        kinds = for_device("masked GEMM", load_table, str(CONFIG_PATH), index)
         cfg = kinds.get(_kind(a_mode, b_mode, gated))
         if cfg is not None:
             cfg = dict(cfg)

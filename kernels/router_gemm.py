@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import device_table
+from .tables import for_device
 
 IMPLS = ("auto", "cublas", "triton", "torch")
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "router_gemm.json"
@@ -175,11 +175,6 @@ def _router_gemv_kernel(
 
 
 @functools.lru_cache(maxsize=16)
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
-@functools.lru_cache(maxsize=16)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -193,15 +188,6 @@ def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
         return {}
     doc = json.loads(p.read_text())
     return doc.get("devices", {})
-
-
-@functools.lru_cache(maxsize=16)
-def _device_shapes(index: int) -> dict[str, Any]:
-    """This GPU's part of the table (or a same-architecture GPU's, see `kernels.tables`)."""
-    _, shapes = device_table(
-        load_table(), _device_name(index), torch.cuda.get_device_capability(index), "router GEMM"
-    )
-    return shapes or {}
 
 
 def heuristic_config(T: int, D: int, E: int, num_sms: int = 132) -> dict[str, int]:
@@ -225,7 +211,7 @@ def heuristic_config(T: int, D: int, E: int, num_sms: int = 132) -> dict[str, in
 def select(T: int, D: int, E: int, device: torch.device) -> tuple[str, dict[str, int] | None]:
     """Pick `("triton", config)` or `("cublas", None)` for this shape on this CUDA device."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    buckets = _device_shapes(index).get(f"{D},{E}")
+    buckets = for_device("router GEMM", load_table, str(CONFIG_PATH), index).get(f"{D},{E}")
     if buckets:
         for b in buckets:
             if b.get("max_t") is None or T <= b["max_t"]:

@@ -10,8 +10,9 @@ A fallback is reported once per (table, device) with `warnings.warn`.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 # Same-architecture families, in order of preference for a device with no table of its own.
@@ -49,3 +50,15 @@ def device_table(
                     )
                 return key, tables[key]
     return None, None
+
+
+@functools.lru_cache(maxsize=64)
+def for_device(what: str, load: Callable[[str], Mapping[str, Any]], path: str, index: int) -> Any:
+    """The part of the table `load(path)` that CUDA device `index` uses (`device_table`), or `{}`;
+    cached per (table, device), so the kernels' launch path pays for the lookup once."""
+    import torch
+
+    _, table = device_table(
+        load(path), torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index), what
+    )
+    return table or {}

@@ -58,3 +58,24 @@ def test_shipped_tables_serve_an_h100(what, shipped):
         warnings.simplefilter("ignore")
         key, table = tables.device_table(shipped, H100, (9, 0), what)
     assert key is not None and tables.normalise(key).startswith(("h100", "h200")) and table
+
+
+def test_for_device_reads_the_device_once_and_falls_back(monkeypatch, tmp_path):
+    """The kernels' lookup: name and capability come from the device, the answer is cached."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: calls.append(i) or H100)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"NVIDIA H200": {"7168,256": "cfg"}}))
+    tables.for_device.cache_clear()
+
+    def load(p):
+        return json.loads(open(p).read())
+
+    with pytest.warns(UserWarning, match="using the NVIDIA H200 table"):
+        first = tables.for_device("for_device test", load, str(path), 0)
+    again = tables.for_device("for_device test", load, str(path), 0)
+    assert first == {"7168,256": "cfg"} and again is first and calls == [0]
+    tables.for_device.cache_clear()
