@@ -18,14 +18,24 @@ gets its own activation scale and results differ within that scheme's quantisati
     `return_recv_hook` phases (no SMs held while the data is in flight), with the torch backend they
     are `async_op=True` all-to-alls on NCCL's own stream.
   - `chunked_normal_step` (`execution.prefill_chunks > 1`): a normal-layout step split into `n`
-    chunks of consecutive tokens. All chunks' dispatches are issued first (each one's host wait for
-    its receive counts then only waits on the communication stream, not on queued expert work);
-    then, per chunk: wait its dispatch, run its experts, issue its combine. Chunk `i+1`'s dispatch
-    and chunk `i-1`'s combine run on the communication stream (DeepEP: `async_finish` on its comm
-    stream ordered by captured events, tensors recorded on both streams by DeepEP; torch: NCCL's
-    stream, tensors kept alive by the work handles until `wait`) while chunk `i`'s experts run on
-    the compute stream. The chunk count is fixed by the config, so every rank issues the same
-    collectives even when some of its chunks are empty.
+    chunks of consecutive tokens; per chunk: wait its dispatch, queue its experts, issue its
+    combine. Chunk `i+1`'s dispatch and chunk `i-1`'s combine run on the communication stream
+    (DeepEP: `async_finish` on its comm stream ordered by events, tensors recorded on both streams
+    by DeepEP; torch: NCCL's stream, tensors kept alive by the work handles until `wait`) while
+    chunk `i`'s experts run on the compute stream. When the dispatch is issued depends on where its
+    host wait for the receive counts sits (`Dispatcher.dispatch_waits_behind_transfers`):
+      * torch backend: the count exchange syncs on the compute stream, so all dispatches are issued
+        before any experts are queued (issued later, each would wait for the experts before it);
+      * DeepEP: the wait sits on the communication stream behind every transfer queued there, so
+        issuing all dispatches first would let only the last one overlap any experts. Dispatch
+        `i+1` is issued right after chunk `i`'s experts are queued (and before combine `i`),
+        ordered after an event marked when the inputs were ready, not after those experts:
+
+            comm:    D0 D1 . C0 D2 . C1 D3 ...   (C_i after E_i's event)
+            compute:    E0 E1    E2    E3 ...    (E_i after D_i's event)
+
+    The chunk count is fixed by the config, so every rank issues the same collectives even when
+    some of its chunks are empty.
   - `DecodeGraphRunner` (`execution.cuda_graph_decode`): the whole low-latency step (router,
     dispatch, experts, combine, the telemetry counts) captured in one CUDA graph per token bucket
     and replayed from static buffers. See its docstring for the caller's promise.
@@ -40,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ep_runtime.comm import check_combined_once, check_conservation
+from ep_runtime.comm.base import PendingDispatch
 from ep_runtime.types import Layout, Routing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -147,15 +158,26 @@ def chunked_normal_step(
     dispatcher = layer.dispatchers[Layout.NORMAL]
     bounds = split_bounds(x.shape[0], num_chunks)
     routings = [_slice_routing(routing, sl) for sl in bounds]
-    pending = [dispatcher.dispatch_async(x[sl], r) for sl, r in zip(bounds, routings, strict=True)]
+    # One-at-a-time issue when the host's wait inside a dispatch sits behind the queued transfers
+    # (DeepEP); all at once otherwise (the torch backend's count sync is on the current stream).
+    one_at_a_time = dispatcher.dispatch_waits_behind_transfers
+    ready = dispatcher.mark() if one_at_a_time else None
+
+    def issue(i: int) -> PendingDispatch:
+        return dispatcher.dispatch_async(x[bounds[i]], routings[i], after=ready)
+
+    pending = [issue(0)] if one_at_a_time else [issue(i) for i in range(num_chunks)]
     lap("dispatch")
     combines, parts = [], []
-    for i, p in enumerate(pending):
-        dispatched, handle = p.wait()
+    for i in range(num_chunks):
+        dispatched, handle = pending[i].wait()
         lap("dispatch")
         y = layer.experts.forward(dispatched, layer.weights.experts)
         counts += dispatched.num_recv_per_expert.to(torch.int64)
         lap("experts")
+        if one_at_a_time and i + 1 < num_chunks:
+            pending.append(issue(i + 1))  # before combine i, so it does not queue behind it
+            lap("dispatch")
         combines.append(dispatcher.combine_async(y, handle))
         parts.append((routings[i], dispatched, handle))
     outs = [c.wait() for c in combines]

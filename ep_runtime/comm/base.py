@@ -109,7 +109,20 @@ class Dispatcher(ABC):
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Return expert outputs to their source ranks and reduce them: `[T, D]` bfloat16."""
 
-    def dispatch_async(self, x: torch.Tensor, routing: Routing) -> PendingDispatch:
+    dispatch_waits_behind_transfers: ClassVar[bool] = False
+    """True when a normal-layout `dispatch_async` blocks the host until the transfers already queued
+    on the communication stream have finished (DeepEP: the host waits for the receive counts, which
+    its notify kernel computes behind the earlier chunks' dispatches). Chunked schedules then issue
+    one chunk's dispatch at a time, right after the previous chunk's experts were queued, ordered
+    after a `mark()` taken when the inputs were ready (not after those experts). False: the host
+    waits, if at all, on the current stream, so all dispatches are issued before any experts."""
+
+    def mark(self) -> Any:
+        """An opaque marker of the current stream's present position, for `dispatch_async(after=)`
+        (default None: this backend orders its transfers on the current stream at the call)."""
+        return None
+
+    def dispatch_async(self, x: torch.Tensor, routing: Routing, *, after: Any = None) -> PendingDispatch:
         """Issue `dispatch(x, routing)`; the receive completes at `.wait()`.
 
         Lets the caller overlap the transfer with other work (two-batch decode, chunked prefill).
@@ -118,6 +131,11 @@ class Dispatcher(ABC):
         low-latency call was waited (DeepEP's double buffer: each send clears the other slot's
         signals), so at most one low-latency transfer is in flight while compute runs. The default
         runs the synchronous path at the call and returns a completed `Pending`.
+
+        `after`: a `mark()` of this dispatcher taken once `x` and `routing` were complete. A
+        backend that honours it starts the transfer after that point of the current stream rather
+        than after everything queued there at the call (e.g. another chunk's experts); one that
+        orders on the current stream at the call ignores it, which is correct, only less overlapped.
         """
         return Pending.ready(self.dispatch(x, routing))
 

@@ -373,20 +373,28 @@ class DeepEPDispatcher(Dispatcher):
         )
         return out
 
-    def dispatch_async(self, x: torch.Tensor, routing: Routing) -> PendingDispatch:
-        """Issue the dispatch; the receive completes at `.wait()` (no host block on either path).
+    dispatch_waits_behind_transfers = True  # the normal dispatch's host wait for its counts
+
+    def mark(self) -> Any:
+        """A DeepEP event on the current stream (`Buffer.capture()`), for `dispatch_async(after=)`."""
+        return self.deep_ep.Buffer.capture()
+
+    def dispatch_async(self, x: torch.Tensor, routing: Routing, *, after: Any = None) -> PendingDispatch:
+        """Issue the dispatch; the receive completes at `.wait()`.
 
         Low-latency: `low_latency_dispatch(return_recv_hook=True)` launches the send phase on the
-        current stream; `.wait()` launches the receive phase (the hook). Normal:
-        `get_dispatch_layout` and `dispatch` run on DeepEP's communication stream after an event
-        captured on the current stream (`previous_event`, `async_finish=True`,
-        `allocate_on_comm_stream=True`; DeepEP records the tensors it touches on both streams);
-        `.wait()` makes the current stream wait for the dispatch's event. The normal dispatch still
-        waits on the host for the receive counts (DeepEP's notify step), as the synchronous one does.
+        current stream; `.wait()` launches the receive phase (the hook); `after` is not used (the
+        send is a kernel of the current stream). Normal: `get_dispatch_layout` and `dispatch` run on
+        DeepEP's communication stream after `after` (a `mark()`), or else after an event captured on
+        the current stream now (`previous_event`, `async_finish=True`, `allocate_on_comm_stream=True`;
+        DeepEP records the tensors it touches on both streams); `.wait()` makes the current stream
+        wait for the dispatch's event. The normal dispatch still blocks the host until its receive
+        counts arrive (DeepEP's notify step, on the communication stream behind the transfers queued
+        there), as the synchronous one does; see `dispatch_waits_behind_transfers`.
         """
         self._check_dispatch_args(x, routing)
         if self.layout == Layout.NORMAL:
-            return self._dispatch_normal_async(x, routing)
+            return self._dispatch_normal_async(x, routing, after)
         result, hook = self._issue_low_latency(x, routing, return_recv_hook=True)
 
         def finish() -> tuple[DispatchedTokens, DispatchHandle]:
@@ -395,11 +403,23 @@ class DeepEPDispatcher(Dispatcher):
 
         return Pending(finish)
 
-    def _dispatch_normal_async(self, x: torch.Tensor, routing: Routing) -> PendingDispatch:
+    def _dispatch_normal_async(self, x: torch.Tensor, routing: Routing, after: Any) -> PendingDispatch:
         buffer = self.owner.enter(Layout.NORMAL)
-        x_in = self._normal_input(x)
+        if after is None:
+            x_in = self._normal_input(x)
+            after = self.deep_ep.Buffer.capture()
+        elif self.is_fp8:
+            # The fp8 cast must not queue behind the current stream's later work (the previous
+            # chunk's experts): it runs on the communication stream after `after`, ahead of the
+            # layout and the dispatch queued there next. `x` outlives it: the step's caller waits
+            # for the combines, which follow it on that stream.
+            with torch.cuda.stream(buffer.get_comm_stream()):
+                after.current_stream_wait()
+                x_in = self._normal_input(x)
+        else:
+            x_in = self._normal_input(x)  # bf16: x itself, no kernel
         recv, recv_ids, recv_weights, num_list, deep_handle, ev = self._layout_and_dispatch(
-            buffer, x_in, routing, asynchronous=True
+            buffer, x_in, routing, after=after
         )
         counts = _to_device(num_list, x.device)
 
@@ -472,7 +492,7 @@ class DeepEPDispatcher(Dispatcher):
             deep_handle = last.handle
         else:
             recv, recv_ids, recv_weights, num_list, deep_handle, _ = self._layout_and_dispatch(
-                buffer, x_in, routing, asynchronous=False
+                buffer, x_in, routing
             )
             dispatched = _normal_received(recv, recv_ids, recv_weights, _to_device(num_list, x.device))
             self._last = _CachedLayout(
@@ -494,14 +514,15 @@ class DeepEPDispatcher(Dispatcher):
             return per_token_group_quant_fp8(x, group_size=FP8_GROUP)
         return x.contiguous()
 
-    def _layout_and_dispatch(self, buffer: Any, x_in: Any, routing: Routing, *, asynchronous: bool) -> tuple:
+    def _layout_and_dispatch(self, buffer: Any, x_in: Any, routing: Routing, *, after: Any = None) -> tuple:
         """DeepEP's uncached normal dispatch: `get_dispatch_layout`, then `dispatch`; returns
         dispatch's `(recv_x, recv_topk_idx, recv_topk_weights, counts list, handle, event)`.
-        Asynchronous: both on the communication stream, the layout after an event of the current
-        stream, the dispatch after the layout's event."""
+        With `after` (a DeepEP event): asynchronous, both on the communication stream, the layout
+        after `after`, the dispatch after the layout's event."""
         ids = self._ids(routing)
+        asynchronous = after is not None
         on_comm = dict(async_finish=True, allocate_on_comm_stream=True) if asynchronous else {}
-        first = dict(on_comm, previous_event=self.deep_ep.Buffer.capture()) if asynchronous else {}
+        first = dict(on_comm, previous_event=after) if asynchronous else {}
         num_per_rank, num_per_rdma_rank, num_per_expert, is_token_in_rank, ev = buffer.get_dispatch_layout(
             ids, self.num_experts, **first
         )

@@ -174,10 +174,11 @@ class TorchDispatcher(Dispatcher):
         """
         return self._start_dispatch(x, routing, async_op=False)()
 
-    def dispatch_async(self, x: torch.Tensor, routing: Routing) -> PendingDispatch:
+    def dispatch_async(self, x: torch.Tensor, routing: Routing, *, after: Any = None) -> PendingDispatch:
         """`dispatch` with the payload all-to-all issued with `async_op=True`; `.wait()` waits for its
         work handle (on NCCL: the current stream waits for the NCCL stream, the host does not block)
-        and unpacks. Normal layout: the count exchange and its host sync still happen at the call."""
+        and unpacks. Normal layout: the count exchange and its host sync still happen at the call,
+        on the current stream (so `after` is ignored: the transfer is ordered at the call)."""
         return Pending(self._start_dispatch(x, routing, async_op=True))
 
     def _start_dispatch(self, x: torch.Tensor, routing: Routing, async_op: bool) -> Callable[[], Any]:

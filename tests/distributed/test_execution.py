@@ -405,6 +405,10 @@ class _Buffer:
     def clean_low_latency_buffer(self, c, hidden, num_experts):
         pass
 
+    def get_comm_stream(self):
+        self.log.append(("comm_stream",))
+        return None  # torch.cuda.stream(None) is a no-op context: CPU tensors stay usable
+
     def destroy(self):
         pass
 
@@ -432,17 +436,18 @@ class _Buffer:
     def get_dispatch_layout(
         self, ids, e, previous_event=None, async_finish=False, allocate_on_comm_stream=False
     ):
-        self.log.append(("layout", previous_event is not None, async_finish, allocate_on_comm_stream))
+        ev = previous_event.name if previous_event is not None else None
+        self.log.append(("layout", ev, async_finish, allocate_on_comm_stream))
         return None, None, None, None, _Event(self.log, "layout")
 
     def dispatch(self, x, previous_event=None, async_finish=False, allocate_on_comm_stream=False, **kw):
         t = self._tag()
         self.log.append(("dispatch", t, previous_event.name, async_finish, allocate_on_comm_stream))
-        k = kw["topk_idx"].shape[1]
+        k, n = kw["topk_idx"].shape[1], (x[0] if isinstance(x, tuple) else x).shape[0]  # fp8: (e4m3, scales)
         return (
             x,
-            torch.zeros(x.shape[0], k, dtype=torch.int32),
-            torch.zeros(x.shape[0], k),
+            torch.zeros(n, k, dtype=torch.int32),
+            torch.zeros(n, k),
             [0, 0],
             t,
             _Event(self.log, f"dispatch{t}"),
@@ -469,21 +474,18 @@ def test_deepep_async_calls_and_schedule_order(monkeypatch):
     from ep_runtime.comm.deepep import DeepEPDispatcher
     from ep_runtime.config import parse_config, resolve_plan
     from ep_runtime.execution import chunked_normal_step, two_batch_round
-    from ep_runtime.types import Routing
+    from ep_runtime.types import Layout, Routing
 
     mod = types.ModuleType("deep_ep")
     mod.Buffer, mod.Config, mod.topk_idx_t = _Buffer, _Cfg, torch.int64
     monkeypatch.setitem(sys.modules, "deep_ep", mod)
     monkeypatch.setattr(DeepEPDispatcher, "supports", classmethod(lambda cls, plan, mode_plan: (True, "ok")))
-    plan = resolve_plan(
-        parse_config(
-            {
-                "model": {"hidden_size": 2048, "num_experts": 4, "top_k": 2, "moe_intermediate_size": 256},
-                "parallel": {"ep_size": 2, "device": "cuda"},
-                "dispatch": {"backend": "deepep", "num_max_dispatch_tokens_per_rank": 8},
-            }
-        )
-    )
+    raw = {
+        "model": {"hidden_size": 2048, "num_experts": 4, "top_k": 2, "moe_intermediate_size": 256},
+        "parallel": {"ep_size": 2, "device": "cuda"},
+        "dispatch": {"backend": "deepep", "num_max_dispatch_tokens_per_rank": 8},
+    }
+    plan = resolve_plan(parse_config(raw))
     disp = DeepEPDispatcher.build_all(plan, None)
     log = _Buffer.log = []
 
@@ -519,29 +521,69 @@ def test_deepep_async_calls_and_schedule_order(monkeypatch):
     ], log
 
     log.clear()
-    out = chunked_normal_step(layer, x, routing, 2, counts)
+    out = chunked_normal_step(layer, x, routing, 3, counts)
     assert out.shape == (5, 2048)
-    # All dispatches first, each after an event of the compute stream, on DeepEP's comm stream.
-    assert log[:6] == [
-        ("capture",),
-        ("layout", True, True, True),
-        ("dispatch", 3, "layout", True, True),
-        ("capture",),
-        ("layout", True, True, True),
-        ("dispatch", 4, "layout", True, True),
-    ], log
-    # Per chunk: wait for its dispatch, experts, combine after a captured event; then the waits.
-    assert log[6:] == [
+
+    def dispatch(tag):
+        return [("layout", "captured", True, True), ("dispatch", tag, "layout", True, True)]
+
+    # A mark when the inputs are ready; one dispatch at a time, each issued right after the previous
+    # chunk's experts and before its combine, ordered after the mark (not after those experts).
+    assert log == [
+        ("capture",),  # the mark
+        *dispatch(3),
         ("wait", "dispatch3"),
-        ("experts", 3),
+        ("experts", 2),
+        *dispatch(4),
         ("capture",),
         ("combine", 3, True, True, True),
         ("wait", "dispatch4"),
         ("experts", 2),
+        *dispatch(5),
         ("capture",),
         ("combine", 4, True, True, True),
+        ("wait", "dispatch5"),
+        ("experts", 1),
+        ("capture",),
+        ("combine", 5, True, True, True),
         ("wait", "combine3"),
         ("wait", "combine4"),
+        ("wait", "combine5"),
+    ], log
+
+    # Without a mark: an event captured at the call orders the layout.
+    log.clear()
+    disp[Layout.NORMAL].dispatch_async(x, routing).wait()
+    assert log == [("capture",), *dispatch(6), ("wait", "dispatch6")], log
+    for d in disp.values():
+        d.close()
+
+    # fp8: the cast runs on the communication stream after the mark, so it cannot queue behind
+    # the previous chunk's experts on the compute stream.
+    plan8 = resolve_plan(
+        parse_config({**raw, "dispatch": {**raw["dispatch"], "precision": {"normal": "fp8"}}})
+    )
+    disp = layer.dispatchers = DeepEPDispatcher.build_all(plan8, None)
+    real_input = DeepEPDispatcher._normal_input
+
+    def logged_input(self, x):
+        log.append(("quant", x.shape[0]))
+        return real_input(self, x)
+
+    monkeypatch.setattr(DeepEPDispatcher, "_normal_input", logged_input)
+    log.clear()
+    chunked_normal_step(layer, x, routing, 2, counts)
+    on_comm = [("comm_stream",), ("wait", "captured")]
+    assert log[:13] == [
+        ("capture",),
+        *on_comm,
+        ("quant", 3),
+        *dispatch(1),
+        ("wait", "dispatch1"),
+        ("experts", 3),
+        *on_comm,
+        ("quant", 2),
+        *dispatch(2),
     ], log
     for d in disp.values():
         d.close()
