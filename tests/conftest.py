@@ -77,5 +77,9 @@ def backend_bf16():
     if got == float(probe.to(torch.bfloat16)[0]):
         return lambda x: x.float().to(torch.bfloat16)
     if got == 1.0:
-        return lambda x: (x.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
-    raise AssertionError(f"Triton's fp32 -> bf16 cast gave {got} for {float(probe[0])}: neither RNE nor truncation")
+        return lambda x: (
+            (x.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+        )
+    raise AssertionError(
+        f"Triton's fp32 -> bf16 cast gave {got} for {float(probe[0])}: neither RNE nor truncation"
+    )
