@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -703,9 +704,19 @@ def masked_moe_reference(
     x_scale: torch.Tensor | None = None,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    round_bf16: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Plain-torch float32 reference with the same activation-quantisation semantics as `masked_moe`
-    (host-side loop over experts; for tests and benchmarks only). Rows >= counts[e] are zero."""
+    (host-side loop over experts; for tests and benchmarks only). Rows >= counts[e] are zero.
+
+    `round_bf16`: how the kernel's backend rounds float32 to bfloat16 where the kernel does (the
+    dequantised fp8 input of the bf16 scheme, the bf16 intermediate); default torch's round to
+    nearest even, as on the GPU. Tests under Triton's interpreter pass its rounding (truncation)."""
+    if round_bf16 is None:
+
+        def round_bf16(t: torch.Tensor) -> torch.Tensor:
+            return t.to(torch.bfloat16)
+
     from .quant import (
         dequantize_fp8_block,
         dequantize_w4a8,
@@ -732,7 +743,7 @@ def masked_moe_reference(
         for e in range(L):
             xq = (x[e, : n[e]].float() / s_x).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s_x
             gu = xq @ w13f[e].t()
-            hs.append((torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]).to(torch.bfloat16))
+            hs.append(round_bf16(torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]))
         hv = torch.cat(hs).float()
         s_h = per_tensor_quant_fp8(hv)[1] if hv.numel() else torch.full((1,), SCALE_EPS / FP8_MAX)
         for e in range(L):
@@ -744,9 +755,9 @@ def masked_moe_reference(
         xe = x[e, : n[e]]
         if x.dtype == FP8_DTYPE:
             xs = x_scale[e, : n[e]]
-            xe = per_token_group_dequant_fp8(
-                xe, xs, GROUP, torch.bfloat16 if scheme == "bf16" else torch.float32
-            )
+            xe = per_token_group_dequant_fp8(xe, xs, GROUP, torch.float32)
+            if scheme == "bf16":
+                xe = round_bf16(xe)
         elif scheme == "fp8_block":
             xq, xs = per_token_group_quant_fp8(xe.float(), GROUP)
             xe = per_token_group_dequant_fp8(xq, xs, GROUP, torch.float32)
@@ -756,6 +767,6 @@ def masked_moe_reference(
             hq, hs_ = per_token_group_quant_fp8(h, GROUP)
             h = per_token_group_dequant_fp8(hq, hs_, GROUP, torch.float32)
         else:
-            h = h.to(torch.bfloat16).float()
+            h = round_bf16(h).float()
         out[e, : n[e]] = h @ w2f[e].t()
     return out
