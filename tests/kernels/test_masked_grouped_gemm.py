@@ -43,6 +43,7 @@ from ep_runtime.kernels.quant import (
     quantize_fp8_block,
     quantize_w4a8,
 )
+from tests.kernels.rounding import backend_bf16
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,7 +91,7 @@ COUNTS = [0, 24, 5]  # empty expert, full expert (M), partial
 
 
 @pytest.mark.parametrize("x_fp8", [False, True], ids=["x_bf16", "x_fp8_colmajor"])
-def test_masked_moe_bf16(rng_seed, poisoned_empty, backend_bf16, x_fp8):
+def test_masked_moe_bf16(rng_seed, poisoned_empty, x_fp8):
     L, M = 3, 24
     D, I = (256, 80) if x_fp8 else (96, 80)  # D, I not multiples of the blocks
     counts = torch.tensor(COUNTS, dtype=torch.int32, device=DEVICE)
@@ -109,7 +110,7 @@ def test_masked_moe_bf16(rng_seed, poisoned_empty, backend_bf16, x_fp8):
 
 
 @pytest.mark.parametrize("x_fp8", [False, True], ids=["x_bf16", "x_fp8"])
-def test_masked_moe_fp8_block(rng_seed, poisoned_empty, backend_bf16, x_fp8):
+def test_masked_moe_fp8_block(rng_seed, poisoned_empty, x_fp8):
     L, M, D, I = 3, 24, 256, 128
     counts = torch.tensor(COUNTS, dtype=torch.int32, device=DEVICE)
     x = torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE)
@@ -127,7 +128,7 @@ def test_masked_moe_fp8_block(rng_seed, poisoned_empty, backend_bf16, x_fp8):
     _assert_not_written(out, counts.cpu())
 
 
-def test_masked_moe_w4a8(rng_seed, poisoned_empty, backend_bf16):
+def test_masked_moe_w4a8(rng_seed, poisoned_empty):
     L, M, D, I = 3, 24, 256, 128
     counts = torch.tensor(COUNTS, dtype=torch.int32, device=DEVICE)
     x = _poison_rows(torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE), counts)
@@ -149,7 +150,7 @@ def test_masked_moe_w4a8(rng_seed, poisoned_empty, backend_bf16):
 
 
 @pytest.mark.parametrize("mode", ["bf16", "fp8a_bf16b", "fp8a_fp8b"])
-def test_masked_grouped_gemm(rng_seed, poisoned_empty, backend_bf16, mode):
+def test_masked_grouped_gemm(rng_seed, poisoned_empty, mode):
     L, M, K, N = 3, 24, 256, 72
     counts = torch.tensor([7, 0, 24], dtype=torch.int32, device=DEVICE)
     a = torch.randn(L, M, K).to(torch.bfloat16).to(DEVICE)
