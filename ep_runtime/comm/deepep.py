@@ -385,9 +385,10 @@ class DeepEPDispatcher(Dispatcher):
         Low-latency: `low_latency_dispatch(return_recv_hook=True)` launches the send phase on the
         current stream; `.wait()` launches the receive phase (the hook); `after` is not used (the
         send is a kernel of the current stream). Normal: `get_dispatch_layout` and `dispatch` run on
-        DeepEP's communication stream after `after` (a `mark()`), or else after an event captured on
-        the current stream now (`previous_event`, `async_finish=True`, `allocate_on_comm_stream=True`;
-        DeepEP records the tensors it touches on both streams); `.wait()` makes the current stream
+        DeepEP's communication stream after `after` (a `mark()`; the inputs' fp8 cast and contiguous
+        copies then run on that stream too, after it), or else after an event captured on the
+        current stream once the inputs are prepared (`previous_event`, `async_finish=True`,
+        `allocate_on_comm_stream=True`; DeepEP records the tensors it touches on both streams); `.wait()` makes the current stream
         wait for the dispatch's event. The normal dispatch still blocks the host until its receive
         counts arrive (DeepEP's notify step, on the communication stream behind the transfers queued
         there), as the synchronous one does; see `dispatch_waits_behind_transfers`.
@@ -406,20 +407,23 @@ class DeepEPDispatcher(Dispatcher):
     def _dispatch_normal_async(self, x: torch.Tensor, routing: Routing, after: Any) -> PendingDispatch:
         buffer = self.owner.enter(Layout.NORMAL)
         if after is None:
-            x_in = self._normal_input(x)
-            after = self.deep_ep.Buffer.capture()
-        elif self.is_fp8:
-            # The fp8 cast must not queue behind the current stream's later work (the previous
-            # chunk's experts): it runs on the communication stream after `after`, ahead of the
-            # layout and the dispatch queued there next. `x` outlives it: the step's caller waits
-            # for the combines, which follow it on that stream.
-            with torch.cuda.stream(buffer.get_comm_stream()):
-                after.current_stream_wait()
-                x_in = self._normal_input(x)
+            x_in, ids, weights = self._normal_inputs(x, routing)
+            after = self.deep_ep.Buffer.capture()  # after the preparation's kernels
         else:
-            x_in = self._normal_input(x)  # bf16: x itself, no kernel
+            # The preparation (fp8 cast, contiguous copies of x and the routing) runs on the
+            # communication stream after `after`: on the current stream it would queue behind later
+            # work there (the previous chunk's experts), which the layout and the dispatch, ordered
+            # only after `after`, do not wait for. The sources are read on that stream, so they are
+            # recorded on it (the caller may free them once its own stream is past them).
+            comm = buffer.get_comm_stream()
+            with torch.cuda.stream(comm):
+                after.current_stream_wait()
+                x_in, ids, weights = self._normal_inputs(x, routing)
+            for t in (x, routing.topk_ids, routing.topk_weights):
+                if t.is_cuda:
+                    t.record_stream(comm)
         recv, recv_ids, recv_weights, num_list, deep_handle, ev = self._layout_and_dispatch(
-            buffer, x_in, routing, after=after
+            buffer, x_in, ids, weights, after=after
         )
         counts = _to_device(num_list, x.device)
 
@@ -481,18 +485,18 @@ class DeepEPDispatcher(Dispatcher):
 
     def _dispatch_normal(self, x: torch.Tensor, routing: Routing) -> tuple[DispatchedTokens, DispatchHandle]:
         buffer = self.owner.enter(Layout.NORMAL)
-        x_in = self._normal_input(x)
         last = self._last
         versions = (routing.topk_ids._version, routing.topk_weights._version)
         if last is not None and last.routing is routing and last.versions == versions:
             # Same routing object as the previous dispatch, its tensors unchanged: DeepEP's cached
             # mode reuses the layout (no layout kernel, no CPU wait for the receive count).
+            x_in = self._normal_input(x)
             recv, _, _, _, _, _ = buffer.dispatch(x_in, handle=last.handle, config=self.owner.dispatch_config)
             dispatched = _normal_received(recv, last.recv_topk_ids, last.recv_topk_weights, last.counts)
             deep_handle = last.handle
         else:
             recv, recv_ids, recv_weights, num_list, deep_handle, _ = self._layout_and_dispatch(
-                buffer, x_in, routing
+                buffer, *self._normal_inputs(x, routing)
             )
             dispatched = _normal_received(recv, recv_ids, recv_weights, _to_device(num_list, x.device))
             self._last = _CachedLayout(
@@ -514,12 +518,19 @@ class DeepEPDispatcher(Dispatcher):
             return per_token_group_quant_fp8(x, group_size=FP8_GROUP)
         return x.contiguous()
 
-    def _layout_and_dispatch(self, buffer: Any, x_in: Any, routing: Routing, *, after: Any = None) -> tuple:
-        """DeepEP's uncached normal dispatch: `get_dispatch_layout`, then `dispatch`; returns
-        dispatch's `(recv_x, recv_topk_idx, recv_topk_weights, counts list, handle, event)`.
-        With `after` (a DeepEP event): asynchronous, both on the communication stream, the layout
-        after `after`, the dispatch after the layout's event."""
-        ids = self._ids(routing)
+    def _normal_inputs(self, x: torch.Tensor, routing: Routing) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """`(payload, topk_idx, topk_weights)` as DeepEP's normal dispatch takes them (contiguous,
+        ids in `deep_ep.topk_idx_t`). May launch kernels (the fp8 cast, copies) on the current stream."""
+        return self._normal_input(x), self._ids(routing), routing.topk_weights.contiguous()
+
+    def _layout_and_dispatch(
+        self, buffer: Any, x_in: Any, ids: torch.Tensor, weights: torch.Tensor, *, after: Any = None
+    ) -> tuple:
+        """DeepEP's uncached normal dispatch of `_normal_inputs`: `get_dispatch_layout`, then
+        `dispatch`; returns dispatch's `(recv_x, recv_topk_idx, recv_topk_weights, counts list,
+        handle, event)`. With `after` (a DeepEP event, taken once the inputs are written):
+        asynchronous, both on the communication stream, the layout after `after`, the dispatch after
+        the layout's event."""
         asynchronous = after is not None
         on_comm = dict(async_finish=True, allocate_on_comm_stream=True) if asynchronous else {}
         first = dict(on_comm, previous_event=after) if asynchronous else {}
@@ -533,7 +544,7 @@ class DeepEPDispatcher(Dispatcher):
             is_token_in_rank=is_token_in_rank,
             num_tokens_per_expert=num_per_expert,
             topk_idx=ids,
-            topk_weights=routing.topk_weights.contiguous(),
+            topk_weights=weights,
             config=self.owner.dispatch_config,
             **(dict(on_comm, previous_event=ev) if asynchronous else {}),
         )

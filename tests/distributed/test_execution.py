@@ -436,11 +436,14 @@ class _Buffer:
     def get_dispatch_layout(
         self, ids, e, previous_event=None, async_finish=False, allocate_on_comm_stream=False
     ):
+        assert ids.is_contiguous(), "DeepEP asserts a contiguous topk_idx"
         ev = previous_event.name if previous_event is not None else None
         self.log.append(("layout", ev, async_finish, allocate_on_comm_stream))
         return None, None, None, None, _Event(self.log, "layout")
 
     def dispatch(self, x, previous_event=None, async_finish=False, allocate_on_comm_stream=False, **kw):
+        assert all(t.is_contiguous() for t in (*(x if isinstance(x, tuple) else (x,)), kw["topk_idx"]))
+        assert kw["topk_weights"].is_contiguous()
         t = self._tag()
         self.log.append(("dispatch", t, previous_event.name, async_finish, allocate_on_comm_stream))
         k, n = kw["topk_idx"].shape[1], (x[0] if isinstance(x, tuple) else x).shape[0]  # fp8: (e4m3, scales)
@@ -502,7 +505,8 @@ def test_deepep_async_calls_and_schedule_order(monkeypatch):
         group=None,
     )
     x = torch.randn(5, 2048).to(torch.bfloat16)
-    routing = Routing(torch.randint(0, 4, (5, 2)), torch.rand(5, 2))
+    # Non-contiguous routing (as the router's sorted top-k slices are): DeepEP gets contiguous copies.
+    routing = Routing(torch.randint(0, 4, (2, 5)).t(), torch.rand(2, 5).t())
     counts = torch.zeros(2, dtype=torch.int64)
 
     out = two_batch_round(layer, x, routing, counts)
@@ -527,18 +531,24 @@ def test_deepep_async_calls_and_schedule_order(monkeypatch):
     def dispatch(tag):
         return [("layout", "captured", True, True), ("dispatch", tag, "layout", True, True)]
 
+    # The inputs are prepared (copies, fp8 cast) on the comm stream after the mark.
+    on_comm = [("comm_stream",), ("wait", "captured")]
+
     # A mark when the inputs are ready; one dispatch at a time, each issued right after the previous
     # chunk's experts and before its combine, ordered after the mark (not after those experts).
     assert log == [
         ("capture",),  # the mark
+        *on_comm,
         *dispatch(3),
         ("wait", "dispatch3"),
         ("experts", 2),
+        *on_comm,
         *dispatch(4),
         ("capture",),
         ("combine", 3, True, True, True),
         ("wait", "dispatch4"),
         ("experts", 2),
+        *on_comm,
         *dispatch(5),
         ("capture",),
         ("combine", 4, True, True, True),
@@ -551,7 +561,7 @@ def test_deepep_async_calls_and_schedule_order(monkeypatch):
         ("wait", "combine5"),
     ], log
 
-    # Without a mark: an event captured at the call orders the layout.
+    # Without a mark: an event captured at the call, after the inputs' preparation, orders the layout.
     log.clear()
     disp[Layout.NORMAL].dispatch_async(x, routing).wait()
     assert log == [("capture",), *dispatch(6), ("wait", "dispatch6")], log
@@ -573,7 +583,6 @@ def test_deepep_async_calls_and_schedule_order(monkeypatch):
     monkeypatch.setattr(DeepEPDispatcher, "_normal_input", logged_input)
     log.clear()
     chunked_normal_step(layer, x, routing, 2, counts)
-    on_comm = [("comm_stream",), ("wait", "captured")]
     assert log[:13] == [
         ("capture",),
         *on_comm,
