@@ -191,8 +191,10 @@ class DeepEPBufferOwner:
         self._refs = 0
         self._last_layout: Layout | None = None
         self.low_latency_calls = 0
-        """Low-latency dispatch/combine calls issued from the host (eagerly or while capturing):
-        its parity says which of DeepEP's two low-latency buffers the next call uses."""
+        """Low-latency dispatch/combine calls DeepEP accepted from the host (eagerly or while
+        capturing): its parity says which of DeepEP's two low-latency buffers the next call uses."""
+        self._receive_outstanding = False
+        """A low-latency call issued with a receive hook whose hook has not run yet."""
 
     def acquire(self) -> DeepEPBufferOwner:
         if self.buffer is None:
@@ -214,12 +216,32 @@ class DeepEPBufferOwner:
         normal-mode work needs `clean_low_latency()` first."""
         if self.buffer is None:
             raise RuntimeError("the DeepEP buffer was destroyed (dispatcher closed)")
+        if self._receive_outstanding:
+            # DeepEP's next send would clear the signals the pending receive still waits for, and
+            # every rank would hang in it: refuse here, on the rank that broke the rule.
+            raise RuntimeError(
+                "a DeepEP call was issued while a low-latency receive was still pending: call .wait() "
+                "on the previous low-latency dispatch_async/combine_async result first"
+            )
         if is_dispatch and layout == Layout.LOW_LATENCY and self._last_layout == Layout.NORMAL:
             self.clean_low_latency()
         self._last_layout = layout
-        if layout == Layout.LOW_LATENCY:
-            self.low_latency_calls += 1  # DeepEP alternates its two low-latency buffers per call
         return self.buffer
+
+    def issued_low_latency(self, hook: Callable[[], None] | None) -> Callable[[], None] | None:
+        """Book a low-latency call DeepEP accepted (it flipped its buffer index; a call it refused
+        did not, so this runs after the call returns). With a receive `hook`, the call stays
+        outstanding until the returned wrapper of the hook runs."""
+        self.low_latency_calls += 1
+        if hook is None:
+            return None
+        self._receive_outstanding = True
+
+        def receive() -> None:
+            hook()
+            self._receive_outstanding = False
+
+        return receive
 
     def clean_low_latency(self) -> None:
         """Zero the low-latency signalling area (`Buffer.clean_low_latency_buffer`)."""
@@ -371,6 +393,7 @@ class DeepEPDispatcher(Dispatcher):
             handle.routing.topk_weights.contiguous(),
             handle.state,
         )
+        self.owner.issued_low_latency(None)
         return out
 
     dispatch_waits_behind_transfers = True  # the normal dispatch's host wait for its counts
@@ -464,9 +487,10 @@ class DeepEPDispatcher(Dispatcher):
             async_finish=False,
             return_recv_hook=True,
         )
+        receive = self.owner.issued_low_latency(hook)
 
         def finish_ll() -> torch.Tensor:
-            hook()
+            receive()
             return out
 
         return Pending(finish_ll)
@@ -594,6 +618,7 @@ class DeepEPDispatcher(Dispatcher):
             async_finish=False,
             return_recv_hook=return_recv_hook,
         )
+        hook = self.owner.issued_low_latency(hook if return_recv_hook else None)
 
         def result() -> tuple[DispatchedTokens, DispatchHandle]:
             recv_x, recv_scale = recv if isinstance(recv, tuple) else (recv, None)

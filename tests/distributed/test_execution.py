@@ -594,5 +594,27 @@ def test_deepep_async_calls_and_schedule_order(monkeypatch):
         ("quant", 2),
         *dispatch(2),
     ], log
+    # A second low-latency call before the first one's receive ran is refused on this rank (DeepEP
+    # would clear the signals the receive waits for and every rank would hang). Only calls DeepEP
+    # accepted flip the buffer parity.
+    ll, owner = disp[Layout.LOW_LATENCY], disp[Layout.LOW_LATENCY].owner
+    calls = owner.low_latency_calls
+    pending = ll.dispatch_async(x, routing)
+    with pytest.raises(RuntimeError, match="receive was still pending"):
+        ll.dispatch_async(x, routing)
+    with pytest.raises(RuntimeError, match="receive was still pending"):
+        disp[Layout.NORMAL].dispatch(x, routing)
+    d_ll, h_ll = pending.wait()
+    ll.combine(d_ll.x, h_ll)
+    assert owner.low_latency_calls == calls + 2
+
+    def refused(*args, **kwargs):
+        raise ValueError("refused by DeepEP's input checks")
+
+    owner.buffer.low_latency_dispatch = refused
+    with pytest.raises(ValueError, match="refused"):
+        ll.dispatch(x, routing)
+    assert owner.low_latency_calls == calls + 2
+
     for d in disp.values():
         d.close()
