@@ -42,6 +42,7 @@ case "$group" in
       tests/kernels/test_router_gemm.py tests/unit/test_resources.py
     step 120 python -m pytest -q -m gpu -rA tests/gpu/test_deepep_single_gpu.py
     step 120 python -m ep_runtime.cli run --config $cfg/h200x1-deepep-ll.yaml --report "$OUT/results/run-h200x1-deepep-ll.json"
+    step 60 python benchmarks/bench_router_topk.py --out-dir "$OUT/results"
     ;;
   k1-tune)  # one GPU: re-tune the kernel tables for this device (w4a8 also tries INT4_MAGIC)
     step 150 python benchmarks/bench_router_gemm.py --tune --quick --out-dir "$OUT/results"

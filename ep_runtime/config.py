@@ -326,6 +326,11 @@ class KernelsConfig(_Section):
     on when top_k > 2 and the scheme allows it."""
     router_gemm: Literal["auto", "cublas", "triton"] = "auto"
     """Router GEMM: `auto` picks per shape from the tuned table."""
+    router_topk: Literal["torch", "triton"] = "torch"
+    """Expert selection after the router GEMM: `torch` (scores, bias, grouped top-k, renormalise and
+    scale as separate torch operations) or `triton` (all of it in one kernel, for sigmoid scoring
+    with a power-of-two expert count; the same experts as `torch`, bit for bit on the GPU). `torch`
+    stays the default until the kernel is measured on a GPU."""
 
 
 class ExecutionConfig(_Section):
@@ -464,6 +469,7 @@ class RuntimePlan:
     experts_impl: str
     fused_topk_sum: bool
     router_gemm: str
+    router_topk: str
     fp8_bytes_transport: bool
     normal_above_tokens: int
 
@@ -645,6 +651,16 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
         )
     if par.device == "cpu" and cfg.kernels.router_gemm == "cublas":
         errs.append(("kernels.router_gemm", "'cublas' needs parallel.device 'cuda'; allowed on cpu: auto"))
+    if cfg.kernels.router_topk == "triton":
+        from ep_runtime.kernels.select_experts import supports
+
+        if par.device == "cpu":
+            errs.append(
+                ("kernels.router_topk", "'triton' needs parallel.device 'cuda'; allowed on cpu: torch")
+            )
+        ok, why = supports(m.scoring, m.num_experts, m.n_group, m.top_k)
+        if not ok:
+            errs.append(("kernels.router_topk", f"'triton' does not serve this model: {why}; allowed: torch"))
     # Explicit precisions against the policy.
     for layout in _layouts_for(d.mode):
         choice = getattr(d.precision, layout.value)
@@ -834,6 +850,7 @@ def resolve_plan(cfg: EPConfig) -> RuntimePlan:
         experts_impl=experts,
         fused_topk_sum=fused_on,
         router_gemm=cfg.kernels.router_gemm,
+        router_topk=cfg.kernels.router_topk,
         fp8_bytes_transport=d.fp8_transport == "bytes"
         or (d.fp8_transport == "auto" and par.resolved_dist_backend == "gloo"),
         normal_above_tokens=d.auto.normal_above_tokens or d.num_max_dispatch_tokens_per_rank,

@@ -153,7 +153,7 @@ class EPMoE(torch.nn.Module):
             )
         self._check_weights(weights)
         self.weights = weights
-        self.router = Router(model, weights.router, impl=plan.router_gemm)
+        self.router = Router(model, weights.router, impl=plan.router_gemm, topk_impl=plan.router_topk)
 
         experts_cls = get_experts(plan.experts_impl)
         for layout in plan.modes:

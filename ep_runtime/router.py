@@ -3,7 +3,8 @@
 Selection follows `ep_runtime.reference.reference_routing` operation for operation (scores, the
 correction bias for selection only, grouped top-k, stable descending sort so ties go to the lower
 index, renormalisation, routed scaling), so on equal logits the selected experts are identical and
-the weights agree to float32 rounding. Nothing here synchronises with the host.
+the weights agree to float32 rounding; so does the one-kernel selection (`kernels.router_topk:
+triton`, sigmoid scoring). Nothing here synchronises with the host.
 """
 
 from __future__ import annotations
@@ -36,11 +37,40 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor, impl: str = "auto"
     return _router_gemm_fn()(hidden, weight, out_dtype=torch.float32, impl=impl)
 
 
+ROUTER_TOPK_IMPLS = ("torch", "triton")
+
+
 def select_experts(
-    logits: torch.Tensor, model: ModelConfig, correction_bias: torch.Tensor | None = None
+    logits: torch.Tensor,
+    model: ModelConfig,
+    correction_bias: torch.Tensor | None = None,
+    impl: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`logits [T, E]` float32 -> `topk_ids [T, K]` int64 (best first), `topk_weights [T, K]` float32
-    (renormalised when `model.norm_topk_prob`, times `model.routed_scaling_factor`)."""
+    (renormalised when `model.norm_topk_prob`, times `model.routed_scaling_factor`).
+
+    `impl`: `torch` (the operations below) or `triton` (`kernels.select_experts`: one launch, the
+    same selection; sigmoid scoring only)."""
+    if impl not in ROUTER_TOPK_IMPLS:
+        raise ValueError(f"router_topk '{impl}' is unknown; allowed: {', '.join(ROUTER_TOPK_IMPLS)}")
+    if model.use_correction_bias and correction_bias is None:
+        raise ValueError("correction_bias is required when model.use_correction_bias is set")
+    if impl == "triton":
+        from ep_runtime.kernels.select_experts import select_experts_sigmoid
+
+        if model.scoring != "sigmoid":
+            raise ValueError(
+                f"router_topk 'triton' serves sigmoid scoring only, got '{model.scoring}'; allowed: torch"
+            )
+        return select_experts_sigmoid(
+            logits,
+            top_k=model.top_k,
+            correction_bias=correction_bias if model.use_correction_bias else None,
+            n_group=model.n_group,
+            topk_group=model.topk_group,
+            norm_topk_prob=model.norm_topk_prob,
+            routed_scaling_factor=model.routed_scaling_factor,
+        )
     num_tokens, num_experts = logits.shape
     if model.scoring == "softmax":
         scores = torch.softmax(logits, dim=-1)
@@ -48,8 +78,6 @@ def select_experts(
         scores = torch.sigmoid(logits)
     choice = scores
     if model.use_correction_bias:
-        if correction_bias is None:
-            raise ValueError("correction_bias is required when model.use_correction_bias is set")
         choice = scores + correction_bias.unsqueeze(0)
     if model.n_group is not None:
         num_groups = model.n_group
@@ -81,9 +109,12 @@ class Router(torch.nn.Module):
         model: the model section of the config (routing rules and shapes).
         weights: router weight `[E, D]` bfloat16 and optional correction bias `[E]` float32.
         impl: router GEMM implementation, `auto`, `cublas` or `triton`.
+        topk_impl: expert selection, `torch` or `triton` (see `select_experts`).
     """
 
-    def __init__(self, model: ModelConfig, weights: RouterWeights, impl: str = "auto"):
+    def __init__(
+        self, model: ModelConfig, weights: RouterWeights, impl: str = "auto", topk_impl: str = "torch"
+    ):
         super().__init__()
         e, d = model.num_experts, model.hidden_size
         if tuple(weights.weight.shape) != (e, d):
@@ -95,13 +126,16 @@ class Router(torch.nn.Module):
                 raise ValueError(f"correction_bias must be [{e}], got {tuple(weights.correction_bias.shape)}")
         if impl not in ROUTER_GEMM_IMPLS:
             raise ValueError(f"router_gemm '{impl}' is unknown; allowed: {', '.join(ROUTER_GEMM_IMPLS)}")
+        if topk_impl not in ROUTER_TOPK_IMPLS:
+            raise ValueError(f"router_topk '{topk_impl}' is unknown; allowed: {', '.join(ROUTER_TOPK_IMPLS)}")
         self.model = model
         self.impl = impl
+        self.topk_impl = topk_impl
         self.weight = weights.weight.to(torch.bfloat16)
         self.correction_bias = None if weights.correction_bias is None else weights.correction_bias.float()
 
     def forward(self, hidden: torch.Tensor) -> tuple[Routing, torch.Tensor]:
         """`hidden [T, D]` bfloat16 (float32 on CPU) -> (`Routing` with global ids, logits `[T, E]` fp32)."""
         logits = router_logits(hidden, self.weight, self.impl)
-        topk_ids, topk_weights = select_experts(logits, self.model, self.correction_bias)
+        topk_ids, topk_weights = select_experts(logits, self.model, self.correction_bias, self.topk_impl)
         return Routing(topk_ids=topk_ids, topk_weights=topk_weights), logits

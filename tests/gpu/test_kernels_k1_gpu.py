@@ -169,3 +169,21 @@ def test_masked_grouped_gemm_gpu(rng_seed, poisoned_empty, mode):
     ref = torch.einsum("lmk,lnk->lmn", a_ref, b_ref)
     _close(out, ref, counts.cpu(), 1e-2 if mode == "bf16a_fp8b" else 5e-3)
     _assert_not_written(out, counts.cpu())
+
+
+@pytest.mark.parametrize("T", [1, 128, 4096])
+def test_select_experts_sigmoid_bitwise_on_gpu(rng_seed, T):
+    """The one-kernel routing reproduces torch's CUDA sigmoid, so on fresh random logits (near-ties
+    included) it picks exactly the torch path's experts, with no host sync."""
+    from ep_runtime.config import ModelConfig
+    from ep_runtime.router import select_experts
+
+    m = ModelConfig(hidden_size=7168, moe_intermediate_size=2048, num_experts=256, top_k=8, scoring="sigmoid",
+                    n_group=8, topk_group=4, use_correction_bias=True, routed_scaling_factor=2.5)  # fmt: skip
+    logits = torch.randn(T, 256, device="cuda") * 2
+    bias = torch.randn(256, device="cuda") * 0.1
+    with _NoSync():
+        ids, w = select_experts(logits, m, bias, impl="triton")
+    tids, tw = select_experts(logits, m, bias, impl="torch")
+    assert torch.equal(ids, tids), f"{int((ids != tids).any(1).sum())} of {T} rows differ"
+    torch.testing.assert_close(w, tw, rtol=1e-6, atol=1e-7)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 
@@ -51,3 +52,15 @@ def _backend_rounding():
 def backend_bf16(x: torch.Tensor) -> torch.Tensor:
     """`x` rounded to bfloat16 the way this backend's Triton kernels round it."""
     return _backend_rounding()(x)
+
+
+def backend_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """float32 sigmoid as `kernels.select_experts` computes it on this backend: on the GPU it
+    reproduces torch's CUDA sigmoid (`1 / (1 + expf(-x))`), so this is `torch.sigmoid`; under the
+    interpreter its `exp` is numpy's, which can differ from torch's CPU `exp` in the last bit."""
+    from ep_runtime.kernels.select_experts import _INTERPRETED
+
+    if not _INTERPRETED:
+        return torch.sigmoid(x)
+    e = torch.from_numpy(np.exp(-x.detach().cpu().float().numpy())).to(x.device)
+    return 1.0 / (1.0 + e)

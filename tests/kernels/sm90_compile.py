@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 from ep_runtime.kernels import fused_moe as fm
 from ep_runtime.kernels import masked_grouped_gemm as mg
 from ep_runtime.kernels import router_gemm as rg
+from ep_runtime.kernels import select_experts as se
 
 # How Triton's launcher specialises the integer arguments of a real launch (DeepSeek-like shapes,
 # contiguous tensors): stride 1 becomes the constant 1, multiples of 16 carry `tt.divisibility`
@@ -37,6 +38,7 @@ SPECIALISED = {
     "_router_gemv_kernel": dict(
         ones=("stride_xd", "stride_wd", "stride_oe"), div16=("D", "stride_xt", "stride_we")
     ),
+    "_select_experts_kernel": dict(ones=("stride_le",), div16=("stride_lt",)),
     "_masked_gemm_kernel": dict(
         ones=("stride_ak", "stride_bk", "stride_on", "stride_bsk", "stride_osn"),
         div16=(
@@ -65,7 +67,8 @@ def compile_sm90(jit, ptr_types: dict[str, str], constexprs: dict, num_warps: in
     index = jit.arg_names.index
     cex = {(index(k),): v for k, v in constexprs.items()}
     cex.update({(index(k),): 1 for k in spec["ones"]})
-    attrs = {(index(k),): [["tt.divisibility", 16]] for k in (*ptr_types, *spec["div16"])}
+    pointers = [k for k, t in ptr_types.items() if t.startswith("*")]  # scalars may be typed here too
+    attrs = {(index(k),): [["tt.divisibility", 16]] for k in (*pointers, *spec["div16"])}
     src = ASTSource(fn=jit, signature=sig, constexprs=cex, attrs=attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
@@ -124,6 +127,18 @@ def cases():
     ce = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SCHEME=0, GATE_UP=True, MUL_WEIGHT=False,
               ATOMIC=False, UPCAST=False, EVEN_K=True, MERGE_GU=True, INT4_MAGIC=False)  # fmt: skip
     yield "fused-bf16-gate_up", fm._fused_moe_gemm_kernel, fused_ptrs(0, True), ce, 8, 4
+    select_ptrs = dict(
+        logits_ptr="*fp32", bias_ptr="*fp32", ids_ptr="*i64", weights_ptr="*fp32", scaling="fp32"
+    )
+    for name, E, K, groups in (
+        ("deepseek", 256, 8, (8, 4)),
+        ("e128-k8", 128, 8, None),
+        ("e8-k2", 8, 2, None),
+    ):
+        ce = dict(E=E, K=K, N_GROUP=groups[0] if groups else 0, TOPK_GROUP=groups[1] if groups else 0,
+                  HAS_BIAS=bool(groups), RENORM=True, LIBDEVICE_EXP=True, K_POW2=triton.next_power_of_2(K),
+                  BLOCK_T=se._block_t(E))  # fmt: skip
+        yield f"select-{name}", se._select_experts_kernel, select_ptrs, ce, 4, 1
 
 
 def table_cases():

@@ -67,3 +67,11 @@ def test_every_shipped_table_config_compiles_for_hopper(compiled):
         if bm is not None and bm >= 64:
             assert any("wgmma.mma_async" in m for m in r["mma"]), (name, r["mma"])
         assert r["mma"], (name, "no tensor-core instruction")
+
+
+def test_select_experts_compiles_without_spills(compiled):
+    """The one-kernel routing keeps its [BLOCK_T, E] tile in registers: no local-memory traffic."""
+    select = {name: r for name, r in compiled.items() if name.startswith("select-")}
+    assert len(select) == 3
+    for name, r in select.items():
+        assert r["ops"].get("STL", 0) == 0 and r["ops"].get("LDL", 0) == 0, (name, r["ops"])
