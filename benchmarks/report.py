@@ -33,6 +33,7 @@ REPRODUCE = {
     "router_gemm": "python benchmarks/bench_router_gemm.py --tune   # or: ep-launch bench kernels (1 GPU)",
     "fused_moe": "python benchmarks/bench_fused_moe.py --tune     # or: ep-launch bench kernels (1 GPU)",
     "masked_gemm": "python benchmarks/bench_masked_gemm.py --tune   # or: ep-launch bench kernels (1 GPU)",
+    "router_topk": "python benchmarks/bench_router_topk.py          # or: ep-launch bench kernels (1 GPU)",
     "dispatch": "python benchmarks/bench_dispatch.py              # or: ep-launch bench dispatch (2 GPUs)",
     "layer": "python benchmarks/bench_layer.py --backend deepep; python benchmarks/bench_layer.py --backend torch"
     "   # or: ep-launch bench layer (2 GPUs)",
@@ -46,7 +47,7 @@ REPRODUCE = {
 
 
 def _kind(what: str) -> str:
-    for k in ("router_gemm", "fused_moe", "masked_gemm", "dispatch", "layer", "step"):
+    for k in ("router_gemm", "router_topk", "fused_moe", "masked_gemm", "dispatch", "layer", "step"):
         if what == k or what.startswith(k + "-"):
             return k
     return what
@@ -188,6 +189,55 @@ def _router_gemm(doc: dict, out: Path) -> Section:
                 ("roofline us", "roofline_us"),
                 ("x cuBLAS", "speedup_auto_vs_cublas"),
                 ("frac roofline", "frac_roofline_auto"),
+            ],
+        )
+    )
+    return s
+
+
+def _router_topk(doc: dict, out: Path) -> Section:
+    s = Section("router_topk", doc)
+    rows = [r for r in doc["rows"] if "error" not in r]
+    plt = _plt()
+    routings = sorted({r["routing"] for r in rows})
+    fig, axes = plt.subplots(1, len(routings), figsize=(4.5 * len(routings), 3.8), squeeze=False)
+    for j, name in enumerate(routings):
+        rs = sorted((r for r in rows if r["routing"] == name), key=lambda r: r["T"])
+        t, ax = [r["T"] for r in rs], axes[0][j]
+        for key, style, label in (
+            ("graph_triton_us", "o-", "one kernel (graph)"),
+            ("graph_torch_us", "s--", "torch path (graph, baseline)"),
+            ("triton_us", "o:", "one kernel (eager)"),
+            ("torch_us", "s:", "torch path (eager)"),
+            ("roofline_us", "k-", "roofline (HBM)"),
+        ):
+            if any(r.get(key) is not None for r in rs):
+                ax.plot(t, [r.get(key) for r in rs], style, label=label)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="tokens",
+            ylabel="us",
+            title=f"{name} E={rs[0]['E']} K={rs[0]['K']}",
+        )
+        ax.legend(fontsize=7)
+    _title(
+        fig, "expert selection", doc, "one Triton kernel vs the torch path (same run), with the HBM roofline"
+    )
+    s.figures.append(_save(fig, out / "report-router_topk.png"))
+    s.md.append(
+        _table(
+            rows,
+            [
+                ("routing", "routing"),
+                ("T", "T"),
+                ("kernel us (graph)", "graph_triton_us"),
+                ("torch us (graph)", "graph_torch_us"),
+                ("x torch (graph)", "graph_speedup"),
+                ("kernel us (eager)", "triton_us"),
+                ("torch us (eager)", "torch_us"),
+                ("roofline us", "roofline_us"),
+                ("same experts", "same_experts"),
             ],
         )
     )
@@ -717,6 +767,7 @@ def switch_verdicts(rows: list[dict]) -> list[dict]:
 
 BUILDERS = {
     "router_gemm": _router_gemm,
+    "router_topk": _router_topk,
     "fused_moe": _fused_moe,
     "masked_gemm": _masked_gemm,
     "dispatch": _dispatch,
@@ -731,7 +782,7 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for what, doc in sorted(docs.items()):
         by_kind[_kind(what)].append(doc)
-    for kind in ("step", "layer", "dispatch", "fused_moe", "masked_gemm", "router_gemm"):
+    for kind in ("step", "layer", "dispatch", "fused_moe", "masked_gemm", "router_gemm", "router_topk"):
         if kind not in by_kind:
             notes.append(f"no `{kind}` results yet")
             continue
@@ -786,6 +837,7 @@ def write_doc(sections: list[Section], notes: list[str], doc_path: Path, link_ba
         "fused_moe": "Fused MoE experts (normal layout)",
         "masked_gemm": "Masked grouped GEMM (low-latency layout)",
         "router_gemm": "Router GEMM",
+        "router_topk": "Expert selection (router top-k)",
     }
     for s in sections:
         lines.append(f"## {titles.get(s.kind, s.kind)}\n")

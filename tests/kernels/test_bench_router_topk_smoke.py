@@ -32,3 +32,13 @@ def test_bench_router_topk_smoke(tmp_path):
     for r in rows:
         assert r["torch_us"] > 0 and r["triton_us"] > 0 and r["roofline_us"] > 0
         assert r["max_weight_diff"] < 1e-5, r
+
+    # The report builds its section from the writer's own format.
+    sys.path.insert(0, str(REPO))
+    from benchmarks import report
+
+    plots, md = tmp_path / "plots", tmp_path / "performance.md"
+    assert report.main(["--results", str(tmp_path), "--plots-dir", str(plots), "--doc", str(md)]) == 0
+    assert (plots / "report-router_topk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert "## Expert selection (router top-k)" in text and "python benchmarks/bench_router_topk.py" in text
