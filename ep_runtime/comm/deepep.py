@@ -411,10 +411,11 @@ class DeepEPDispatcher(Dispatcher):
         DeepEP's communication stream after `after` (a `mark()`; the inputs' fp8 cast and contiguous
         copies then run on that stream too, after it), or else after an event captured on the
         current stream once the inputs are prepared (`previous_event`, `async_finish=True`,
-        `allocate_on_comm_stream=True`; DeepEP records the tensors it touches on both streams); `.wait()` makes the current stream
-        wait for the dispatch's event. The normal dispatch still blocks the host until its receive
-        counts arrive (DeepEP's notify step, on the communication stream behind the transfers queued
-        there), as the synchronous one does; see `dispatch_waits_behind_transfers`.
+        `allocate_on_comm_stream=True`; DeepEP records the tensors it touches on both streams).
+        `.wait()` makes the current stream wait for the dispatch's event. The normal dispatch still
+        blocks the host until its receive counts arrive (DeepEP's notify step, on the communication
+        stream behind the transfers queued there), as the synchronous one does; see
+        `dispatch_waits_behind_transfers`.
         """
         self._check_dispatch_args(x, routing)
         if self.layout == Layout.NORMAL:
