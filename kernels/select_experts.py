@@ -169,6 +169,10 @@ def select_experts_sigmoid(
     """
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(f"logits must be [T, E] float32, got {tuple(logits.shape)} {logits.dtype}")
+    if not logits.is_cuda and not _INTERPRETED:
+        raise ValueError(
+            f"logits must be a CUDA tensor (or run under TRITON_INTERPRET=1), got {logits.device}"
+        )
     T, E = logits.shape
     if (n_group is None) != (topk_group is None):
         raise ValueError("n_group and topk_group must be given together (or both None)")
@@ -182,10 +186,13 @@ def select_experts_sigmoid(
     if not ok:
         raise ValueError(f"select_experts_sigmoid does not serve this shape: {why}")
     if correction_bias is not None and (
-        tuple(correction_bias.shape) != (E,) or correction_bias.dtype != torch.float32
+        tuple(correction_bias.shape) != (E,)
+        or correction_bias.dtype != torch.float32
+        or correction_bias.device != logits.device
     ):
         raise ValueError(
-            f"correction_bias must be [{E}] float32, got {tuple(correction_bias.shape)} {correction_bias.dtype}"
+            f"correction_bias must be [{E}] float32 on {logits.device}, got {tuple(correction_bias.shape)} "
+            f"{correction_bias.dtype} on {correction_bias.device}"
         )
     ids = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
     weights = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
