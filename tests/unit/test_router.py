@@ -98,3 +98,22 @@ def test_router_triton_gemm_interpreted(rng_seed):
     torch.testing.assert_close(logits, reference_router_logits(x, rw.weight), rtol=1e-4, atol=1e-4)
     rids, _ = reference_routing(logits, m)
     assert torch.equal(routing.topk_ids, rids)
+
+
+def test_router_one_kernel_selection_interpreted(rng_seed, monkeypatch):
+    """`Router(topk_impl="triton")` routes through the one-kernel selection (interpreted on CPU) and
+    picks the reference's experts; the references score with the kernel's exp (see
+    tests/kernels/test_select_experts.py)."""
+    from tests.kernels.rounding import backend_sigmoid
+
+    monkeypatch.setattr(torch, "sigmoid", backend_sigmoid)
+    m = ModelConfig(hidden_size=128, num_experts=32, top_k=4, moe_intermediate_size=32, seed=rng_seed,
+                    scoring="sigmoid", n_group=4, topk_group=2, use_correction_bias=True)  # fmt: skip
+    rw = synthetic_router(m, 0)
+    router = Router(m, rw, impl="torch", topk_impl="triton")
+    routing, logits = router(torch.randn(9, 128).bfloat16())
+    rids, rweights = reference_routing(logits, m, rw.correction_bias)
+    assert torch.equal(routing.topk_ids, rids)
+    torch.testing.assert_close(routing.topk_weights, rweights, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="router_topk 'fast' is unknown; allowed: torch, triton"):
+        Router(m, rw, topk_impl="fast")
