@@ -95,7 +95,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for r in rows:
         console.print(f"precision ({r['mode']}, {r['source']}): {r['rule']}", soft_wrap=True)
     console.print(
-        f"kernels: experts {plan.experts_impl}, router GEMM {plan.router_gemm}, fused top-k sum "
+        f"kernels: experts {plan.experts_impl}, router GEMM {plan.router_gemm}, expert selection "
+        f"{plan.router_topk}, fused top-k sum "
         f"{'on' if plan.fused_topk_sum else 'off'} (kernels.fused_topk_sum={cfg.kernels.fused_topk_sum}, K={m.top_k})"
     )
     return 0
