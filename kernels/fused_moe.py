@@ -39,7 +39,7 @@ from ep_runtime.kernels.quant import (
     per_token_group_dequant_fp8,
     per_token_group_quant_fp8,
 )
-from ep_runtime.kernels.tables import for_device
+from ep_runtime.kernels.tables import for_device, normalise
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -470,8 +470,7 @@ def device_key(device: torch.device | None = None) -> str:
     """Table key of a CUDA device ('h200', 'h100-80gb-hbm3', ...) or 'cpu'."""
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return "cpu"
-    name = torch.cuda.get_device_name(device)
-    return name.replace("NVIDIA ", "").replace(" ", "-").lower()
+    return normalise(torch.cuda.get_device_name(device))
 
 
 def shape_key(num_experts: int, inter: int, hidden: int, scheme: str) -> str:

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, int4_to_e4m3, round_to_e4m3_grid
-from .tables import for_device
+from .tables import for_device, sm_count
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -326,12 +326,6 @@ def _masked_amax_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
-def _device_facts(index: int) -> tuple[str, int]:
-    p = torch.cuda.get_device_properties(index)
-    return p.name, p.multi_processor_count
-
-
 @functools.lru_cache(maxsize=4)
 def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     """`{device name: {"<kind>": {"BLOCK_M":..., "BLOCK_N":..., "BLOCK_K":..., "num_warps":...,
@@ -409,7 +403,7 @@ def _launch(
         cfg["num_warps"] = max(cfg.get("num_warps", 4), 8)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_blocks = triton.cdiv(N, bn)
-    num_sms = _device_facts(a.device.index or 0)[1] if a.is_cuda else 8
+    num_sms = sm_count(a.device.index or 0) if a.is_cuda else 8
     # m-lanes per (expert, n-block): lanes past the valid blocks exit at once, but each still
     # costs a CTA launch; GRID_M in the config caps them (1 = one lane walks all valid blocks)
     lanes = cfg.get("GRID_M") or max(4, triton.cdiv(2 * num_sms, max(L * n_blocks, 1)))

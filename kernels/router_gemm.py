@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import for_device
+from .tables import for_device, sm_count
 
 IMPLS = ("auto", "cublas", "triton", "torch")
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "router_gemm.json"
@@ -174,11 +174,6 @@ def _router_gemv_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 @functools.lru_cache(maxsize=4)
 def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     """The selection table: `{device name: {"D,E": [{"max_t": int|null, "impl": ..., "config": {...}}]}}`
@@ -217,7 +212,7 @@ def select(T: int, D: int, E: int, device: torch.device) -> tuple[str, dict[str,
             if b.get("max_t") is None or T <= b["max_t"]:
                 return b["impl"], b.get("config")
     if T <= 64:
-        return "triton", heuristic_config(T, D, E, _sm_count(index))
+        return "triton", heuristic_config(T, D, E, sm_count(index))
     return "cublas", None
 
 
@@ -248,7 +243,7 @@ def _router_gemm_triton(
     T, D = x.shape
     E = weight.shape[0]
     if config is None:
-        num_sms = _sm_count(x.device.index or 0) if x.is_cuda else 132
+        num_sms = sm_count(x.device.index or 0) if x.is_cuda else 132
         config = heuristic_config(T, D, E, num_sms)
     bt, be, bk = config["BLOCK_T"], config["BLOCK_E"], config["BLOCK_K"]
     if config.get("KERNEL", "splitk") == "gemv":
