@@ -163,10 +163,7 @@ class EPMoE(torch.nn.Module):
                     f"kernels.experts '{plan.experts_impl}' cannot serve the {layout.value} layout: {reason}"
                 )
         self.experts = experts_cls(plan)
-        kwargs = (
-            {"comm": mpi_comm} if mpi_comm is not None and plan.config.dispatch.backend == "deepep" else {}
-        )
-        self.dispatchers = build_dispatchers(plan, group, shared=shared_comm, **kwargs)
+        self.dispatchers = build_dispatchers(plan, group, shared=shared_comm, mpi_comm=mpi_comm)
         self._pending: PendingTelemetry | None = None
         self._telemetry: StepTelemetry | None = None
         self.last_routing: Routing | None = None

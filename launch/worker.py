@@ -431,12 +431,7 @@ class RankWorker:
         # Fail before allocating (weights, DeepEP buffers) with advice on what to lower.
         check_memory(self.plan, device)
         # One communication state (DeepEP: one buffer) for all the layers of this process.
-        comm_kwargs = (
-            {"comm": self.mpi_comm}
-            if self.mpi_comm is not None and self.plan.config.dispatch.backend == "deepep"
-            else {}
-        )
-        self._shared_comm = build_shared_state(self.plan, dist.group.WORLD, **comm_kwargs)
+        self._shared_comm = build_shared_state(self.plan, dist.group.WORLD, mpi_comm=self.mpi_comm)
         base = self.plan.config.model.layer_index
         for i in range(self.plan.config.workload.num_layers):
             self._layers.append(

@@ -68,6 +68,9 @@ class Dispatcher(ABC):
 
     name: ClassVar[str]
     layouts: ClassVar[frozenset[Layout]]
+    takes_mpi_comm: ClassVar[bool] = False
+    """True when the backend can build its state from an `mpi4py.MPI.Comm` (constructor keyword
+    `comm`; DeepEP), which `build_dispatchers` / `build_shared_state` then pass on as `mpi_comm`."""
     call_parity: ClassVar[bool] = False
     """True when the backend alternates between two buffers on every low-latency call (DeepEP):
     a captured decode graph then needs an even number of eager low-latency calls between capture
@@ -200,20 +203,33 @@ def _plan_backend(plan: RuntimePlan) -> type[Dispatcher]:
     return cls
 
 
+def _comm_kwargs(cls: type[Dispatcher], mpi_comm: Any | None) -> dict[str, Any]:
+    return {"comm": mpi_comm} if mpi_comm is not None and cls.takes_mpi_comm else {}
+
+
 def build_dispatchers(
-    plan: RuntimePlan, group: dist.ProcessGroup | None = None, *, shared: Any | None = None, **kwargs: Any
+    plan: RuntimePlan,
+    group: dist.ProcessGroup | None = None,
+    *,
+    shared: Any | None = None,
+    mpi_comm: Any | None = None,
 ) -> dict[Layout, Dispatcher]:
     """The dispatchers a rank needs for `plan`, one per mode, after checking `supports` for each.
 
     Raises ValueError naming the backend, the mode and the reason when a mode cannot be served.
-    `shared`: from `build_shared_state` (one per process, for every layer); `kwargs` reach the
-    backend's constructor (DeepEP: `comm=` an `mpi4py.MPI.Comm`).
+    `shared`: from `build_shared_state` (one per process, for every layer). `mpi_comm`: an
+    `mpi4py.MPI.Comm` (launched under MPI) for a backend that builds its state from one (DeepEP);
+    other backends use `group`.
     """
-    return _plan_backend(plan).build_all(plan, group, shared=shared, **kwargs)
+    cls = _plan_backend(plan)
+    return cls.build_all(plan, group, shared=shared, **_comm_kwargs(cls, mpi_comm))
 
 
-def build_shared_state(plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any) -> Any:
+def build_shared_state(
+    plan: RuntimePlan, group: dist.ProcessGroup | None = None, *, mpi_comm: Any | None = None
+) -> Any:
     """What the layers of one process share for `plan`'s backend (see `Dispatcher.shared_state`),
     or None when the backend shares nothing. The caller holds one reference (`release()` it after
-    closing the layers)."""
-    return _plan_backend(plan).shared_state(plan, group, **kwargs)
+    closing the layers). `mpi_comm` as for `build_dispatchers`."""
+    cls = _plan_backend(plan)
+    return cls.shared_state(plan, group, **_comm_kwargs(cls, mpi_comm))

@@ -275,6 +275,7 @@ class DeepEPDispatcher(Dispatcher):
 
     name = "deepep"
     layouts = frozenset({Layout.NORMAL, Layout.LOW_LATENCY})
+    takes_mpi_comm = True  # `comm=`: the buffer can be built from an MPI communicator
     call_parity = True  # DeepEP flips its low-latency buffer index on every dispatch and combine
 
     def __init__(
