@@ -557,7 +557,9 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
                     f"({rpn}) DeepEP internode mode needs {DEEPEP_MAX_NVL_PEERS} ranks per node",
                 )
             )
-        if d.mode in ("normal", "auto") and par.nodes == 1 and par.ep_size not in (2, 4, 8):
+        layouts = _layouts_for(d.mode)
+        has_normal, has_ll = Layout.NORMAL in layouts, Layout.LOW_LATENCY in layouts
+        if has_normal and par.nodes == 1 and par.ep_size not in (2, 4, 8):
             errs.append(
                 (
                     "parallel.ep_size",
@@ -570,7 +572,6 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
                 ("model.hidden_size", f"({m.hidden_size}) DeepEP needs rows of a multiple of 16 bytes")
             )
         local = m.num_experts // par.ep_size if m.num_experts % par.ep_size == 0 else 0
-        has_normal, has_ll = d.mode in ("normal", "auto"), d.mode in ("low_latency", "auto")
         if has_normal:
             if local > DEEPEP_NORMAL_MAX_LOCAL_EXPERTS:
                 errs.append(
@@ -626,7 +627,7 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
                         "in the ranks' environment",
                     )
                 )
-        if d.mode in ("low_latency", "auto"):
+        if has_ll:
             if m.hidden_size not in DEEPEP_LOW_LATENCY_HIDDEN_SIZES:
                 errs.append(
                     (
