@@ -150,6 +150,12 @@ class Section:
         self.md: list[str] = []
 
 
+def _latency_axes(ax, title: str, xlabel: str = "tokens", legend_size: int = 7) -> None:
+    """A latency panel: log-log axes in microseconds, titled, with its legend."""
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="us", title=title)
+    ax.legend(fontsize=legend_size)
+
+
 def _router_gemm(doc: dict, out: Path) -> Section:
     s = Section("router_gemm", doc)
     rows = doc["rows"]
@@ -163,14 +169,7 @@ def _router_gemm(doc: dict, out: Path) -> Section:
         ax.plot(t, [r.get("auto_us") for r in rs], "o-", label="runtime (auto)")
         ax.plot(t, [r.get("cublas_us") for r in rs], "s--", label="cuBLAS (baseline)")
         ax.plot(t, [r.get("roofline_us") for r in rs], "k:", label="roofline (HBM)")
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="tokens",
-            ylabel="us",
-            title=f"{m} D={rs[0]['D']} E={rs[0]['E']}",
-        )
-        ax.legend(fontsize=7)
+        _latency_axes(ax, f"{m} D={rs[0]['D']} E={rs[0]['E']}")
         ax = axes[1][j]
         ax.plot(t, [r.get("frac_roofline_auto") for r in rs], "o-", label="fraction of HBM roofline")
         ax.set(xscale="log", xlabel="tokens", ylabel="fraction", ylim=(0, 1.1))
@@ -213,14 +212,7 @@ def _router_topk(doc: dict, out: Path) -> Section:
         ):
             if any(r.get(key) is not None for r in rs):
                 ax.plot(t, [r.get(key) for r in rs], style, label=label)
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="tokens",
-            ylabel="us",
-            title=f"{name} E={rs[0]['E']} K={rs[0]['K']}",
-        )
-        ax.legend(fontsize=7)
+        _latency_axes(ax, f"{name} E={rs[0]['E']} K={rs[0]['K']}")
     _title(
         fig, "expert selection", doc, "one Triton kernel vs the torch path (same run), with the HBM roofline"
     )
@@ -280,14 +272,7 @@ def _fused_moe(doc: dict, out: Path) -> Section:
             axes[1][j].plot(
                 t, [r.get("frac_mm") for r in sub], "s--", color=line.get_color(), label=f"{scheme} matmul"
             )
-        axes[0][j].set(
-            xscale="log",
-            yscale="log",
-            xlabel="tokens",
-            ylabel="us",
-            title=f"{shp}: L={r0['L']} D={r0['D']} I={r0['I']} K={r0['K']}",
-        )
-        axes[0][j].legend(fontsize=6)
+        _latency_axes(axes[0][j], f"{shp}: L={r0['L']} D={r0['D']} I={r0['I']} K={r0['K']}", legend_size=6)
         axes[1][j].set(xscale="log", xlabel="tokens", ylabel="fraction of peak", ylim=(0, 1.2))
         axes[1][j].legend(fontsize=6)
     bw = ceil.get("copy_bytes_per_s")
@@ -332,14 +317,9 @@ def _masked_gemm(doc: dict, out: Path) -> Section:
             axes[0][j].plot(x, [r.get("roofline_us") for r in sub], ":", color=line.get_color())
             axes[1][j].plot(x, [r.get("frac_hbm") for r in sub], "o-", color=line.get_color(), label=scheme)
         r0 = rs[0]
-        axes[0][j].set(
-            xscale="log",
-            yscale="log",
-            xlabel="rows per expert",
-            ylabel="us",
-            title=f"{m}: L={r0['L']} D={r0['D']} I={r0['I']}",
+        _latency_axes(
+            axes[0][j], f"{m}: L={r0['L']} D={r0['D']} I={r0['I']}", "rows per expert", legend_size=6
         )
-        axes[0][j].legend(fontsize=6)
         axes[1][j].set(xscale="log", xlabel="rows per expert", ylabel="fraction of HBM BW", ylim=(0, 1.2))
         axes[1][j].legend(fontsize=6)
     bw = doc.get("copy_bandwidth_Bps")
