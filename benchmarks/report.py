@@ -54,7 +54,8 @@ def _kind(what: str) -> str:
 
 
 def load_results(dirs: list[Path], include_smoke: bool = False) -> dict[str, dict[str, Any]]:
-    """Latest document per `what` (e.g. `layer-deepep`, `step`), each with `_path` set."""
+    """Latest document per `what` (e.g. `layer-deepep`, `step`) and device, keyed
+    `<what>@<device>`, each with `_path` set."""
     latest: dict[str, dict[str, Any]] = {}
     for d in dirs:
         for path in sorted(Path(d).glob("*.json")):
@@ -68,9 +69,10 @@ def load_results(dirs: list[Path], include_smoke: bool = False) -> dict[str, dic
             if "smoke" in what and not include_smoke:
                 continue
             doc["_path"] = str(path)
-            old = latest.get(what)
+            key = f"{what}@{_dev(doc).get('device', 'unknown')}"
+            old = latest.get(key)
             if old is None or str(doc.get("date", "")) >= str(old.get("date", "")):
-                latest[what] = doc
+                latest[key] = doc
     return latest
 
 
@@ -760,23 +762,56 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
     sections: list[Section] = []
     notes: list[str] = []
     by_kind: dict[str, list[dict]] = defaultdict(list)
-    for what, doc in sorted(docs.items()):
-        by_kind[_kind(what)].append(doc)
+    for _, doc in sorted(docs.items()):
+        by_kind[_kind(str(doc["what"]))].append(doc)
     for kind in ("step", "layer", "dispatch", "fused_moe", "masked_gemm", "router_gemm", "router_topk"):
         if kind not in by_kind:
             notes.append(f"no `{kind}` results yet")
             continue
         try:
             if kind == "layer":
-                sections.append(_layer(by_kind[kind], plots_dir))
+                first = _device_order(by_kind[kind])[0]
+                mine = [d for d in by_kind[kind] if _dev(d).get("device", "unknown") == first]
+                sections.append(_layer(mine, plots_dir))
             else:
-                newest = max(by_kind[kind], key=lambda d: str(d.get("date", "")))
-                sections.append(BUILDERS[kind](newest, plots_dir))
+                sections.extend(_per_device(kind, by_kind[kind], plots_dir))
         except Exception:  # noqa: BLE001 - one malformed file must not stop the report
             notes.append(
                 f"`{kind}`: could not be plotted ({traceback.format_exc().strip().splitlines()[-1]})"
             )
     return sections, notes
+
+
+def _device_order(docs: list[dict]) -> list[str]:
+    """Devices of `docs`, H200 first (the issues state their targets on it), then newest first."""
+    newest: dict[str, str] = {}
+    for d in docs:
+        name = str(_dev(d).get("device", "unknown"))
+        newest[name] = max(newest.get(name, ""), str(d.get("date", "")))
+    by_date = sorted(newest, key=lambda n: newest[n], reverse=True)
+    return sorted(by_date, key=lambda n: "H200" not in n)
+
+
+def _per_device(kind: str, docs: list[dict], plots_dir: Path) -> list[Section]:
+    """One section per device from its newest `<kind>` document (variants such as
+    `masked_gemm-inexact-fp8` are evidence files, not sections). The first device's figures keep
+    the plain names (`report-<kind>.png`); the others' get the device as a suffix."""
+    plain = [d for d in docs if d["what"] == kind] or docs
+    devices = _device_order(plain)
+    out: list[Section] = []
+    for i, dev in reversed(list(enumerate(devices))):  # the first device last: it keeps the plain names
+        mine = [d for d in plain if _dev(d).get("device", "unknown") == dev]
+        sec = BUILDERS[kind](max(mine, key=lambda d: str(d.get("date", ""))), plots_dir)
+        if i > 0:
+            slug = dev.replace("NVIDIA ", "").strip().replace(" ", "-").lower()
+            renamed = []
+            for f in sec.figures:
+                target = f.with_name(f"{f.stem}-{slug}{f.suffix}")
+                f.replace(target)
+                renamed.append(target)
+            sec.figures = renamed
+        out.insert(0, sec)
+    return out
 
 
 INTRO = """# Performance

@@ -2,7 +2,7 @@
 
 Each kernel family ships tables tuned per device (`kernels/configs/*.json`, keyed by device name).
 A device without its own table takes the table of another device of the same architecture when
-there is one: on Hopper (sm_90) the H100 and H200 share the tensor cores, the SM count and the
+there is one, and a device whose own table covers only some shapes takes the rest from there: on Hopper (sm_90) the H100 and H200 share the tensor cores, the SM count and the
 shared memory per SM, so block shapes tuned on one are good starting points on the other (the HBM
 bandwidth differs, so absolute times do not carry over). Otherwise the kernel's heuristic applies.
 A fallback is reported once per (table, device) with `warnings.warn`.
@@ -52,16 +52,47 @@ def device_table(
     return None, None
 
 
+def device_entries(
+    tables: Mapping[str, Any], name: str, capability: tuple[int, int] | None, what: str
+) -> dict[str, Any]:
+    """The entries device `name` uses: `device_table`'s, and where that is the device's own table
+    and a same-architecture device has one too, the latter's entries for the keys (shapes, kernel
+    kinds) the own table lacks (a tuning run that covered only some shapes leaves the rest tuned
+    on a sibling rather than on the heuristics). One warning per (table, device) when any is borrowed."""
+    key, table = device_table(tables, name, capability, what)
+    if not isinstance(table, Mapping):
+        return {}
+    merged = dict(table)
+    if normalise(key) != normalise(name):
+        return merged  # already a sibling's table (device_table warned)
+    others = {k: v for k, v in tables.items() if normalise(k) != normalise(name)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the sibling lookup's own warning is not the message here
+        donor_key, donor = device_table(others, name, capability, what)
+    if isinstance(donor, Mapping):
+        borrowed = sorted(k for k in donor if k not in merged)
+        for k in borrowed:
+            merged[k] = donor[k]
+        tag = (what + " entries", name)
+        if borrowed and tag not in _warned:
+            _warned.add(tag)
+            warnings.warn(
+                f"{what} table for {name} has no entry for {', '.join(borrowed)}; using the {donor_key} "
+                "entries for those. Tune this device with the benchmark's --tune to cover them.",
+                stacklevel=3,
+            )
+    return merged
+
+
 @functools.lru_cache(maxsize=64)
 def for_device(what: str, load: Callable[[str], Mapping[str, Any]], path: str, index: int) -> Any:
-    """The part of the table `load(path)` that CUDA device `index` uses (`device_table`), or `{}`;
+    """The part of the table `load(path)` that CUDA device `index` uses (`device_entries`), or `{}`;
     cached per (table, device), so the kernels' launch path pays for the lookup once."""
     import torch
 
-    _, table = device_table(
+    return device_entries(
         load(path), torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index), what
     )
-    return table or {}
 
 
 @functools.lru_cache(maxsize=16)

@@ -109,3 +109,12 @@ def test_config_switch_is_checked():
     base["parallel"]["device"] = "cpu"
     with pytest.raises(ConfigError, match=r"kernels.router_topk.*needs parallel.device 'cuda'"):
         resolve_plan(parse_config(base))
+    # auto (the default): the kernel on cuda where it serves the model, torch otherwise
+    del base["kernels"]
+    assert resolve_plan(parse_config(base)).router_topk == "torch"  # cpu
+    base["parallel"]["device"] = "cuda"
+    assert resolve_plan(parse_config(base)).router_topk == "triton"
+    base["model"]["num_experts"] = 24  # not a power of two: the kernel does not serve it
+    assert resolve_plan(parse_config(base)).router_topk == "torch"
+    base["model"].update(num_experts=32, scoring="softmax")
+    assert resolve_plan(parse_config(base)).router_topk == "torch"

@@ -79,3 +79,19 @@ def test_for_device_reads_the_device_once_and_falls_back(monkeypatch, tmp_path):
     again = tables.for_device("for_device test", load, str(path), 0)
     assert first == {"7168,256": "cfg"} and again is first and calls == [0]
     tables.for_device.cache_clear()
+
+
+def test_own_table_borrows_only_the_entries_it_lacks():
+    t = {
+        "NVIDIA H200": {"shape-a": "h200-a", "shape-b": "h200-b"},
+        "h100-80gb-hbm3": {"shape-a": "h100-a"},
+        "NVIDIA A100-SXM4-80GB": {"shape-c": "a100-c"},
+    }
+    with pytest.warns(UserWarning, match=r"no entry for shape-b; using the NVIDIA H200 entries"):
+        got = tables.device_entries(t, H100, (9, 0), "borrow test")
+    assert got == {"shape-a": "h100-a", "shape-b": "h200-b"}  # own wins; no cross-architecture entry
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing borrowed: no warning
+        assert tables.device_entries(t, "NVIDIA H200", (9, 0), "borrow test") == t["NVIDIA H200"]
+        assert tables.device_entries({"h100-80gb-hbm3": {"s": 1}}, H100, (9, 0), "borrow test 2") == {"s": 1}
+    assert tables.device_entries(t, "NVIDIA B200", (10, 0), "x") == {}
