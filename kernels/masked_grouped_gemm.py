@@ -9,8 +9,9 @@ and time grows with the valid rows, not with M. No host syncs: counts stay on th
 One `@triton.jit` kernel covers every operand format through compile-time modes:
 
 A (activations):  `bf16`; `fp8 + per-token-group-128 scales` dequantised to bf16 (bf16 weights);
-    `fp8 + group scales` with an fp8 dot (fp8_block); `bf16 -> fp8 per-token-group` quantised
-    in-kernel; `bf16 -> fp8 per-tensor` quantised in-kernel from a device amax (w4a8).
+    `fp8 + group scales` with an fp8 dot (fp8_block; bf16 x for fp8 weights is first quantised
+    per token group over its valid rows by `_masked_group_quant`); `bf16 -> fp8 per-tensor`
+    quantised in-kernel from a device amax (w4a8).
 B (weights):      `bf16`; `fp8 e4m3 + 128x128 block scales`; `int4 packed two per byte +
     per-(row, 128-group) scales`, unpacked in-kernel to exact e4m3 (values -8..7) for the fp8 dot.
 Epilogue:         plain store; gated `silu(gate) * up` (gate rows [0, I), up rows [I, 2I) of w13)
@@ -43,18 +44,10 @@ SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "masked_grouped_gemm.json"
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The in-kernel per-token-group quantisation of bf16 x (fp8_block weights behind a BF16 dispatch)
-# rounds exactly as torch does (`_quant_fp8`): measured on an H200 (masked_moe vs its reference,
-# 12 seeds, DeepSeek-V3/Qwen3 shapes), the plain cast and division there gave a 1.1-1.5% relative
-# (Frobenius) error against 0.4-0.5% for the same weights fed pre-quantised fp8 x, and exact
-# rounding brings it to 0.4-0.5%. Elsewhere exactness bought no accuracy and cost speed (the
-# intermediate's requantisation +7% at decode; the w4a8 per-tensor path 4.3x), so those keep the
-# plain cast (the interpreter, whose cast mis-rounds, is exact everywhere). A switch only so that
-# `benchmarks/bench_masked_gemm.py --inexact-fp8` can measure the cost.
-_EXACT_FP8 = True
 
-# A modes
-A_BF16, A_FP8G_DEQ, A_FP8G, A_BF16_QG, A_BF16_QT = 0, 1, 2, 3, 4
+# A modes (3 is retired: bf16 x for fp8 weights is quantised by `_masked_group_quant` first, see
+# there; the numbers stay, the tuned tables' kind names carry them)
+A_BF16, A_FP8G_DEQ, A_FP8G, A_BF16_QT = 0, 1, 2, 4
 # B modes
 B_BF16, B_FP8_BLOCK, B_INT4 = 0, 1, 2
 # epilogue modes
@@ -65,10 +58,9 @@ OUT_PLAIN, OUT_FP8G, OUT_AMAX = 0, 1, 2
 def _quant_fp8(v, scale, EXACT: tl.constexpr):
     """fp32 `v / scale`, clamped to +-448 -> float8e4nv, rounded to nearest even.
 
-    EXACT: an IEEE division and rounding to the e4m3 grid in exact fp32 arithmetic before the cast
-    (`quant.round_to_e4m3_grid`), as torch and `quant.per_token_group_quant_fp8` do (the
-    interpreter's own cast mis-rounds; on the GPU see `_EXACT_FP8`). Without EXACT: `/` (an
-    approximate division) and the plain cast."""
+    EXACT (the interpreter, whose own cast mis-rounds): an IEEE division and rounding to the e4m3
+    grid in exact fp32 arithmetic before the cast (`quant.round_to_e4m3_grid`). On the GPU: `/` and
+    the plain cast (round to nearest even)."""
     if EXACT:
         return round_to_e4m3_grid(tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0)).to(tl.float8e4nv)
     else:
@@ -148,7 +140,6 @@ def _masked_gemm_kernel(
     GROUP_K: tl.constexpr,
     UPCAST: tl.constexpr,
     INT4_MAGIC: tl.constexpr,
-    EXACT_FP8: tl.constexpr,
 ):
     """Program (m-lane, n-block, expert e) computes out[e, m-blocks, n-block] for the valid m-blocks
     m-lane, m-lane + GRID_M, ... of expert e (none when counts[e] == 0)."""
@@ -219,8 +210,8 @@ def _masked_gemm_kernel(
                 )
                 a_even, a_odd = tl.split(tl.reshape(a_full.to(tl.float32), (BLOCK_M, BLOCK_K // 2, 2)))
                 # A_MODE 4: per-tensor quant in-kernel
-                a_even = _quant_fp8(a_even, a_tensor_scale, EXACT_FP8)
-                a_odd = _quant_fp8(a_odd, a_tensor_scale, EXACT_FP8)
+                a_even = _quant_fp8(a_even, a_tensor_scale, UPCAST)
+                a_odd = _quant_fp8(a_odd, a_tensor_scale, UPCAST)
                 part = tl.dot(a_even, b0) + tl.dot(a_odd, b1)
                 acc += part * bs[None, :]
                 if GATED:
@@ -243,12 +234,8 @@ def _masked_gemm_kernel(
                     )
                 if A_MODE == 1:
                     a = (a.to(tl.float32) * a_s[:, None]).to(tl.bfloat16)
-                if A_MODE == 3:
-                    af = a.to(tl.float32)
-                    a_s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10), 448.0)
-                    a = _quant_fp8(af, a_s[:, None], EXACT_FP8)
                 if A_MODE == 4:
-                    a = _quant_fp8(a.to(tl.float32), a_tensor_scale, EXACT_FP8)
+                    a = _quant_fp8(a.to(tl.float32), a_tensor_scale, UPCAST)
                 if UPCAST and (A_MODE == 0 or A_MODE == 1):
                     a = a.to(tl.float32)
                     b0 = b0.to(tl.float32)
@@ -284,7 +271,7 @@ def _masked_gemm_kernel(
             # per-token-group requant: this block is exactly one 128-channel group of the row
             h = tl.where(mask_n[None, :], h, 0.0)
             h_s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10), 448.0)
-            q = _quant_fp8(h, h_s[:, None], EXACT_FP8)
+            q = _quant_fp8(h, h_s[:, None], UPCAST)
             tl.store(out_ptrs, q, mask=mask_o)
             tl.store(
                 out_scale_ptr + e.to(tl.int64) * stride_osl + offs_m * stride_osm + pid_n * stride_osn,
@@ -356,7 +343,7 @@ def _kind(a_mode: int, b_mode: int, gated: bool) -> str:
 
 def heuristic_config(a_mode: int, b_mode: int, gated: bool, M: int) -> dict[str, int]:
     """Decode-oriented default: 64-row blocks (wgmma's native M), 128-wide K (one scale group)."""
-    quantised = a_mode in (A_FP8G, A_BF16_QG, A_BF16_QT) or b_mode != B_BF16
+    quantised = a_mode in (A_FP8G, A_BF16_QT) or b_mode != B_BF16
     return {
         "BLOCK_M": 64 if M > 16 else 16,
         "BLOCK_N": 128 if quantised else 64,
@@ -407,7 +394,7 @@ def _launch(
     if L == 0 or M == 0 or N == 0:
         return
     cfg = _pick_config(a_mode, b_mode, gated, M, a.device, config)
-    quantised = a_mode in (A_FP8G_DEQ, A_FP8G, A_BF16_QG, A_BF16_QT) or b_mode != B_BF16
+    quantised = a_mode in (A_FP8G_DEQ, A_FP8G, A_BF16_QT) or b_mode != B_BF16
     if quantised and cfg["BLOCK_K"] != GROUP:
         cfg["BLOCK_K"] = GROUP  # scales are per 128 channels of K: one group per K step
     if out_mode == OUT_FP8G and cfg["BLOCK_N"] != GROUP:
@@ -458,10 +445,74 @@ def _launch(
         GROUP_K=GROUP,
         UPCAST=_INTERPRET,
         INT4_MAGIC=bool(cfg.get("INT4_MAGIC", 0)) and b_mode == B_INT4,
-        EXACT_FP8=_INTERPRET or (_EXACT_FP8 and a_mode == A_BF16_QG),
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
+
+
+@triton.jit
+def _masked_group_quant_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    counts_ptr,
+    M,
+    stride_xl,
+    stride_xm,
+    stride_xd,
+    stride_ql,
+    stride_qm,
+    stride_qd,
+    stride_sl,
+    stride_sm,
+    stride_sg,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+):
+    """Per-token-group e4m3 quantisation of the valid rows (< counts[e]) of x [L, M, D]: program
+    (group g, expert e) walks its rows; rows past the count are neither read nor written. Rounds
+    as `quant.per_token_group_quant_fp8` does (IEEE divisions, exact rounding to the e4m3 grid)."""
+    g = tl.program_id(0)
+    e = tl.program_id(1)
+    count = tl.minimum(tl.load(counts_ptr + e), M)
+    offs_d = g * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
+    x_base = x_ptr + e.to(tl.int64) * stride_xl
+    q_base = q_ptr + e.to(tl.int64) * stride_ql
+    s_base = s_ptr + e.to(tl.int64) * stride_sl + g * stride_sg
+    for m0 in range(0, count, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = offs_m < count
+        x = tl.load(
+            x_base + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd, mask=mask[:, None], other=0.0
+        ).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS), 448.0)
+        q = round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0))
+        tl.store(
+            q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            q.to(q_ptr.dtype.element_ty),
+            mask=mask[:, None],
+        )
+        tl.store(s_base + offs_m * stride_sm, scale, mask=mask)
+
+
+def _masked_group_quant(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 x [L, M, D] -> (e4m3 [L, M, D], fp32 scales [L, M, D/128] column-major, as DeepEP's
+    low-latency FP8 dispatch delivers them), valid rows only (the rest is left unwritten).
+
+    Why a pass of its own rather than quantising inside the GEMM's K loop, as this file once did:
+    every N-block program re-quantised the same x tile there, and on an H200 (DeepSeek-V3 decode
+    shapes) that loop cost 3.7x the GEMM once it rounded exactly as the reference does, while
+    without exact rounding the kernel-vs-reference error was 2-3x that of pre-quantised fp8 x."""
+    L, M, D = x.shape
+    q = torch.empty((L, M, D), dtype=FP8_DTYPE, device=x.device)
+    scales = torch.empty((L, D // GROUP, M), dtype=torch.float32, device=x.device).transpose(1, 2)
+    if L and M and D:
+        _masked_group_quant_kernel[(D // GROUP, L)](
+            x, q, scales, counts, M, *x.stride(), *q.stride(), *scales.stride(),
+            EPS=SCALE_EPS, BLOCK_M=32, GROUP_SIZE=GROUP, num_warps=4,
+        )  # fmt: skip
+    return q, scales
 
 
 def _masked_amax(x: torch.Tensor, counts: torch.Tensor, amax: torch.Tensor) -> None:
@@ -531,7 +582,7 @@ def masked_grouped_gemm(
             strides, e.g. DeepEP's column-major view). Rows >= counts[e] are never read.
         b: `[L, N, K]` bfloat16, or float8_e4m3fn with `b_scale` `[L, ceil(N/128), ceil(K/128)]`
             float32 (`quantize_fp8_block`). fp8 `a` with bf16 `b` is dequantised to bf16 in-kernel;
-            bf16 `a` with fp8 `b` is quantised per-token-group-128 in-kernel.
+            bf16 `a` with fp8 `b` is quantised per-token-group-128 first (valid rows only).
         counts: `[L]` int32 valid rows per expert, on a's device (values above M act as M).
         out_dtype: bfloat16 or float32.
         config: block config override (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
@@ -560,10 +611,12 @@ def masked_grouped_gemm(
         _check_group_scale("a_scale", a_scale, (L, M, K // GROUP))
     if b.dtype == FP8_DTYPE:
         _check_group_scale("b_scale", b_scale, (L, triton.cdiv(N, GROUP), K // GROUP))
+    if a.dtype != FP8_DTYPE and b.dtype == FP8_DTYPE:
+        a, a_scale = _masked_group_quant(a, counts)  # bf16 a for fp8 b: quantised per token group first
     if a.dtype == FP8_DTYPE:
         a_mode = A_FP8G if b.dtype == FP8_DTYPE else A_FP8G_DEQ
     else:
-        a_mode = A_BF16_QG if b.dtype == FP8_DTYPE else A_BF16
+        a_mode = A_BF16
     b_mode = B_FP8_BLOCK if b.dtype == FP8_DTYPE else B_BF16
     out = torch.empty((L, M, N), dtype=out_dtype, device=a.device)
     _launch(
@@ -611,7 +664,7 @@ def masked_moe(
         scheme: `bf16` | `fp8_block` | `w4a8`.
             - bf16: bf16 dots; fp8 x is dequantised to bf16 in-kernel.
             - fp8_block: fp8 dots with per-token-group-128 activation scales (from x_scale, or
-              quantised in-kernel from bf16 x) times 128x128 weight-block scales; the intermediate
+              quantised from bf16 x over its valid rows first) times 128x128 weight-block scales; the intermediate
               is requantised per-token-group-128 (from its fp32 value) in the gate_up epilogue.
             - w4a8: x must be bf16; it is quantised per-tensor to e4m3 in-kernel with scale =
               max(amax over the valid rows of x, 1e-10) / 448 computed on device; int4 weights are
@@ -681,9 +734,10 @@ def masked_moe(
         _check_group_scale("w2_scale", w2_scale, (L, D // GROUP, I // GROUP))
         h_q = torch.empty((L, M, I), dtype=FP8_DTYPE, device=x.device)
         h_s = torch.empty((L, M, I // GROUP), dtype=torch.float32, device=x.device)
-        a_mode = A_FP8G if x.dtype == FP8_DTYPE else A_BF16_QG
-        _launch(x, x_scale if x.dtype == FP8_DTYPE else None, w13, w13_scale, h_q, h_s, counts, N=I, K=D,
-                a_mode=a_mode, b_mode=B_FP8_BLOCK, out_mode=OUT_FP8G, gated=True, up_offset=I, config=cfg1)  # fmt: skip
+        if x.dtype != FP8_DTYPE:
+            x, x_scale = _masked_group_quant(x, counts)  # as DeepEP's FP8 dispatch would have delivered it
+        _launch(x, x_scale, w13, w13_scale, h_q, h_s, counts, N=I, K=D,
+                a_mode=A_FP8G, b_mode=B_FP8_BLOCK, out_mode=OUT_FP8G, gated=True, up_offset=I, config=cfg1)  # fmt: skip
         _launch(h_q, h_s, w2, w2_scale, out, None, counts, N=D, K=I,
                 a_mode=A_FP8G, b_mode=B_FP8_BLOCK, out_mode=OUT_PLAIN, gated=False, config=cfg2)  # fmt: skip
         return out

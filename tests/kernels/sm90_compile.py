@@ -215,9 +215,7 @@ def table_cases():
                 if gated
                 else mg.OUT_PLAIN
             )
-            quantised = (
-                a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G, mg.A_BF16_QG, mg.A_BF16_QT) or b_mode != mg.B_BF16
-            )
+            quantised = a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G, mg.A_BF16_QT) or b_mode != mg.B_BF16
             block_n, warps = cfg["BLOCK_N"], cfg.get("num_warps", 4)
             if out_mode == mg.OUT_FP8G:  # as `_launch` forces it
                 block_n, warps = mg.GROUP, max(warps, 8)

@@ -149,7 +149,7 @@ def test_masked_moe_w4a8(rng_seed, poisoned_empty):
     assert torch.equal(magic[valid], plain[valid])
 
 
-@pytest.mark.parametrize("mode", ["bf16", "fp8a_bf16b", "fp8a_fp8b"])
+@pytest.mark.parametrize("mode", ["bf16", "fp8a_bf16b", "fp8a_fp8b", "bf16a_fp8b"])
 def test_masked_grouped_gemm(rng_seed, poisoned_empty, mode):
     L, M, K, N = 3, 24, 256, 72
     counts = torch.tensor([7, 0, 24], dtype=torch.int32, device=DEVICE)
@@ -157,17 +157,19 @@ def test_masked_grouped_gemm(rng_seed, poisoned_empty, mode):
     b = (torch.randn(L, N, K) * 0.1).to(torch.bfloat16).to(DEVICE)
     a_scale = b_scale = None
     a_ref, b_ref = a.float(), b.float()
-    if mode != "bf16":
+    if mode.startswith("fp8a"):
         a, a_scale = per_token_group_quant_fp8(a, 128)
         # The kernel dequantises a to bf16 before the dot; the reference rounds the same way
         # (backend_bf16: the interpreter truncates where the GPU rounds to nearest).
         a_ref = backend_bf16(per_token_group_dequant_fp8(a, a_scale, 128, out_dtype=torch.float32)).float()
-    if mode == "fp8a_fp8b":
+    if mode.endswith("fp8b"):
         from ep_runtime.kernels.quant import dequantize_fp8_block
 
         b, b_scale = quantize_fp8_block(b)
         b_ref = dequantize_fp8_block(b, b_scale)
-        a_ref = per_token_group_dequant_fp8(a, a_scale, 128, out_dtype=torch.float32)
+        # bf16 a is quantised per token group first, exactly as per_token_group_quant_fp8 does
+        aq, aq_scale = (a, a_scale) if mode == "fp8a_fp8b" else per_token_group_quant_fp8(a, 128)
+        a_ref = per_token_group_dequant_fp8(aq, aq_scale, 128, out_dtype=torch.float32)
     a = _poison_rows(a, counts)
     out = masked_grouped_gemm(a, b, counts, a_scale=a_scale, b_scale=b_scale, out_dtype=torch.float32)
     ref = torch.einsum("lmk,lnk->lmn", a_ref.cpu().double(), b_ref.cpu().double())
@@ -216,3 +218,24 @@ def test_masked_grouped_gemm_lanes_loop(rng_seed, poisoned_empty):
     ref = torch.einsum("lmk,lnk->lmn", torch.nan_to_num(a.double().cpu()), b.double().cpu())
     _close(out, ref, counts.cpu(), 1e-3)
     _assert_not_written(out, counts.cpu())
+
+
+def test_masked_group_quant_matches_the_quantiser_on_valid_rows_only(rng_seed, poisoned_empty):
+    """The pass that quantises bf16 x for fp8 weights (masked_moe fp8_block, masked_grouped_gemm
+    bf16 a with fp8 b): bit for bit `per_token_group_quant_fp8` on the valid rows, scales laid out
+    column-major as DeepEP delivers them, and rows >= counts[e] neither read (NaN there) nor written."""
+    from ep_runtime.kernels.masked_grouped_gemm import _masked_group_quant
+
+    L, M, D = 3, 40, 384
+    counts = torch.tensor([0, 40, 33], dtype=torch.int32, device=DEVICE)
+    x = torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE) * torch.logspace(-3, 2, M)[None, :, None].to(
+        DEVICE
+    )
+    x = _poison_rows(x, counts.cpu())
+    q, scales = _masked_group_quant(x, counts)
+    assert q.dtype == FP8_DTYPE and scales.shape == (L, M, D // 128) and scales.stride(1) == 1
+    for e, c in enumerate(counts.tolist()):
+        want_q, want_s = per_token_group_quant_fp8(x[e, :c].float(), 128)
+        assert torch.equal(q[e, :c].view(torch.uint8), want_q.view(torch.uint8)), f"expert {e}: values"
+        assert torch.equal(scales[e, :c], want_s), f"expert {e}: scales"
+        assert bool((q[e, c:].view(torch.uint8) == 0x7F).all()) and bool(scales[e, c:].isnan().all())
