@@ -838,7 +838,7 @@ What the overlap switches cost: decode and small prefill are bound by expert-wei
 expert hit in both micro-batches (or in several chunks) has its weights read once per micro-batch
 or chunk. Splitting a step therefore adds up to one more pass over the touched weights, which only
 pays where the hidden communication is larger than that (across nodes over RDMA, say). In the
-one-GPU measurements below, raw DeepEP dispatch + combine takes 38-71 us against 1-5 ms of expert
+one-GPU measurements below, raw DeepEP dispatch + combine takes 40-75 us against 1-5 ms of expert
 time, so the switches lose there and stay off by default; the 2-GPU (NVLink) measurement is to come.
 """
 
