@@ -826,13 +826,14 @@ dispatch+combine) for decode (16/64/128 tokens per rank, low-latency), <= 1.20 x
 (1024/4096/8192 tokens per rank, normal). The floor is the larger of expert-weight bytes touched / HBM
 bandwidth and expert FLOPs / matmul rate, for the routing the step actually had.
 
-Execution switches (`execution` section, defaults off until measured): `cuda_graph_decode` (the whole
-low-latency step replayed from a CUDA graph, no host sync, no mode all-reduce), `decode_two_batch`
+Execution switches (`execution` section, defaults chosen by these measurements): `cuda_graph_decode`
+(the whole low-latency step replayed from a CUDA graph, no host sync, no mode all-reduce; default
+`auto`, on with the DeepEP backend on cuda, where it wins in every decode case below), `decode_two_batch`
 (two micro-batches, DeepEP `return_recv_hook` / async all-to-all), `prefill_chunks` (chunked normal
 step, communication of one chunk overlapping the experts of another). `bench_step.py` measures each
-on and off. Stage times of overlapped variants are CUDA-event intervals in issue order on the compute
-stream (communication running under another stage's compute is not shown separately); a graph step
-reports one `graph` stage.
+on and off (the last two stay off: see below). Stage times of overlapped variants are CUDA-event
+intervals in issue order on the compute stream (communication running under another stage's compute
+is not shown separately); a graph step reports one `graph` stage.
 
 What the overlap switches cost: decode and small prefill are bound by expert-weight reads, and an
 expert hit in both micro-batches (or in several chunks) has its weights read once per micro-batch
@@ -840,6 +841,12 @@ or chunk. Splitting a step therefore adds up to one more pass over the touched w
 pays where the hidden communication is larger than that (across nodes over RDMA, say). In the
 one-GPU measurements below, raw DeepEP dispatch + combine takes 40-75 us against 1-5 ms of expert
 time, so the switches lose there and stay off by default; the 2-GPU (NVLink) measurement is to come.
+
+Eager columns (`*_us` without `graph`) on these machines measure the host as much as the GPU: on the
+H100 machine's host, enqueueing one `torch.mm` took 22-30 us, one Triton launch through its Python
+launcher 27-31 us (8-9 us through the compiled kernel's own `run`), and one `torch.empty` 7 us, so any
+kernel shorter than that is host-bound when launched eagerly. The CUDA-graph columns are the kernels'
+own times, and with DeepEP the runtime's decode step is replayed from a graph by default.
 """
 
 

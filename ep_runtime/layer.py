@@ -169,8 +169,8 @@ class EPMoE(torch.nn.Module):
         self.last_routing: Routing | None = None
         """The last step's router decision (global expert ids), for verification."""
         self._closed = False
-        self.execution: ExecutionConfig = plan.config.execution
-        """The execution switches in force (the file's; `set_execution` changes them)."""
+        self.execution: ExecutionConfig = plan.execution
+        """The execution switches in force (the file's, `auto` resolved; `set_execution` changes them)."""
         self.graph_runner: DecodeGraphRunner | None = None
         """Replays low-latency decode steps from CUDA graphs (`execution.cuda_graph_decode`)."""
         if self.execution.cuda_graph_decode:

@@ -407,3 +407,34 @@ def test_graph_decode_and_a_lower_normal_threshold_disagree():
     assert any(p == "execution.cuda_graph_decode" and "normal_above_tokens (64)" in m for p, m in errs), errs
     doc["dispatch"]["auto"]["normal_above_tokens"] = 128
     assert parse_config(doc).execution.cuda_graph_decode
+
+
+def test_graph_decode_auto_resolves_by_backend_device_and_mode():
+    """`execution.cuda_graph_decode: auto` (the default): on for DeepEP on cuda where low-latency steps
+    run and stay low-latency; off on cpu, with the torch backend, in normal mode, or where auto mode
+    sends some T <= C to normal mode. An explicit value is kept (and checked)."""
+    base = {"model": {"hidden_size": 2048, "num_experts": 8, "top_k": 2, "moe_intermediate_size": 256},
+            "parallel": {"ep_size": 2, "device": "cuda"},
+            "dispatch": {"backend": "deepep", "num_max_dispatch_tokens_per_rank": 64}}  # fmt: skip
+
+    def graphs(**changes) -> bool:
+        doc = copy.deepcopy(base)
+        for section, values in changes.items():
+            doc[section] = {**doc.get(section, {}), **values}
+        plan = resolve_plan(parse_config(doc))
+        assert plan.config.execution.cuda_graph_decode == doc.get("execution", {}).get(
+            "cuda_graph_decode", "auto"
+        )
+        return plan.execution.cuda_graph_decode
+
+    assert graphs() is True
+    assert graphs(dispatch={"mode": "low_latency"}) is True
+    assert graphs(dispatch={"mode": "normal"}) is False
+    assert graphs(dispatch={"backend": "torch"}) is False
+    assert graphs(parallel={"device": "cpu"}, dispatch={"backend": "torch"}) is False
+    assert graphs(dispatch={"auto": {"normal_above_tokens": 32}}) is False  # T in (32, 64] goes normal
+    assert graphs(dispatch={"check_conservation": True}) is False  # debug runs keep their checks
+    assert graphs(dispatch={"backend": "torch"}, execution={"cuda_graph_decode": True}) is True
+    assert graphs(execution={"cuda_graph_decode": False}) is False
+    with pytest.raises(ConfigError, match="execution.cuda_graph_decode"):
+        graphs(dispatch={"mode": "normal"}, execution={"cuda_graph_decode": True})
