@@ -6,13 +6,16 @@
 #
 #   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-tune | x2-comm | x2-layer | x2-step | x2-run
 #
-# Every command runs under its own `timeout`, its output goes to $OUT/<group>-<n>.log (and the
+# Every command runs under its own `timeout`, its output goes to <dir>/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
-# command: exit status, seconds, command. Benchmarks write their JSON under $OUT/results.
+# command: exit status, seconds, command. Benchmarks write their JSON under <dir>/results. <dir> is
+# $GPU_SESSION_DIR (default /tmp/gpu-session-<group>); at the end (and after each command) it is
+# packed into one file, $OUT/<group>.tgz, because the device tool brings back only a few files.
 set -u
 group=${1:-}
 OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT/results"
+RES=${GPU_SESSION_DIR:-/tmp/gpu-session-$group}
+mkdir -p "$RES/results" "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 
 summary=()
@@ -21,11 +24,12 @@ step() {  # step SECONDS COMMAND...
   local limit=$1 rc t0
   shift
   n=$((n + 1))
-  echo "=== [$group $n] $*" | tee "$OUT/$group-$n.log"
+  echo "=== [$group $n] $*" | tee "$RES/$group-$n.log"
   t0=$(date +%s)
-  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$OUT/$group-$n.log"
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$RES/$group-$n.log"
   rc=${PIPESTATUS[0]}
   summary+=("rc=$rc $(($(date +%s) - t0))s $*")
+  tar czf "$OUT/$group.tgz" -C "$RES" . 2>/dev/null  # what is done so far survives a cut-off call
 }
 
 need_deep_ep() {
@@ -41,38 +45,38 @@ case "$group" in
     step 240 python -m pytest -q -m gpu tests/gpu/test_kernels_k1_gpu.py tests/gpu/test_fused_moe_gpu.py \
       tests/kernels/test_router_gemm.py tests/unit/test_resources.py
     step 120 python -m pytest -q -m gpu -rA tests/gpu/test_deepep_single_gpu.py
-    step 120 python -m ep_runtime.cli run --config $cfg/h200x1-deepep-ll.yaml --report "$OUT/results/run-h200x1-deepep-ll.json"
-    step 60 python benchmarks/bench_router_topk.py --out-dir "$OUT/results"
+    step 120 python -m ep_runtime.cli run --config $cfg/h200x1-deepep-ll.yaml --report "$RES/results/run-h200x1-deepep-ll.json"
+    step 60 python benchmarks/bench_router_topk.py --out-dir "$RES/results"
     ;;
   k1-tune)  # one GPU: re-tune the kernel tables for this device (w4a8 also tries INT4_MAGIC)
-    step 150 python benchmarks/bench_router_gemm.py --tune --quick --out-dir "$OUT/results"
-    step 180 python benchmarks/bench_masked_gemm.py --tune --out-dir "$OUT/results"
-    step 250 python benchmarks/bench_fused_moe.py --quick --tune --budget-s 230 --out "$OUT/results"
-    mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
+    step 150 python benchmarks/bench_router_gemm.py --tune --quick --out-dir "$RES/results"
+    step 180 python benchmarks/bench_masked_gemm.py --tune --out-dir "$RES/results"
+    step 250 python benchmarks/bench_fused_moe.py --quick --tune --budget-s 230 --out "$RES/results"
+    mkdir -p "$RES/configs" && cp kernels/configs/*.json "$RES/configs/"
     ;;
   x2-comm)  # issue 4: DeepEP vs the torch backend, then raw DeepEP vs the runtime
     need_deep_ep
     step 230 env EP_GPU_TEST_TIMEOUT=200 python -m pytest -q -s -m gpu tests/gpu/test_deepep_gpu.py
-    step 200 python benchmarks/bench_dispatch.py --out-dir "$OUT/results"
+    step 200 python benchmarks/bench_dispatch.py --out-dir "$RES/results"
     ;;
   x2-layer)  # issues 5 and 7: the layer and the execution switches on 2 GPUs, then the layer benchmark
     need_deep_ep
     step 300 python -m pytest -q -m gpu tests/gpu/test_layer_gpu.py tests/gpu/test_execution_gpu.py
-    step 120 python benchmarks/bench_layer.py --backend deepep --out-dir "$OUT/results"
-    step 100 python benchmarks/bench_layer.py --backend torch --out-dir "$OUT/results"
+    step 120 python benchmarks/bench_layer.py --backend deepep --out-dir "$RES/results"
+    step 100 python benchmarks/bench_layer.py --backend torch --out-dir "$RES/results"
     ;;
   x2-step)  # issue 7: the whole step, every switch, both backends
     need_deep_ep
-    step 480 python benchmarks/bench_step.py --out-dir "$OUT/results" --timeout 450
+    step 480 python benchmarks/bench_step.py --out-dir "$RES/results" --timeout 450
     ;;
   x2-run)  # issues 6 and 8: the main job through Ray on 2 GPUs, then a killed rank
     need_deep_ep
-    step 200 python -m ep_runtime.cli run --config $cfg/h200x2-deepep.yaml --report "$OUT/results/run-h200x2-deepep.json"
+    step 200 python -m ep_runtime.cli run --config $cfg/h200x2-deepep.yaml --report "$RES/results/run-h200x2-deepep.json"
     step 120 python -m ep_runtime.cli run --config $cfg/h200x2-deepep.yaml --steps 4 --fault 1:decode:kill
     # the same job with every GPU visible to every rank (Ray's per-actor CUDA_VISIBLE_DEVICES off):
     # the fallback docs/deploy.md names if a library cannot reach peers it cannot see
     step 200 env RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 python -m ep_runtime.cli run \
-      --config $cfg/h200x2-deepep.yaml --report "$OUT/results/run-h200x2-deepep-allvisible.json"
+      --config $cfg/h200x2-deepep.yaml --report "$RES/results/run-h200x2-deepep-allvisible.json"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_session.sh k1|k1-tune|x2-comm|x2-layer|x2-step|x2-run" >&2
@@ -81,4 +85,6 @@ case "$group" in
 esac
 
 echo "=== $group summary"
-printf '%s\n' "${summary[@]}" | tee "$OUT/$group-summary.txt"
+printf '%s\n' "${summary[@]}" | tee "$RES/$group-summary.txt"
+tar czf "$OUT/$group.tgz" -C "$RES" .
+echo "packed: $OUT/$group.tgz (tar xzf it here; results/*.json go to benchmarks/results/)"
