@@ -536,7 +536,7 @@ def get_config(
         index = device.index if device.index is not None else torch.cuda.current_device()
         shapes = for_device("fused MoE", _load_table, path, index)
     else:
-        shapes = _load_table(path).get(device_key(device), {})
+        shapes = _load_table(path).get("cpu", {})  # interpreter runs: the table's "cpu" entries
     entries = shapes.get(shape_key(num_experts, inter, hidden, scheme))
     if entries:
         t = max(num_tokens, 1)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, int4_to_e4m3, round_to_e4m3_grid
+from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, _scales_empty, e4m3_scale, int4_to_e4m3, to_e4m3_grid
 from .tables import for_device, sm_count
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
@@ -58,11 +58,11 @@ OUT_PLAIN, OUT_FP8G, OUT_AMAX = 0, 1, 2
 def _quant_fp8(v, scale, EXACT: tl.constexpr):
     """fp32 `v / scale`, clamped to +-448 -> float8e4nv, rounded to nearest even.
 
-    EXACT (the interpreter, whose own cast mis-rounds): an IEEE division and rounding to the e4m3
-    grid in exact fp32 arithmetic before the cast (`quant.round_to_e4m3_grid`). On the GPU: `/` and
-    the plain cast (round to nearest even)."""
+    EXACT (the interpreter, whose own cast mis-rounds): rounded to the e4m3 grid in exact fp32
+    arithmetic before the cast (`quant.to_e4m3_grid`). On the GPU: `/` and the plain cast (round to
+    nearest even)."""
     if EXACT:
-        return round_to_e4m3_grid(tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0)).to(tl.float8e4nv)
+        return to_e4m3_grid(v, scale, 448.0).to(tl.float8e4nv)
     else:
         return tl.clamp(v / scale, -448.0, 448.0).to(tl.float8e4nv)
 
@@ -161,7 +161,7 @@ def _masked_gemm_kernel(
     b_base = b_ptr + e.to(tl.int64) * stride_bl
     a_base = a_ptr + e.to(tl.int64) * stride_al
     if A_MODE == 4:
-        a_tensor_scale = tl.math.div_rn(tl.maximum(tl.load(amax_in_ptr), 1e-10), 448.0)
+        a_tensor_scale = e4m3_scale(tl.load(amax_in_ptr), 1e-10, 448.0)
 
     for pid_m in range(pid_m0, num_m_blocks, grid_m):
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -270,7 +270,7 @@ def _masked_gemm_kernel(
         if OUT_MODE == 1:
             # per-token-group requant: this block is exactly one 128-channel group of the row
             h = tl.where(mask_n[None, :], h, 0.0)
-            h_s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10), 448.0)
+            h_s = e4m3_scale(tl.max(tl.abs(h), axis=1), 1e-10, 448.0)
             q = _quant_fp8(h, h_s[:, None], UPCAST)
             tl.store(out_ptrs, q, mask=mask_o)
             tl.store(
@@ -370,6 +370,18 @@ def _pick_config(
     return heuristic_config(a_mode, b_mode, gated, M)
 
 
+def _effective_config(cfg: dict[str, int], a_mode: int, b_mode: int, out_mode: int) -> dict[str, int]:
+    """The block config a launch runs with: `cfg` with what the modes force (a copy)."""
+    cfg = dict(cfg)
+    quantised = a_mode in (A_FP8G_DEQ, A_FP8G, A_BF16_QT) or b_mode != B_BF16
+    if quantised and cfg["BLOCK_K"] != GROUP:
+        cfg["BLOCK_K"] = GROUP  # scales are per 128 channels of K: one group per K step
+    if out_mode == OUT_FP8G and cfg["BLOCK_N"] != GROUP:
+        cfg["BLOCK_N"] = GROUP  # one requant group per program
+        cfg["num_warps"] = max(cfg.get("num_warps", 4), 8)
+    return cfg
+
+
 def _launch(
     a: torch.Tensor,
     a_scale: torch.Tensor | None,
@@ -393,13 +405,9 @@ def _launch(
     L, M = a.shape[0], a.shape[1]
     if L == 0 or M == 0 or N == 0:
         return
-    cfg = _pick_config(a_mode, b_mode, gated, M, a.device, config)
-    quantised = a_mode in (A_FP8G_DEQ, A_FP8G, A_BF16_QT) or b_mode != B_BF16
-    if quantised and cfg["BLOCK_K"] != GROUP:
-        cfg["BLOCK_K"] = GROUP  # scales are per 128 channels of K: one group per K step
-    if out_mode == OUT_FP8G and cfg["BLOCK_N"] != GROUP:
-        cfg["BLOCK_N"] = GROUP  # one requant group per program
-        cfg["num_warps"] = max(cfg.get("num_warps", 4), 8)
+    cfg = _effective_config(
+        _pick_config(a_mode, b_mode, gated, M, a.device, config), a_mode, b_mode, out_mode
+    )
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_blocks = triton.cdiv(N, bn)
     num_sms = sm_count(a.device.index or 0) if a.is_cuda else 8
@@ -467,6 +475,7 @@ def _masked_group_quant_kernel(
     stride_sm,
     stride_sg,
     EPS: tl.constexpr,
+    FMAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
 ):
@@ -486,8 +495,8 @@ def _masked_group_quant_kernel(
         x = tl.load(
             x_base + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd, mask=mask[:, None], other=0.0
         ).to(tl.float32)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS), 448.0)
-        q = round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0))
+        scale = e4m3_scale(tl.max(tl.abs(x), axis=1), EPS, FMAX)
+        q = to_e4m3_grid(x, scale[:, None], FMAX)
         tl.store(
             q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
             q.to(q_ptr.dtype.element_ty),
@@ -506,11 +515,11 @@ def _masked_group_quant(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Te
     without exact rounding the kernel-vs-reference error was 2-3x that of pre-quantised fp8 x."""
     L, M, D = x.shape
     q = torch.empty((L, M, D), dtype=FP8_DTYPE, device=x.device)
-    scales = torch.empty((L, D // GROUP, M), dtype=torch.float32, device=x.device).transpose(1, 2)
+    scales = _scales_empty((L, M), D // GROUP, True, x.device)  # column-major, as DeepEP delivers
     if L and M and D:
         _masked_group_quant_kernel[(D // GROUP, L)](
             x, q, scales, counts, M, *x.stride(), *q.stride(), *scales.stride(),
-            EPS=SCALE_EPS, BLOCK_M=32, GROUP_SIZE=GROUP, num_warps=4,
+            EPS=SCALE_EPS, FMAX=FP8_MAX, BLOCK_M=32, GROUP_SIZE=GROUP, num_warps=4,
         )  # fmt: skip
     return q, scales
 

@@ -66,6 +66,20 @@ def round_to_e4m3_grid(v):
 
 
 @triton.jit
+def e4m3_scale(amax, EPS: tl.constexpr, FMAX: tl.constexpr):
+    """The fp32 scale of a group with absolute maximum `amax`: max(amax, EPS) / FMAX, an IEEE
+    division (plain `/` lowers to an approximate divide), as torch computes it."""
+    return tl.math.div_rn(tl.maximum(amax, EPS), FMAX)
+
+
+@triton.jit
+def to_e4m3_grid(x, scale, FMAX: tl.constexpr):
+    """x / scale (IEEE division), clamped to +-FMAX, on the e4m3 grid (`round_to_e4m3_grid`): the
+    value torch's `(x / scale).clamp(...).to(float8_e4m3fn)` gives, bit for bit."""
+    return round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX))
+
+
+@triton.jit
 def int4_to_e4m3(nib, MAGIC: tl.constexpr):
     """uint8 `nib` holding one two's-complement int4 in its low 4 bits (values -8..7) -> the same
     value in float8e4nv (exact: every int4 is an e4m3 value).
@@ -108,11 +122,9 @@ def _per_token_group_quant_fp8_kernel(
     mask = offs < GROUP_SIZE
     x = tl.load(x_ptr + row * stride_x_row + group * GROUP_SIZE + offs, mask=mask, other=0.0)
     x = x.to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
-    # IEEE divisions (plain `/` lowers to an approximate divide) and exact e4m3 rounding: the
-    # result equals the torch implementation bit for bit
-    scale = tl.math.div_rn(tl.maximum(amax, EPS), FMAX)
-    q = round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX))
+    # IEEE divisions and exact e4m3 rounding: the result equals the torch implementation bit for bit
+    scale = e4m3_scale(tl.max(tl.abs(x), axis=0), EPS, FMAX)
+    q = to_e4m3_grid(x, scale, FMAX)
     tl.store(
         xq_ptr + row * stride_x_row + group * GROUP_SIZE + offs, q.to(xq_ptr.dtype.element_ty), mask=mask
     )

@@ -237,6 +237,18 @@ def _arrival_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
     return buf
 
 
+def _split_plan(D: int, config: dict[str, int]) -> tuple[int, int, int]:
+    """(K splits, K tiles per split, reduce mode) of the split-K kernel for `config`: the splits
+    asked for, at most one per K tile, empty splits dropped; reduce 0 = none, 1 = fp32 atomics into a
+    zeroed output, 2 = serial (the last-arriving split sums the partials)."""
+    k_tiles = triton.cdiv(D, config["BLOCK_K"])
+    split_k = max(1, min(int(config["SPLIT_K"]), k_tiles))
+    tiles_per_split = triton.cdiv(k_tiles, split_k)
+    split_k = triton.cdiv(k_tiles, tiles_per_split)  # drop empty splits
+    serial = split_k > 1 and config.get("REDUCE", "atomic") == "serial"
+    return split_k, tiles_per_split, 0 if split_k == 1 else (2 if serial else 1)
+
+
 def _router_gemm_triton(
     x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, config: dict[str, int] | None = None
 ) -> torch.Tensor:
@@ -270,12 +282,7 @@ def _router_gemm_triton(
             num_stages=config.get("num_stages", 1),
         )
         return out
-    k_tiles = triton.cdiv(D, bk)
-    split_k = max(1, min(int(config["SPLIT_K"]), k_tiles))
-    tiles_per_split = triton.cdiv(k_tiles, split_k)
-    split_k = triton.cdiv(k_tiles, tiles_per_split)  # drop empty splits
-    serial = split_k > 1 and config.get("REDUCE", "atomic") == "serial"
-    reduce_mode = 0 if split_k == 1 else (2 if serial else 1)
+    split_k, tiles_per_split, reduce_mode = _split_plan(D, config)
     acc_dtype = torch.float32 if reduce_mode == 1 else out_dtype
     out = (torch.zeros if reduce_mode == 1 else torch.empty)((T, E), dtype=acc_dtype, device=x.device)
     if T == 0 or E == 0:

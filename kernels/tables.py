@@ -27,29 +27,43 @@ def normalise(name: str) -> str:
     return name.replace("NVIDIA ", "").strip().replace(" ", "-").lower()
 
 
+def _keys(
+    tables: Mapping[str, Any], name: str, capability: tuple[int, int] | None
+) -> tuple[str | None, str | None]:
+    """(the key of `name`'s own table, the key of the preferred same-architecture sibling's), each
+    None where `tables` has none. A plain lookup: no warnings."""
+    by_norm = {normalise(k): k for k in tables}
+    own = by_norm.get(normalise(name))
+    for family in _FAMILIES.get(tuple(capability) if capability else (), ()):
+        for norm, key in sorted(by_norm.items()):
+            if key != own and (norm == family or norm.startswith(family + "-")):
+                return own, key
+    return own, None
+
+
+def _warn_once(tag: tuple[str, str], message: str) -> None:
+    if tag not in _warned:
+        _warned.add(tag)
+        warnings.warn(message, stacklevel=4)
+
+
 def device_table(
     tables: Mapping[str, Any], name: str, capability: tuple[int, int] | None, what: str
 ) -> tuple[str | None, Any]:
     """The entry of `tables` (keyed by device name, in either form) for the device `name` with
     compute `capability`: its own, else a same-architecture device's (preferred order above), else
     `(None, None)`. `what` names the table in the one-time fallback warning."""
-    by_norm = {normalise(k): k for k in tables}
-    own = by_norm.get(normalise(name))
+    own, sibling = _keys(tables, name, capability)
     if own is not None:
         return own, tables[own]
-    for family in _FAMILIES.get(tuple(capability) if capability else (), ()):
-        for norm, key in sorted(by_norm.items()):
-            if norm == family or norm.startswith(family + "-"):
-                tag = (what, name)
-                if tag not in _warned:
-                    _warned.add(tag)
-                    warnings.warn(
-                        f"no tuned {what} table for {name}; using the {key} table (same architecture, "
-                        f"sm_{capability[0]}{capability[1]}). Tune this device with the benchmark's --tune.",
-                        stacklevel=3,
-                    )
-                return key, tables[key]
-    return None, None
+    if sibling is None:
+        return None, None
+    _warn_once(
+        (what, name),
+        f"no tuned {what} table for {name}; using the {sibling} table (same architecture, "
+        f"sm_{capability[0]}{capability[1]}). Tune this device with the benchmark's --tune.",
+    )
+    return sibling, tables[sibling]
 
 
 def device_entries(
@@ -59,27 +73,22 @@ def device_entries(
     and a same-architecture device has one too, the latter's entries for the keys (shapes, kernel
     kinds) the own table lacks (a tuning run that covered only some shapes leaves the rest tuned
     on a sibling rather than on the heuristics). One warning per (table, device) when any is borrowed."""
-    key, table = device_table(tables, name, capability, what)
-    if not isinstance(table, Mapping):
+    own, sibling = _keys(tables, name, capability)
+    if own is None:
+        table = device_table(tables, name, capability, what)[1]
+        return dict(table) if isinstance(table, Mapping) else {}
+    if not isinstance(tables[own], Mapping):
         return {}
-    merged = dict(table)
-    if normalise(key) != normalise(name):
-        return merged  # already a sibling's table (device_table warned)
-    others = {k: v for k, v in tables.items() if normalise(k) != normalise(name)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the sibling lookup's own warning is not the message here
-        donor_key, donor = device_table(others, name, capability, what)
+    merged = dict(tables[own])
+    donor = tables[sibling] if sibling is not None else None
     if isinstance(donor, Mapping):
         borrowed = sorted(k for k in donor if k not in merged)
-        for k in borrowed:
-            merged[k] = donor[k]
-        tag = (what + " entries", name)
-        if borrowed and tag not in _warned:
-            _warned.add(tag)
-            warnings.warn(
-                f"{what} table for {name} has no entry for {', '.join(borrowed)}; using the {donor_key} "
+        merged.update({k: donor[k] for k in borrowed})
+        if borrowed:
+            _warn_once(
+                (what + " entries", name),
+                f"{what} table for {name} has no entry for {', '.join(borrowed)}; using the {sibling} "
                 "entries for those. Tune this device with the benchmark's --tune to cover them.",
-                stacklevel=3,
             )
     return merged
 

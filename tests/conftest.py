@@ -49,3 +49,13 @@ def poisoned_empty(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.fixture
+def backend_scores(monkeypatch):
+    """References score with the one-kernel expert selection's sigmoid on this backend
+    (`tests.kernels.rounding.backend_sigmoid`; torch's own on the GPU)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from tests.kernels.rounding import backend_sigmoid
+
+        monkeypatch.setattr(torch, "sigmoid", backend_sigmoid)

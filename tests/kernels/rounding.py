@@ -54,6 +54,9 @@ def backend_bf16(x: torch.Tensor) -> torch.Tensor:
     return _backend_rounding()(x)
 
 
+_torch_sigmoid = torch.sigmoid  # the real one: tests patch `torch.sigmoid` with `backend_sigmoid`
+
+
 def backend_sigmoid(x: torch.Tensor) -> torch.Tensor:
     """float32 sigmoid as `kernels.select_experts` computes it on this backend: on the GPU it
     reproduces torch's CUDA sigmoid (`1 / (1 + expf(-x))`), so this is `torch.sigmoid`; under the
@@ -61,6 +64,6 @@ def backend_sigmoid(x: torch.Tensor) -> torch.Tensor:
     from ep_runtime.kernels.select_experts import _INTERPRETED
 
     if not _INTERPRETED:
-        return torch.sigmoid(x)
+        return _torch_sigmoid(x)
     e = torch.from_numpy(np.exp(-x.detach().cpu().float().numpy())).to(x.device)
     return 1.0 / (1.0 + e)

@@ -144,10 +144,8 @@ def cases():
 def table_cases():
     """Every distinct block config of the shipped tuned tables (fused MoE, masked GEMM), as the
     launchers would compile it on a Hopper GPU."""
-    import json as _json
-
     seen = set()
-    fused = _json.loads((fm.CONFIG_DIR / "fused_moe.json").read_text())
+    fused = json.loads((fm.CONFIG_DIR / "fused_moe.json").read_text())
     for dev, shapes in fused.items():
         if not isinstance(shapes, dict):
             continue
@@ -172,7 +170,7 @@ def table_cases():
                         ptrs["b_ptr"] = "*fp8e4nv"
                     name = f"table-fused-{dev}-{scheme}-{stage}-BM{ce['BLOCK_M']}-BN{ce['BLOCK_N']}-BK{ce['BLOCK_K']}-w{g['num_warps']}-s{g['num_stages']}"
                     yield name, fm._fused_moe_gemm_kernel, ptrs, ce, g["num_warps"], g["num_stages"]
-    router = _json.loads(Path(rg.CONFIG_PATH).read_text()).get("devices", {})
+    router = json.loads(Path(rg.CONFIG_PATH).read_text()).get("devices", {})
     for dev, shapes in router.items():
         for shape, buckets in shapes.items():
             D = int(shape.split(",")[0])
@@ -192,10 +190,7 @@ def table_cases():
                     key = ("gemv", warps, stages, tuple(sorted(ce.items())))
                     jit = rg._router_gemv_kernel
                 else:  # the split the launcher derives
-                    k_tiles = -(-D // bk)
-                    split = max(1, min(int(cfg["SPLIT_K"]), k_tiles))
-                    split = -(-k_tiles // -(-k_tiles // split))
-                    reduce = 0 if split == 1 else (2 if cfg.get("REDUCE", "atomic") == "serial" else 1)
+                    split, _, reduce = rg._split_plan(D, cfg)
                     ce = dict(BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, REDUCE=reduce, UPCAST=False,
                               NUM_SPLITS=split if reduce == 2 else 1)  # fmt: skip
                     ptrs.update(ws_ptr="*fp32", counter_ptr="*i32")
@@ -205,7 +200,7 @@ def table_cases():
                     continue
                 seen.add(key)
                 yield name, jit, ptrs, ce, warps, stages
-    masked = _json.loads(mg.CONFIG_PATH.read_text()).get("devices", {})
+    masked = json.loads(mg.CONFIG_PATH.read_text()).get("devices", {})
     for dev, kinds in masked.items():
         for kind, cfg in kinds.items():
             a_part, b_part, how = kind.split("-")
@@ -215,13 +210,11 @@ def table_cases():
                 if gated
                 else mg.OUT_PLAIN
             )
-            quantised = a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G, mg.A_BF16_QT) or b_mode != mg.B_BF16
-            block_n, warps = cfg["BLOCK_N"], cfg.get("num_warps", 4)
-            if out_mode == mg.OUT_FP8G:  # as `_launch` forces it
-                block_n, warps = mg.GROUP, max(warps, 8)
+            cfg = mg._effective_config(cfg, a_mode, b_mode, out_mode)  # as `_launch` runs it
+            warps = cfg.get("num_warps", 4)
             ce = dict(A_MODE=a_mode, B_MODE=b_mode, OUT_MODE=out_mode, GATED=gated,
                       B_SCALE_ROWS=mg.GROUP if b_mode == mg.B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
-                      BLOCK_N=block_n, BLOCK_K=mg.GROUP if quantised else cfg["BLOCK_K"], GROUP_K=mg.GROUP,
+                      BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_K=mg.GROUP,
                       UPCAST=False, INT4_MAGIC=bool(b_mode == mg.B_INT4 and cfg.get("INT4_MAGIC", 0)))  # fmt: skip
             fp8_in = a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G)
             ptrs = dict(MASKED_PTRS, a_ptr="*fp8e4nv" if fp8_in else "*bf16",

@@ -18,7 +18,6 @@ from ep_runtime.config import ConfigError, ModelConfig, parse_config, resolve_pl
 from ep_runtime.kernels.select_experts import select_experts_sigmoid, supports
 from ep_runtime.reference import reference_routing
 from ep_runtime.router import select_experts
-from tests.kernels.rounding import backend_sigmoid
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,13 +38,6 @@ VARIANTS = {
 
 def _model(kw: dict) -> ModelConfig:
     return ModelConfig(hidden_size=64, moe_intermediate_size=32, scoring="sigmoid", **kw)
-
-
-@pytest.fixture
-def backend_scores(monkeypatch):
-    """The references score with the kernel's backend sigmoid (torch's own on the GPU)."""
-    if INTERPRETED:
-        monkeypatch.setattr(torch, "sigmoid", backend_sigmoid)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -100,13 +100,10 @@ def test_router_triton_gemm_interpreted(rng_seed):
     assert torch.equal(routing.topk_ids, rids)
 
 
-def test_router_one_kernel_selection_interpreted(rng_seed, monkeypatch):
+def test_router_one_kernel_selection_interpreted(rng_seed, backend_scores):
     """`Router(topk_impl="triton")` routes through the one-kernel selection (interpreted on CPU) and
     picks the reference's experts; the references score with the kernel's exp (see
     tests/kernels/test_select_experts.py)."""
-    from tests.kernels.rounding import backend_sigmoid
-
-    monkeypatch.setattr(torch, "sigmoid", backend_sigmoid)
     m = ModelConfig(hidden_size=128, num_experts=32, top_k=4, moe_intermediate_size=32, seed=rng_seed,
                     scoring="sigmoid", n_group=4, topk_group=2, use_correction_bias=True)  # fmt: skip
     rw = synthetic_router(m, 0)
