@@ -710,25 +710,12 @@ def _cross_checks(cfg: EPConfig) -> list[tuple[str, str]]:
                     )
                 )
     ex = cfg.execution
-    above = d.auto.normal_above_tokens
-    graph_on = ex.cuda_graph_decode is True  # `auto` resolves to off where these would fail
-    if graph_on and d.mode == "auto" and above is not None and above < d.num_max_dispatch_tokens_per_rank:
+    if ex.cuda_graph_decode is True:  # `auto` resolves to off where these would fail
+        errs.extend(_graph_decode_blockers(cfg))
+    elif ex.decode_two_batch and d.mode == "normal":
         errs.append(
             (
-                "execution.cuda_graph_decode",
-                f"graph decode steps run every T <= C ({d.num_max_dispatch_tokens_per_rank}) in low-latency "
-                f"mode, while dispatch.auto.normal_above_tokens ({above}) sends T > {above} to normal mode: "
-                "the same step would take a different path with graphs on; set normal_above_tokens >= C "
-                "or leave it unset",
-            )
-        )
-    if graph_on and par.device != "cuda":
-        errs.append(("execution.cuda_graph_decode", "needs parallel.device 'cuda'; allowed on cpu: false"))
-    if (graph_on or ex.decode_two_batch) and d.mode == "normal":
-        name = "cuda_graph_decode" if graph_on else "decode_two_batch"
-        errs.append(
-            (
-                f"execution.{name}",
+                "execution.decode_two_batch",
                 "applies to low-latency steps; dispatch.mode is 'normal' (allowed: auto, low_latency)",
             )
         )
@@ -802,21 +789,43 @@ _DEEPEP_DEFAULT_NVL_RECV_TOKENS = {2: 256, 4: 256, 8: 256, 16: 288, 24: 288, 32:
                                    96: 480, 128: 560, 144: 720, 160: 720}  # fmt: skip
 
 
-def _resolve_graph_decode(cfg: EPConfig) -> bool:
-    """`execution.cuda_graph_decode: auto`: on for DeepEP on cuda where low-latency steps run and
-    every such step stays low-latency (see the field's doc); an explicit value as given."""
-    choice = cfg.execution.cuda_graph_decode
-    if choice != "auto":
-        return bool(choice)
-    d = cfg.dispatch
+def _graph_decode_blockers(cfg: EPConfig) -> list[tuple[str, str]]:
+    """Why graph decode steps cannot run with this file (field, message); empty if they can."""
+    d, par = cfg.dispatch, cfg.parallel
+    out = []
     above = d.auto.normal_above_tokens
-    return (
-        cfg.parallel.device == "cuda"
-        and d.backend == "deepep"
-        and d.mode != "normal"
-        and not (d.mode == "auto" and above is not None and above < d.num_max_dispatch_tokens_per_rank)
-        and not d.check_conservation  # a graph step runs no conservation check: debug runs stay eager
-    )
+    if d.mode == "auto" and above is not None and above < d.num_max_dispatch_tokens_per_rank:
+        out.append(
+            (
+                "execution.cuda_graph_decode",
+                f"graph decode steps run every T <= C ({d.num_max_dispatch_tokens_per_rank}) in low-latency "
+                f"mode, while dispatch.auto.normal_above_tokens ({above}) sends T > {above} to normal mode: "
+                "the same step would take a different path with graphs on; set normal_above_tokens >= C "
+                "or leave it unset",
+            )
+        )
+    if par.device != "cuda":
+        out.append(("execution.cuda_graph_decode", "needs parallel.device 'cuda'; allowed on cpu: false"))
+    if d.mode == "normal":
+        out.append(
+            (
+                "execution.cuda_graph_decode",
+                "applies to low-latency steps; dispatch.mode is 'normal' (allowed: auto, low_latency)",
+            )
+        )
+    return out
+
+
+def resolve_execution(cfg: EPConfig, execution: ExecutionConfig | None = None) -> ExecutionConfig:
+    """`execution` (default: the file's) with `auto` resolved: `cuda_graph_decode: auto` is on for
+    DeepEP where graph decode can run (no `_graph_decode_blockers`) and conservation checks are off
+    (a graph step runs none: debug runs stay eager)."""
+    ex = cfg.execution if execution is None else execution
+    if ex.cuda_graph_decode != "auto":
+        return ex
+    d = cfg.dispatch
+    on = d.backend == "deepep" and not d.check_conservation and not _graph_decode_blockers(cfg)
+    return ex.model_copy(update=dict(cuda_graph_decode=on))
 
 
 def _router_topk_kernel_serves(m: ModelConfig) -> tuple[bool, str]:
@@ -888,7 +897,7 @@ def resolve_plan(cfg: EPConfig) -> RuntimePlan:
         fp8_bytes_transport=d.fp8_transport == "bytes"
         or (d.fp8_transport == "auto" and par.resolved_dist_backend == "gloo"),
         normal_above_tokens=d.auto.normal_above_tokens or d.num_max_dispatch_tokens_per_rank,
-        execution=cfg.execution.model_copy(update=dict(cuda_graph_decode=_resolve_graph_decode(cfg))),
+        execution=resolve_execution(cfg),
     )
 
 

@@ -37,13 +37,13 @@ low-latency area (the DeepEP backend does this on entry to low-latency mode).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
 from ep_runtime.comm import build_dispatchers, check_combined_once, check_conservation
-from ep_runtime.config import ExecutionConfig, RuntimePlan
+from ep_runtime.config import ExecutionConfig, RuntimePlan, resolve_execution
 from ep_runtime.execution import DecodeGraphRunner, chunked_normal_step, two_batch_round
 from ep_runtime.experts import get_experts
 from ep_runtime.reference import reference_moe
@@ -179,7 +179,7 @@ class EPMoE(torch.nn.Module):
     def set_execution(
         self,
         *,
-        cuda_graph_decode: bool | None = None,
+        cuda_graph_decode: bool | Literal["auto"] | None = None,
         decode_two_batch: bool | None = None,
         prefill_chunks: int | None = None,
         graph_buckets: Sequence[int] | None = None,
@@ -203,6 +203,7 @@ class EPMoE(torch.nn.Module):
             new = ExecutionConfig(**{**cur.model_dump(), **update})
         except Exception as exc:  # pydantic ValidationError: name the switch
             raise ValueError(f"execution: {exc}") from None
+        new = resolve_execution(self.plan.config, new)  # `auto` decided as for the file
         if new.cuda_graph_decode and self.device.type != "cuda":
             raise ValueError("execution.cuda_graph_decode needs a CUDA layer; allowed on cpu: False")
         if (new.cuda_graph_decode or new.decode_two_batch) and Layout.LOW_LATENCY not in self.plan.modes:
@@ -354,9 +355,10 @@ class EPMoE(torch.nn.Module):
         num_tokens = x.shape[0]
         timer = StageTimer(self.device)
         runner = self.graph_runner
+        eligible = runner is not None and not is_prefill and num_tokens <= runner.capacity
         if graph_step is None:
-            graph_step = runner is not None and not is_prefill and num_tokens <= runner.capacity
-        elif graph_step and (runner is None or is_prefill or num_tokens > runner.capacity):
+            graph_step = eligible
+        elif graph_step and not eligible:
             raise ValueError(
                 "graph_step=True needs execution.cuda_graph_decode, is_prefill=False and T <= C "
                 f"(dispatch.num_max_dispatch_tokens_per_rank); got T = {num_tokens}, is_prefill={is_prefill}"

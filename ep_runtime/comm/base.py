@@ -68,9 +68,6 @@ class Dispatcher(ABC):
 
     name: ClassVar[str]
     layouts: ClassVar[frozenset[Layout]]
-    takes_mpi_comm: ClassVar[bool] = False
-    """True when the backend can build its state from an `mpi4py.MPI.Comm` (constructor keyword
-    `comm`; DeepEP), which `build_dispatchers` / `build_shared_state` then pass on as `mpi_comm`."""
     call_parity: ClassVar[bool] = False
     """True when the backend alternates between two buffers on every low-latency call (DeepEP):
     a captured decode graph then needs an even number of eager low-latency calls between capture
@@ -157,15 +154,18 @@ class Dispatcher(ABC):
         group: dist.ProcessGroup | None = None,
         *,
         shared: Any | None = None,
-        **kwargs: Any,
+        mpi_comm: Any | None = None,
     ) -> dict[Layout, Dispatcher]:
         """One dispatcher per mode of `plan` (both under `mode: auto`). Backends whose modes share
         state (DeepEP: one buffer for both layouts) override this; `shared` is what
-        `shared_state` made (None: this call makes its own); `kwargs` go to the constructor."""
-        return {layout: cls(plan, mode_plan, group, **kwargs) for layout, mode_plan in plan.modes.items()}
+        `shared_state` made (None: this call makes its own). `mpi_comm`: an `mpi4py.MPI.Comm` for
+        a backend that builds its state from one (DeepEP); the default ignores it and uses `group`."""
+        return {layout: cls(plan, mode_plan, group) for layout, mode_plan in plan.modes.items()}
 
     @classmethod
-    def shared_state(cls, plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any) -> Any:
+    def shared_state(
+        cls, plan: RuntimePlan, group: dist.ProcessGroup | None = None, *, mpi_comm: Any | None = None
+    ) -> Any:
         """State that every layer of one process should share, or None (default: nothing to share).
         DeepEP: one `deep_ep.Buffer` per process (NVSHMEM is initialised once per process), sized
         for the plan. The object has `acquire()` / `release()`: whoever makes it holds one reference
@@ -203,10 +203,6 @@ def _plan_backend(plan: RuntimePlan) -> type[Dispatcher]:
     return cls
 
 
-def _comm_kwargs(cls: type[Dispatcher], mpi_comm: Any | None) -> dict[str, Any]:
-    return {"comm": mpi_comm} if mpi_comm is not None and cls.takes_mpi_comm else {}
-
-
 def build_dispatchers(
     plan: RuntimePlan,
     group: dist.ProcessGroup | None = None,
@@ -221,8 +217,7 @@ def build_dispatchers(
     `mpi4py.MPI.Comm` (launched under MPI) for a backend that builds its state from one (DeepEP);
     other backends use `group`.
     """
-    cls = _plan_backend(plan)
-    return cls.build_all(plan, group, shared=shared, **_comm_kwargs(cls, mpi_comm))
+    return _plan_backend(plan).build_all(plan, group, shared=shared, mpi_comm=mpi_comm)
 
 
 def build_shared_state(
@@ -231,5 +226,4 @@ def build_shared_state(
     """What the layers of one process share for `plan`'s backend (see `Dispatcher.shared_state`),
     or None when the backend shares nothing. The caller holds one reference (`release()` it after
     closing the layers). `mpi_comm` as for `build_dispatchers`."""
-    cls = _plan_backend(plan)
-    return cls.shared_state(plan, group, **_comm_kwargs(cls, mpi_comm))
+    return _plan_backend(plan).shared_state(plan, group, mpi_comm=mpi_comm)

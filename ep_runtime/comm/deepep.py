@@ -275,7 +275,6 @@ class DeepEPDispatcher(Dispatcher):
 
     name = "deepep"
     layouts = frozenset({Layout.NORMAL, Layout.LOW_LATENCY})
-    takes_mpi_comm = True  # `comm=`: the buffer can be built from an MPI communicator
     call_parity = True  # DeepEP flips its low-latency buffer index on every dispatch and combine
 
     def __init__(
@@ -312,20 +311,21 @@ class DeepEPDispatcher(Dispatcher):
         group: dist.ProcessGroup | None = None,
         *,
         shared: DeepEPBufferOwner | None = None,
-        **kwargs: Any,
+        mpi_comm: Any | None = None,
     ) -> dict[Layout, Dispatcher]:
         """One dispatcher per mode of the plan, all sharing one `deep_ep.Buffer`: `shared` (the
-        process's buffer, from `shared_state`) or a new one."""
-        owner = shared or DeepEPBufferOwner(plan, group, kwargs.get("comm"))
-        return {layout: cls(plan, mp, group, owner=owner, **kwargs) for layout, mp in plan.modes.items()}
+        process's buffer, from `shared_state`) or a new one (built from `mpi_comm` when given)."""
+        owner = shared or DeepEPBufferOwner(plan, group, mpi_comm)
+        return {layout: cls(plan, mp, group, owner=owner) for layout, mp in plan.modes.items()}
 
     @classmethod
     def shared_state(
-        cls, plan: RuntimePlan, group: dist.ProcessGroup | None = None, **kwargs: Any
+        cls, plan: RuntimePlan, group: dist.ProcessGroup | None = None, *, mpi_comm: Any | None = None
     ) -> DeepEPBufferOwner:
         """The process's one DeepEP buffer for every layer of `plan` (NVSHMEM is initialised once
-        per process; a buffer per layer would also multiply its memory). Holds one reference."""
-        return DeepEPBufferOwner(plan, group, kwargs.get("comm")).acquire()
+        per process; a buffer per layer would also multiply its memory), built from `mpi_comm`
+        when given. Holds one reference."""
+        return DeepEPBufferOwner(plan, group, mpi_comm).acquire()
 
     @classmethod
     def supports(cls, plan: RuntimePlan, mode_plan: ModePlan) -> tuple[bool, str]:
@@ -433,7 +433,7 @@ class DeepEPDispatcher(Dispatcher):
         buffer = self.owner.enter(Layout.NORMAL)
         if after is None:
             x_in, ids, weights = self._normal_inputs(x, routing)
-            after = self.deep_ep.Buffer.capture()  # after the preparation's kernels
+            after = self.mark()  # after the preparation's kernels
         else:
             # The preparation (fp8 cast, contiguous copies of x and the routing) runs on the
             # communication stream after `after`: on the current stream it would queue behind later
@@ -471,7 +471,7 @@ class DeepEPDispatcher(Dispatcher):
                 expert_out.contiguous(),
                 handle.state,
                 config=self.owner.combine_config,
-                previous_event=self.deep_ep.Buffer.capture(),
+                previous_event=self.mark(),
                 async_finish=True,
                 allocate_on_comm_stream=True,
             )
@@ -557,11 +557,14 @@ class DeepEPDispatcher(Dispatcher):
         handle, event)`. With `after` (a DeepEP event, taken once the inputs are written):
         asynchronous, both on the communication stream, the layout after `after`, the dispatch after
         the layout's event."""
-        asynchronous = after is not None
-        on_comm = dict(async_finish=True, allocate_on_comm_stream=True) if asynchronous else {}
-        first = dict(on_comm, previous_event=after) if asynchronous else {}
+
+        def on_comm(event: Any) -> dict[str, Any]:
+            if after is None:
+                return {}
+            return dict(async_finish=True, allocate_on_comm_stream=True, previous_event=event)
+
         num_per_rank, num_per_rdma_rank, num_per_expert, is_token_in_rank, ev = buffer.get_dispatch_layout(
-            ids, self.num_experts, **first
+            ids, self.num_experts, **on_comm(after)
         )
         return buffer.dispatch(
             x_in,
@@ -572,7 +575,7 @@ class DeepEPDispatcher(Dispatcher):
             topk_idx=ids,
             topk_weights=weights,
             config=self.owner.dispatch_config,
-            **(dict(on_comm, previous_event=ev) if asynchronous else {}),
+            **on_comm(ev),
         )
 
     def _handle(self, layout: Layout, x: torch.Tensor, routing: Routing, deep_handle: Any) -> DispatchHandle:
