@@ -33,7 +33,8 @@ ROWS = [1, 8, 32, 128]
 SCALING_M = (256, 1024, 4096)
 SCALING_ROWS = (0, 8, 64, 256)
 # fp8_block: fp8 x as DeepEP's FP8 dispatch delivers it; fp8_block_bf16x: bf16 x behind a BF16
-# dispatch, quantised per token group (valid rows) before the same GEMMs
+# dispatch, quantised per token group (valid rows) before the same GEMMs (the fp8_block kinds: it
+# has no KINDS entry of its own, so `tune` skips it)
 SCHEMES = ["bf16", "bf16_fp8x", "fp8_block", "fp8_block_bf16x", "w4a8"]
 
 # (scheme, gated) -> kernel kind used by masked_moe (see masked_grouped_gemm._kind)

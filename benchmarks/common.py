@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ep_runtime.kernels.tables import normalise
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -46,8 +48,7 @@ def device_info() -> dict[str, Any]:
 
 
 def device_slug() -> str:
-    name = device_info()["device"]
-    return name.replace("NVIDIA ", "").replace(" ", "-").lower()
+    return normalise(device_info()["device"])
 
 
 def bench_us(fn, warmup: int = 10, rep: int = 50) -> float:

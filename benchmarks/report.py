@@ -3,9 +3,10 @@
     python benchmarks/report.py                          # latest results -> PNGs + docs/performance.md
     python benchmarks/report.py --results DIR [--results DIR2] --plots-dir OUT --doc OUT/performance.md
 
-Reads every `*.json` written by `benchmarks/common.write_results` (kinds: router_gemm, fused_moe,
-masked_gemm, dispatch, layer-<backend>, step; `*-cpu-smoke` files only with `--include-smoke`) and
-keeps the latest file of each kind. Per kind it draws (matplotlib, Agg):
+Reads every `*.json` written by `benchmarks/common.write_results` (kinds: router_gemm, router_topk,
+fused_moe, masked_gemm, dispatch, layer-<backend>, step; `*-cpu-smoke` files only with
+`--include-smoke`) and keeps the latest file of each kind and device (one section per device, the
+H200 first). Per kind it draws (matplotlib, Agg):
   - latency vs tokens (or rows) per rank with the roofline line (the floor measured in the same run);
   - the achieved fraction of the measured HBM copy bandwidth and of the measured matmul peak;
   - stacked per-stage bars of the layer step (layer, step);
@@ -24,6 +25,8 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from ep_runtime.kernels.tables import normalise
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -69,7 +72,7 @@ def load_results(dirs: list[Path], include_smoke: bool = False) -> dict[str, dic
             if "smoke" in what and not include_smoke:
                 continue
             doc["_path"] = str(path)
-            key = f"{what}@{_dev(doc).get('device', 'unknown')}"
+            key = f"{what}@{_device_name(doc)}"
             old = latest.get(key)
             if old is None or str(doc.get("date", "")) >= str(old.get("date", "")):
                 latest[key] = doc
@@ -158,7 +161,7 @@ def _latency_axes(ax, title: str, xlabel: str = "tokens", legend_size: int = 7) 
     ax.legend(fontsize=legend_size)
 
 
-def _router_gemm(doc: dict, out: Path) -> Section:
+def _router_gemm(doc: dict, out: Path, suffix: str = "") -> Section:
     s = Section("router_gemm", doc)
     rows = doc["rows"]
     plt = _plt()
@@ -177,7 +180,7 @@ def _router_gemm(doc: dict, out: Path) -> Section:
         ax.set(xscale="log", xlabel="tokens", ylabel="fraction", ylim=(0, 1.1))
         ax.legend(fontsize=7)
     _title(fig, "router GEMM", doc, "latency vs tokens with the HBM roofline; baseline cuBLAS (same run)")
-    s.figures.append(_save(fig, out / "report-router_gemm.png"))
+    s.figures.append(_save(fig, out / f"report-router_gemm{suffix}.png"))
     pick = [r for r in rows if r["model"] == "DeepSeek-V3"] or rows
     s.md.append(
         _table(
@@ -196,7 +199,7 @@ def _router_gemm(doc: dict, out: Path) -> Section:
     return s
 
 
-def _router_topk(doc: dict, out: Path) -> Section:
+def _router_topk(doc: dict, out: Path, suffix: str = "") -> Section:
     s = Section("router_topk", doc)
     rows = [r for r in doc["rows"] if "error" not in r]
     plt = _plt()
@@ -218,7 +221,7 @@ def _router_topk(doc: dict, out: Path) -> Section:
     _title(
         fig, "expert selection", doc, "one Triton kernel vs the torch path (same run), with the HBM roofline"
     )
-    s.figures.append(_save(fig, out / "report-router_topk.png"))
+    s.figures.append(_save(fig, out / f"report-router_topk{suffix}.png"))
     s.md.append(
         _table(
             rows,
@@ -238,7 +241,7 @@ def _router_topk(doc: dict, out: Path) -> Section:
     return s
 
 
-def _fused_moe(doc: dict, out: Path) -> Section:
+def _fused_moe(doc: dict, out: Path, suffix: str = "") -> Section:
     s = Section("fused_moe", doc)
     rows = [r for r in doc["rows"] if "us" in r and "scheme" in r]
     ceil = doc.get("ceilings", {})
@@ -282,7 +285,7 @@ def _fused_moe(doc: dict, out: Path) -> Section:
     if bw:
         extra += f" (HBM {bw / 1e12:.2f} TB/s, bf16 {ceil.get('bf16_flops', 0) / 1e12:.0f} TFLOP/s measured)"
     _title(fig, "fused MoE", doc, extra)
-    s.figures.append(_save(fig, out / "report-fused_moe.png"))
+    s.figures.append(_save(fig, out / f"report-fused_moe{suffix}.png"))
     pick = [r for r in rows if r["shape"] == "dsv3_e128" and r.get("topk_sum") != "unfused"] or rows[:20]
     s.md.append(
         _table(
@@ -304,7 +307,7 @@ def _fused_moe(doc: dict, out: Path) -> Section:
     return s
 
 
-def _masked_gemm(doc: dict, out: Path) -> Section:
+def _masked_gemm(doc: dict, out: Path, suffix: str = "") -> Section:
     s = Section("masked_gemm", doc)
     rows = doc["rows"]
     plt = _plt()
@@ -331,7 +334,7 @@ def _masked_gemm(doc: dict, out: Path) -> Section:
         doc,
         f"latency vs rows per expert, dotted: HBM roofline ({bw / 1e12:.2f} TB/s measured)" if bw else "",
     )
-    s.figures.append(_save(fig, out / "report-masked_gemm.png"))
+    s.figures.append(_save(fig, out / f"report-masked_gemm{suffix}.png"))
     pick = [r for r in rows if r["model"] == "DeepSeek-V3"] or rows
     s.md.append(
         _table(
@@ -351,7 +354,7 @@ def _masked_gemm(doc: dict, out: Path) -> Section:
     return s
 
 
-def _dispatch(doc: dict, out: Path) -> Section:
+def _dispatch(doc: dict, out: Path, suffix: str = "") -> Section:
     s = Section("dispatch", doc)
     by_rank = doc.get("rows_by_rank") or {}
     rows = by_rank.get("0") or by_rank.get(0) or doc.get("rows") or []
@@ -372,7 +375,7 @@ def _dispatch(doc: dict, out: Path) -> Section:
         doc,
         f"D={sh.get('hidden')} K={sh.get('top_k')}, baseline: raw DeepEP in the same run",
     )
-    s.figures.append(_save(fig, out / "report-dispatch.png"))
+    s.figures.append(_save(fig, out / f"report-dispatch{suffix}.png"))
     s.md.append(
         _table(
             rows,
@@ -474,7 +477,7 @@ def _layer(docs: list[dict], out: Path) -> Section:
     return s
 
 
-def _step(doc: dict, out: Path) -> Section:
+def _step(doc: dict, out: Path, suffix: str = "") -> Section:
     s = Section("step", doc)
     pts = [p for p in doc.get("points", []) if p.get("step_ms") is not None or p.get("comm_ms") is not None]
     sh = doc.get("shape", {})
@@ -522,7 +525,7 @@ def _step(doc: dict, out: Path) -> Section:
                 ax.set(xscale="log", yscale="log", xlabel="tokens per rank", ylabel="ms", title=f"{sc} {ph}")
                 ax.legend(fontsize=6)
         _title(fig, "EPMoE step latency vs tokens per rank", doc, f"{shape_txt}; {base_txt}")
-        s.figures.append(_save(fig, out / "report-step-latency.png"))
+        s.figures.append(_save(fig, out / f"report-step-latency{suffix}.png"))
 
         # 2. achieved fraction of HBM bandwidth and of the matmul peak (runtime best variant)
         bw, bf16 = ceil.get("copy_bytes_per_s"), ceil.get("bf16_flops")
@@ -583,7 +586,7 @@ def _step(doc: dict, out: Path) -> Section:
                 doc,
                 f"{shape_txt}; HBM {bw / 1e12 if bw else 0:.2f} TB/s, bf16 {bf16 / 1e12 if bf16 else 0:.0f} TFLOP/s measured",
             )
-            s.figures.append(_save(fig, out / "report-step-fractions.png"))
+            s.figures.append(_save(fig, out / f"report-step-fractions{suffix}.png"))
 
         # 3. stacked per-stage bars (plain variants)
         bars = [
@@ -601,7 +604,7 @@ def _step(doc: dict, out: Path) -> Section:
                 _stacked(ax, labels, [p["stage_ms"] for p in sub], [p.get("step_ms") for p in sub])
                 ax.set_title(ph, fontsize=9)
             _title(fig, "EPMoE step: per-stage breakdown (rank 0, last step's telemetry)", doc, shape_txt)
-            s.figures.append(_save(fig, out / "report-step-stages.png"))
+            s.figures.append(_save(fig, out / f"report-step-stages{suffix}.png"))
 
     cols = [
         ("weights", "scheme"),
@@ -770,9 +773,7 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
             continue
         try:
             if kind == "layer":
-                first = _device_order(by_kind[kind])[0]
-                mine = [d for d in by_kind[kind] if _dev(d).get("device", "unknown") == first]
-                sections.append(_layer(mine, plots_dir))
+                sections.append(_layer(_by_device(by_kind[kind])[0][1], plots_dir))
             else:
                 sections.extend(_per_device(kind, by_kind[kind], plots_dir))
         except Exception:  # noqa: BLE001 - one malformed file must not stop the report
@@ -782,36 +783,32 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
     return sections, notes
 
 
-def _device_order(docs: list[dict]) -> list[str]:
-    """Devices of `docs`, H200 first (the issues state their targets on it), then newest first."""
-    newest: dict[str, str] = {}
+def _device_name(doc: dict) -> str:
+    return str(_dev(doc).get("device", "unknown"))
+
+
+def _by_device(docs: list[dict]) -> list[tuple[str, list[dict]]]:
+    """`docs` grouped by device: H200 first (the issues state their targets on it), then the device
+    with the newest document first."""
+    groups: dict[str, list[dict]] = defaultdict(list)
     for d in docs:
-        name = str(_dev(d).get("device", "unknown"))
-        newest[name] = max(newest.get(name, ""), str(d.get("date", "")))
-    by_date = sorted(newest, key=lambda n: newest[n], reverse=True)
-    return sorted(by_date, key=lambda n: "H200" not in n)
+        groups[_device_name(d)].append(d)
+    newest = {name: max(str(d.get("date", "")) for d in g) for name, g in groups.items()}
+    order = sorted(sorted(groups, key=newest.__getitem__, reverse=True), key=lambda n: "H200" not in n)
+    return [(name, groups[name]) for name in order]
 
 
 def _per_device(kind: str, docs: list[dict], plots_dir: Path) -> list[Section]:
-    """One section per device from its newest `<kind>` document (variants such as
-    `masked_gemm-inexact-fp8` are evidence files, not sections). The first device's figures keep
-    the plain names (`report-<kind>.png`); the others' get the device as a suffix."""
+    """One section per device from its newest document named exactly `kind` (others of the kind,
+    e.g. `*-cpu-smoke` under `--include-smoke`, only when there is none). The first device's
+    figures keep the plain names (`report-<kind>.png`); the others' get the device as a suffix."""
     plain = [d for d in docs if d["what"] == kind] or docs
-    devices = _device_order(plain)
-    out: list[Section] = []
-    for i, dev in reversed(list(enumerate(devices))):  # the first device last: it keeps the plain names
-        mine = [d for d in plain if _dev(d).get("device", "unknown") == dev]
-        sec = BUILDERS[kind](max(mine, key=lambda d: str(d.get("date", ""))), plots_dir)
-        if i > 0:
-            slug = dev.replace("NVIDIA ", "").strip().replace(" ", "-").lower()
-            renamed = []
-            for f in sec.figures:
-                target = f.with_name(f"{f.stem}-{slug}{f.suffix}")
-                f.replace(target)
-                renamed.append(target)
-            sec.figures = renamed
-        out.insert(0, sec)
-    return out
+    return [
+        BUILDERS[kind](
+            max(mine, key=lambda d: str(d.get("date", ""))), plots_dir, "" if i == 0 else f"-{normalise(dev)}"
+        )
+        for i, (dev, mine) in enumerate(_by_device(plain))
+    ]
 
 
 INTRO = """# Performance
