@@ -294,8 +294,9 @@ class EPMoE(torch.nn.Module):
             self._check_finite(hidden)
 
     def _check_finite(self, hidden: torch.Tensor) -> None:
-        """`check_finite`: one host sync and, with several ranks, one all-reduce of the verdict, so
-        a bad input on one rank stops the step on every rank (no peer is left in a collective)."""
+        """`check_finite` (a debug switch, so off the hot path): the verdict read on the host and,
+        with several ranks, one all-reduce of it, so a bad input on one rank stops the step on every
+        rank (no peer is left in a collective)."""
         bad = int(not bool(torch.isfinite(hidden).all()))
         any_bad = self._all_reduce_max([bad])[0]
         if bad:

@@ -103,7 +103,7 @@ def test_router_gemm_gpu(rng_seed, shape, T, impl):
 
 SCHEMES = ["bf16", "bf16_fp8x", "fp8_block", "fp8_block_fp8x", "w4a8"]
 # fp8_block: 3e-2 on GPU. Measured worst of 12 seeds on an H200 (max |err| / max |ref| per expert):
-# fp8_block 1.9e-2 (bf16 x, quantised in-kernel), fp8_block_fp8x 2.3e-2; w4a8 4.9e-2. At real K the
+# fp8_block 1.9e-2 (bf16 x, quantised over its valid rows first), fp8_block_fp8x 2.3e-2; w4a8 4.9e-2. At real K the
 # flipped e4m3 roundings of the requantised intermediate add up further than at the CPU tests'
 # sizes. When bf16 x was quantised inside the GEMM's K loop (before `_masked_group_quant`),
 # fp8_block reached 3.0e-2 on the H200 and 4.6e-2 on an H100, failing 3 of 7 runs there.
