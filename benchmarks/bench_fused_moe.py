@@ -122,10 +122,12 @@ def candidates(rows_per_expert: float, scheme: str):
 
 def _block_candidates(rows_per_expert: float, scheme: str):
 
-    def c(bn, bk, w, s, g=8, m=False):
+    def c(bn, bk, w, s, g=8, m=False, tma=False):
         d = dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)
         if m:
             d["MERGE_GU"] = True
+        if tma:
+            d["TMA"] = True
         return d
 
     fp8 = scheme != "bf16"
@@ -143,18 +145,40 @@ def _block_candidates(rows_per_expert: float, scheme: str):
     # Prefill. MERGE_GU = one [BLOCK_K, 2*BLOCK_N] gate|up tile per K step (one wider dot). Registers
     # (ptxas sm_90, checked on the CPU): fp8 keeps a dot temporary as large as the accumulator, so its
     # gate|up tile stays at 128 columns per warpgroup row block (128x(2*64) or 64x(2*128) with 8 warps).
+    # TMA = weight tiles (and the down GEMM's activation tiles) through tensor descriptors. A TMA
+    # gate_up loads gate and up tiles apart (two accumulators): the sm_90 compile of fp8 64x(2x128)
+    # with 4 warps spills, so fp8 TMA gate_up tiles stay at 64 columns per 4 warps.
     if fp8:
         # First H200 sweep: BLOCK_M=64 with 4 warps won every fp8 prefill bucket (more programs per
         # SM hide the per-K-block scale readout), so it is tried at every size.
-        gu = [c(64, 128, 8, 4, m=True), c(64, 128, 8, 3, m=True)]
-        dn = [c(128, 128, 8, 3)]
-        gu64 = [c(64, 128, 4, 4, m=True), c(64, 128, 4, 3, m=True), c(128, 128, 8, 3, m=True)]
-        dn64 = [c(128, 128, 4, 4), c(128, 128, 4, 3), c(256, 128, 8, 3)]
+        gu = [c(64, 128, 8, 4, m=True), c(64, 128, 8, 3, m=True), c(64, 128, 8, 4, tma=True)]
+        dn = [c(128, 128, 8, 3), c(128, 128, 8, 4, tma=True)]
+        gu64 = [
+            c(64, 128, 4, 4, m=True),
+            c(64, 128, 4, 3, m=True),
+            c(128, 128, 8, 3, m=True),
+            c(64, 128, 4, 4, tma=True),
+            c(128, 128, 8, 4, tma=True),
+        ]
+        dn64 = [c(128, 128, 4, 4), c(128, 128, 4, 3), c(256, 128, 8, 3), c(128, 128, 4, 4, tma=True)]
         return [(64, gu64, dn64), (128, gu, dn)]
-    gu = [c(128, 64, 8, 4), c(128, 64, 8, 4, m=True), c(128, 64, 8, 3, m=True)]
-    dn = [c(256, 64, 8, 3), c(256, 64, 8, 4), c(128, 128, 8, 3)]
-    gu64 = [c(128, 64, 4, 4, m=True), c(128, 64, 8, 4, m=True)]
-    dn64 = [c(256, 64, 8, 4), c(128, 64, 4, 4)]
+    gu = [
+        c(128, 64, 8, 4),
+        c(128, 64, 8, 4, m=True),
+        c(128, 64, 8, 3, m=True),
+        c(128, 64, 8, 4, tma=True),
+        c(128, 64, 8, 3, tma=True),
+    ]
+    dn = [
+        c(256, 64, 8, 3),
+        c(256, 64, 8, 4),
+        c(128, 128, 8, 3),
+        c(256, 64, 8, 4, tma=True),
+        c(256, 64, 8, 3, tma=True),
+        c(128, 64, 8, 4, tma=True),
+    ]
+    gu64 = [c(128, 64, 4, 4, m=True), c(128, 64, 8, 4, m=True), c(128, 64, 8, 4, tma=True)]
+    dn64 = [c(256, 64, 8, 4), c(128, 64, 4, 4), c(256, 64, 8, 4, tma=True)]
     if rows_per_expert <= 512:
         # Each expert pads to a multiple of BLOCK_M: at a few hundred rows per expert BLOCK_M=128
         # wastes a share of the tiles and fills fewer SMs, so BLOCK_M=64 competes.
@@ -166,19 +190,16 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
     T, D = x.shape
     K = ids.shape[1]
     L, inter = w13.shape[0], w13.shape[1] // 2
-    if scheme == "bf16":
-        a1, a1s = x, None
-        act = torch.randn(T * K, inter, device=x.device, dtype=torch.bfloat16)
-        a2, a2s = act, None
-    else:
-        a1, a1s = per_token_group_quant_fp8(x)
-        a2, a2s = per_token_group_quant_fp8(torch.randn(T * K, inter, device=x.device, dtype=torch.bfloat16))
+    a1, a1s = (x, None) if scheme == "bf16" else per_token_group_quant_fp8(x)
     flat_w = w.reshape(-1)
     best = None
     log = []
     for bm, gus, dns in candidates(T * K / L, scheme):
         align = fm.moe_align_block_size(ids, bm, L)
-        act_out = torch.empty(T * K, inter, device=x.device, dtype=torch.bfloat16)
+        # the intermediate has one row per sorted position (as fused_moe allocates it)
+        act_out = torch.empty(align[0].shape[0], inter, device=x.device, dtype=torch.bfloat16)
+        act = torch.randn(align[0].shape[0], inter, device=x.device, dtype=torch.bfloat16)
+        a2, a2s = (act, None) if scheme == "bf16" else per_token_group_quant_fp8(act)
         atomic = K > 2
         # fused top-k sum: fp32 [T, D] accumulated atomically; unfused: one bf16 row per slot [T*K, D]
         acc = (
@@ -187,7 +208,9 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
             else torch.zeros(T * K, D, device=x.device, dtype=torch.bfloat16)
         )
 
-        def time_one(cfg, gate_up, bm=bm, align=align, act_out=act_out, acc=acc, atomic=atomic):
+        def time_one(
+            cfg, gate_up, bm=bm, align=align, act_out=act_out, acc=acc, atomic=atomic, a2=a2, a2s=a2s
+        ):
             if gate_up:
                 fn = functools.partial(
                     fm._launch_gemm,

@@ -4,9 +4,10 @@ down GEMM with the top-k weight (and optionally the top-k sum) in its epilogue.
 Pipeline of `fused_moe` (no host synchronisation anywhere; CUDA-graph capturable):
 
     topk_ids [T, K] --moe_align_block_size--> sorted_token_ids (slots grouped by expert, padded to BLOCK_M)
-    x [T, D] --gate_up grouped GEMM (rows gathered by slot // K), SiLU(gate) * up in the epilogue--> act [T*K, I]
+    x [T, D] --gate_up grouped GEMM (rows gathered by slot // K), SiLU(gate) * up in the epilogue-->
+        act [S, I] (row p = slot sorted_token_ids[p]; padding rows unwritten)
     (fp8 schemes: act quantised per token per 128-channel group)
-    act --down grouped GEMM, * topk_weight in the epilogue--> either
+    act --down grouped GEMM (contiguous row blocks), * topk_weight in the epilogue--> either
         fused top-k sum:  fp32 acc [T, D] += (tl.atomic_add at row slot // K), then one cast to out_dtype
         unfused:          tmp [T*K, D] out_dtype, then tmp.view(T, K, D).sum(1) (fp32 accumulation)
 
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ep_runtime.kernels.quant import (
     FP8_DTYPE,
@@ -210,7 +212,10 @@ def moe_align_block_size(
         HAS_MAP=expert_map is not None,
         BLOCK_M=block_m,
         NUM_BINS=triton.next_power_of_2(num_experts + 1),
-        CHUNK=1024,
+        # Every program scans all slots twice: wider chunks (and warps) mean fewer dependent steps
+        # for prefill-size T*K.
+        CHUNK=4096 if num_slots > 4096 else 1024,
+        num_warps=8 if num_slots > 4096 else 4,
     )
     return sorted_ids, expert_ids, num_post
 
@@ -297,12 +302,15 @@ def _fused_moe_gemm_kernel(
     sorted_ids_ptr,
     expert_ids_ptr,
     num_post_ptr,
+    a_desc,
+    b_desc,
     # sizes
     N,
     K,
     num_slots,
     top_k,
     up_offset,
+    rows_per_expert,
     # strides (elements)
     stride_am,
     stride_ak,
@@ -329,17 +337,28 @@ def _fused_moe_gemm_kernel(
     EVEN_K: tl.constexpr,
     MERGE_GU: tl.constexpr,
     INT4_MAGIC: tl.constexpr,
+    TMA_A: tl.constexpr,
+    TMA_B: tl.constexpr,
 ):
     """One program = one M-block of one expert x one N-block.
 
-    GATE_UP: a rows are tokens `slot // top_k`; two accumulators (gate rows [n], up rows [up_offset + n]
-    of w13), epilogue silu(gate) * up stored at row `slot` of c [T*K, N].
-    else (down): a rows are slots; epilogue * topk_weight[slot]; ATOMIC adds into c [T, N] fp32 at row
-    `slot // top_k`, otherwise stores at row `slot`.
+    Rows of the intermediate `act` are positions in `sorted_token_ids` (grouped by expert), so the down
+    GEMM reads whole contiguous row blocks of it.
+    GATE_UP: a rows are tokens `slot // top_k` (a gather); two accumulators (gate rows [n], up rows
+    [up_offset + n] of w13), epilogue silu(gate) * up stored at row `position` of c [S, N] (valid
+    slots only; padding positions are not written).
+    else (down): a rows are positions `[pid_m * BLOCK_M, +BLOCK_M)` of act; epilogue * topk_weight[slot];
+    ATOMIC adds into c [T, N] fp32 at row `slot // top_k`, otherwise stores at row `slot` of c [T*K, N].
     b is [E, N_total, K] (k contiguous) or, for w4a8, [E, N_total, K/2] uint8.
     MERGE_GU (GATE_UP only): one [BLOCK_K, 2*BLOCK_N] weight tile (gate columns then up columns) and one
     [BLOCK_M, 2*BLOCK_N] accumulator, so each K step is one wider tensor-core dot (one read of the A
     tile from shared memory, one scale multiply for fp8) instead of two; split in the epilogue.
+    TMA_B: weight tiles come through the tensor descriptor `b_desc` over b viewed as
+    [E * rows_per_expert, K] with block [BLOCK_N, BLOCK_K] (Hopper TMA: no address arithmetic in the
+    loop; K past the end reads zeros; rows past an expert's N land in columns the store masks off).
+    TMA_A (down only): the act row block through `a_desc` ([S, K], block [BLOCK_M, BLOCK_K]).
+    fp8_block with BLOCK_N <= 128 and no merged tile: every column of a weight tile shares one block
+    scale, so the per-K-step rescale is one multiply-add per accumulator element (row scale * scalar).
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -361,10 +380,9 @@ def _fused_moe_gemm_kernel(
     slot = tl.load(sorted_ids_ptr + offs_m)
     row_ok = slot < num_slots
     if GATE_UP:
-        a_row = slot // top_k
+        a_row = tl.where(row_ok, slot // top_k, 0).to(tl.int64)
     else:
-        a_row = slot
-    a_row = tl.where(row_ok, a_row, 0).to(tl.int64)
+        a_row = offs_m.to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_bn = (offs_n % N).to(tl.int64)
@@ -383,21 +401,28 @@ def _fused_moe_gemm_kernel(
         offs_brow = offs_bn
     TILE_N: tl.constexpr = 2 * BLOCK_N if MERGE_GU else BLOCK_N
     b_ptrs = b_base + offs_brow[None, :] * stride_bn
+    b_row0 = (expert * rows_per_expert + pid_n * BLOCK_N).to(tl.int32)  # TMA_B: first weight row
     acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
     SPLIT_UP: tl.constexpr = GATE_UP and not MERGE_GU
     if SPLIT_UP:
         b_up_ptrs = b_base + (offs_bn + up_offset)[None, :] * stride_bn
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    SCALAR_BS: tl.constexpr = SCHEME == 1 and not MERGE_GU and BLOCK_N <= 128
     if SCHEME != 0:
         a_s_ptrs = a_scale_ptr + a_row * stride_asm
-        if SCHEME == 1:
-            b_s_row = offs_brow // 128
-            b_s_row_up = (offs_bn + up_offset) // 128
+        if SCALAR_BS:
+            b_s_ptrs = b_scale_ptr + expert * stride_bse + (pid_n * BLOCK_N // 128) * stride_bsn
+            b_s_up_ptrs = (
+                b_scale_ptr + expert * stride_bse + ((pid_n * BLOCK_N + up_offset) // 128) * stride_bsn
+            )
         else:
-            b_s_row = offs_brow
-            b_s_row_up = offs_bn + up_offset
-        b_s_ptrs = b_scale_ptr + expert * stride_bse + b_s_row * stride_bsn
-        if SPLIT_UP:
+            if SCHEME == 1:
+                b_s_row = offs_brow // 128
+                b_s_row_up = (offs_bn + up_offset) // 128
+            else:
+                b_s_row = offs_brow
+                b_s_row_up = offs_bn + up_offset
+            b_s_ptrs = b_scale_ptr + expert * stride_bse + b_s_row * stride_bsn
             b_s_up_ptrs = b_scale_ptr + expert * stride_bse + b_s_row_up * stride_bsn
 
     if SCHEME == 2:
@@ -406,14 +431,22 @@ def _fused_moe_gemm_kernel(
         b_step = BLOCK_K * stride_bk
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_rem = K - kb * BLOCK_K
-        # Padding rows read row 0 (a_row was clamped) and are dropped at the store: no row mask.
-        if EVEN_K:
+        # Padding rows read row 0 (gate_up: a_row was clamped) or unwritten act rows (down); either
+        # way they are dropped at the store: no row mask.
+        if TMA_A:
+            a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+        elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_rem, other=0.0)
-        b = _load_b_tile(b_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, TILE_N, EVEN_K, INT4_MAGIC)
-        if SPLIT_UP:
-            b_up = _load_b_tile(b_up_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N, EVEN_K, INT4_MAGIC)
+        if TMA_B:
+            b = b_desc.load([b_row0, kb * BLOCK_K]).T
+            if SPLIT_UP:
+                b_up = b_desc.load([b_row0 + up_offset, kb * BLOCK_K]).T
+        else:
+            b = _load_b_tile(b_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, TILE_N, EVEN_K, INT4_MAGIC)
+            if SPLIT_UP:
+                b_up = _load_b_tile(b_up_ptrs, k_rem, offs_k, SCHEME, BLOCK_K, BLOCK_N, EVEN_K, INT4_MAGIC)
         if SCHEME == 0:
             if UPCAST:
                 a = a.to(tl.float32)
@@ -426,10 +459,16 @@ def _fused_moe_gemm_kernel(
         else:
             a_s = tl.load(a_s_ptrs + kb * stride_ask)
             b_s = tl.load(b_s_ptrs + kb * stride_bsk)
-            acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+            if SCALAR_BS:
+                acc += tl.dot(a, b) * (a_s * b_s)[:, None]
+            else:
+                acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
             if SPLIT_UP:
                 b_s_up = tl.load(b_s_up_ptrs + kb * stride_bsk)
-                acc_up += tl.dot(a, b_up) * (a_s[:, None] * b_s_up[None, :])
+                if SCALAR_BS:
+                    acc_up += tl.dot(a, b_up) * (a_s * b_s_up)[:, None]
+                else:
+                    acc_up += tl.dot(a, b_up) * (a_s[:, None] * b_s_up[None, :])
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += b_step
         if SPLIT_UP:
@@ -443,7 +482,7 @@ def _fused_moe_gemm_kernel(
         else:
             gate, up = acc, acc_up
         out = gate / (1.0 + tl.exp(-gate)) * up
-        c_ptrs = c_ptr + slot.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
     else:
         if MUL_WEIGHT:
@@ -527,8 +566,10 @@ def get_config(
     """Block config for one fused_moe call: the tuned entry of `kernels/configs/fused_moe.json` for
     (device, L, I, D, scheme) at the T-bucket nearest T (in log scale), else `heuristic_config`.
 
-    Returns `{"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, MERGE_GU]},
-    "down": {...}}` (MERGE_GU, gate_up only, default False: one merged gate|up weight tile per K step;
+    Returns `{"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, MERGE_GU,
+    TMA]}, "down": {...}}` (TMA, bf16 and fp8_block, default False: weight tiles, and the down GEMM's
+    activation tiles, through Hopper TMA descriptors, see `_descriptor`;
+    MERGE_GU, gate_up only, default False: one merged gate|up weight tile per K step;
     INT4_MAGIC, w4a8 only, default 0: how int4 weights become e4m3, see `quant.int4_to_e4m3`).
     """
     path = str(path or CONFIG_DIR / "fused_moe.json")
@@ -562,11 +603,30 @@ def _check_config(config: dict[str, Any], scheme: str) -> None:
             raise ValueError(
                 f"config[{name!r}]['BLOCK_K'] must be {GROUP} for scheme {scheme!r}, got {g['BLOCK_K']}"
             )
+        if g.get("TMA", False) not in (False, True):
+            raise ValueError(f"config[{name!r}]['TMA'] must be true or false, got {g['TMA']!r}")
+        if g.get("TMA", False) and scheme == "w4a8":
+            raise ValueError(f"config[{name!r}]['TMA'] is for schemes 'bf16' and 'fp8_block', not 'w4a8'")
+        if g.get("TMA", False) and g.get("MERGE_GU", False):
+            raise ValueError(
+                f"config[{name!r}] cannot set both TMA and MERGE_GU (TMA loads gate and up tiles apart)"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
+
+
+def _descriptor(t: torch.Tensor | None, block_rows: int, cfg: dict[str, Any]) -> TensorDescriptor | None:
+    """A TMA descriptor over the 2-D `t` with block [block_rows, BLOCK_K], or None where TMA cannot
+    address it (no tensor, rows not 16-byte aligned, a strided last dim, a CPU tensor outside the
+    interpreter): the kernel then loads that operand through pointers, as without `TMA`."""
+    if t is None or t.dim() != 2 or t.stride(1) != 1 or not (t.is_cuda or _INTERPRET):
+        return None
+    if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16 or t.shape[0] == 0:
+        return None
+    return TensorDescriptor.from_tensor(t, [block_rows, cfg["BLOCK_K"]])
 
 
 def _launch_gemm(
@@ -594,6 +654,11 @@ def _launch_gemm(
     num_pid_m = sorted_ids.shape[0] // block_m
     grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
     sid = _SCHEME_ID[scheme]
+    b_desc = a_desc = None
+    if cfg.get("TMA", False):
+        b_desc = _descriptor(b.reshape(-1, b.shape[-1]) if b.is_contiguous() else None, cfg["BLOCK_N"], cfg)
+        if not gate_up:
+            a_desc = _descriptor(a, block_m, cfg)
     if sid == 0:
         a_scale = b_scale = a  # unused pointers
         s_a = (0, 0)
@@ -611,11 +676,14 @@ def _launch_gemm(
         sorted_ids,
         expert_ids,
         num_post,
+        a_desc,
+        b_desc,
         n,
         k,
         num_slots,
         top_k,
         up_offset,
+        b.shape[1],
         a.stride(0),
         a.stride(1),
         b.stride(0),
@@ -640,6 +708,8 @@ def _launch_gemm(
         EVEN_K=k % cfg["BLOCK_K"] == 0,
         MERGE_GU=bool(gate_up and cfg.get("MERGE_GU", False)),
         INT4_MAGIC=bool(sid == 2 and cfg.get("INT4_MAGIC", 0)),
+        TMA_A=a_desc is not None,
+        TMA_B=b_desc is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -786,7 +856,9 @@ def fused_moe(
     num_slots = num_tokens * top_k
     align = moe_align_block_size(topk_ids, block_m, num_experts)
 
-    act = torch.empty((num_slots, inter), dtype=torch.bfloat16, device=dev)
+    # One row per position of sorted_token_ids (slots grouped by expert, padding rows left unwritten),
+    # so the down GEMM reads contiguous row blocks.
+    act = torch.empty((align[0].shape[0], inter), dtype=torch.bfloat16, device=dev)
     _launch_gemm(
         a1,
         w13,

@@ -93,10 +93,12 @@ def test_cuda_graph_capture_no_host_sync():
     torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=1e-3)
 
 
-def _prefill_cfg(scheme, block_m, gu_n, dn_n, warps, stages, merge):
+def _prefill_cfg(scheme, block_m, gu_n, dn_n, warps, stages, merge, tma=False):
     bk = 64 if scheme == "bf16" else 128
     gu = dict(BLOCK_N=gu_n, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages, MERGE_GU=merge)
     dn = dict(BLOCK_N=dn_n, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    if tma:
+        gu["TMA"] = dn["TMA"] = True
     return dict(BLOCK_M=block_m, gate_up=gu, down=dn)
 
 
@@ -108,9 +110,14 @@ def _prefill_cfg(scheme, block_m, gu_n, dn_n, warps, stages, merge):
         ("fp8_block", _prefill_cfg("fp8_block", 128, 64, 128, 8, 3, True)),
         ("fp8_block", _prefill_cfg("fp8_block", 64, 128, 128, 8, 3, True)),
         ("w4a8", _prefill_cfg("w4a8", 128, 64, 128, 8, 3, True)),
+        ("bf16", _prefill_cfg("bf16", 128, 128, 256, 8, 3, False, tma=True)),
+        ("bf16", _prefill_cfg("bf16", 64, 128, 256, 8, 4, False, tma=True)),
+        ("fp8_block", _prefill_cfg("fp8_block", 64, 64, 128, 4, 4, False, tma=True)),
+        ("fp8_block", _prefill_cfg("fp8_block", 128, 64, 128, 8, 4, False, tma=True)),
     ],
 )
 def test_prefill_tiles_merged_gate_up(scheme, cfg):
-    """Prefill-size tiles with the merged gate|up weight tile (the tuned table may pick them)."""
+    """Prefill-size tiles with the merged gate|up weight tile, or TMA tiles (the tuned table may pick
+    either)."""
     torch.manual_seed(6)
     _case(T=1024, K=8, L=16, D=7168, inter=2048, scheme=scheme, fused=True, config=cfg)

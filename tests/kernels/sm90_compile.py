@@ -30,7 +30,17 @@ from ep_runtime.kernels import select_experts as se
 SPECIALISED = {
     "_fused_moe_gemm_kernel": dict(
         ones=("stride_ak", "stride_bk", "stride_cn", "stride_ask", "stride_bsk"),
-        div16=("N", "K", "up_offset", "stride_am", "stride_be", "stride_bn", "stride_cm", "stride_bse"),
+        div16=(
+            "N",
+            "K",
+            "up_offset",
+            "rows_per_expert",
+            "stride_am",
+            "stride_be",
+            "stride_bn",
+            "stride_cm",
+            "stride_bse",
+        ),
     ),
     "_router_gemm_kernel": dict(
         ones=("stride_xd", "stride_wd", "stride_oe"), div16=("D", "stride_xt", "stride_we")
@@ -103,6 +113,27 @@ def fused_ptrs(scheme: int, gate_up: bool) -> dict[str, str]:
                 num_post_ptr="*i32")  # fmt: skip
 
 
+def fused_ce(**ce) -> dict:
+    """Constexprs of one fused MoE GEMM launch; no tensor descriptors unless the case gives them
+    (a descriptor argument is then typed in the case's pointer types instead)."""
+    return dict(dict(a_desc=None, b_desc=None, TMA_A=False, TMA_B=False), **ce)
+
+
+def tma_ptrs(
+    ce: dict, ptrs: dict, scheme: int, gate_up: bool, block_m: int, block_n: int, block_k: int
+) -> dict:
+    """`ptrs` plus the descriptor types of a TMA launch (weights always, activations in the down
+    GEMM); the descriptors given are taken out of the constexprs `ce`."""
+    elem = "bf16" if scheme == 0 else "fp8e4nv"
+    out = dict(ptrs, b_desc=f"tensordesc<{elem}[{block_n}, {block_k}]>")
+    if not gate_up:
+        out["a_desc"] = f"tensordesc<{elem}[{block_m}, {block_k}]>"
+    for name in ("a_desc", "b_desc"):
+        if name in out:
+            ce.pop(name, None)
+    return out
+
+
 def cases():
     for gated in (True, False):
         for magic in (False, True):
@@ -119,14 +150,28 @@ def cases():
             )
     for gate_up in (True, False):
         for magic in (False, True):
-            ce = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SCHEME=2, GATE_UP=gate_up,
-                      MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True, MERGE_GU=gate_up,
-                      INT4_MAGIC=magic)  # fmt: skip
+            ce = fused_ce(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SCHEME=2, GATE_UP=gate_up,
+                          MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
+                          MERGE_GU=gate_up, INT4_MAGIC=magic)  # fmt: skip
             name = f"fused-w4a8-{'gate_up' if gate_up else 'down'}-magic{int(magic)}"
             yield name, fm._fused_moe_gemm_kernel, fused_ptrs(2, gate_up), ce, 4, 4
-    ce = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SCHEME=0, GATE_UP=True, MUL_WEIGHT=False,
-              ATOMIC=False, UPCAST=False, EVEN_K=True, MERGE_GU=True, INT4_MAGIC=False)  # fmt: skip
+    ce = fused_ce(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SCHEME=0, GATE_UP=True, MUL_WEIGHT=False,
+                  ATOMIC=False, UPCAST=False, EVEN_K=True, MERGE_GU=True, INT4_MAGIC=False)  # fmt: skip
     yield "fused-bf16-gate_up", fm._fused_moe_gemm_kernel, fused_ptrs(0, True), ce, 8, 4
+    # TMA tiles (weights; the down GEMM's activations too) for both tensor-core schemes
+    # (the bench's prefill TMA candidates)
+    tma_tiles = ((0, True, 128, 128, 64, 8), (0, False, 128, 256, 64, 8), (1, True, 64, 64, 128, 4),
+                 (1, False, 64, 128, 128, 4))  # fmt: skip
+    for scheme, gate_up, bm, bn, bk, warps in tma_tiles:
+        ce = fused_ce(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCHEME=scheme, GATE_UP=gate_up,
+                      MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
+                      MERGE_GU=False, INT4_MAGIC=False, TMA_A=not gate_up, TMA_B=True)  # fmt: skip
+        ptrs = fused_ptrs(0 if scheme == 0 else 2, gate_up)
+        if scheme == 1:
+            ptrs["b_ptr"] = "*fp8e4nv"
+        ptrs = tma_ptrs(ce, ptrs, scheme, gate_up, bm, bn, bk)
+        name = f"fused-tma-{'bf16' if scheme == 0 else 'fp8'}-{'gate_up' if gate_up else 'down'}"
+        yield name, fm._fused_moe_gemm_kernel, ptrs, ce, warps, 4
     select_ptrs = dict(
         logits_ptr="*fp32", bias_ptr="*fp32", ids_ptr="*i64", weights_ptr="*fp32", scaling="fp32"
     )
@@ -156,11 +201,13 @@ def table_cases():
                 for stage in ("gate_up", "down"):
                     g = cfg[stage]
                     gate_up = stage == "gate_up"
-                    ce = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"],
-                              GROUP_M=g["GROUP_M"], SCHEME=sid, GATE_UP=gate_up, MUL_WEIGHT=not gate_up,
-                              ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
-                              MERGE_GU=bool(gate_up and g.get("MERGE_GU", False)),
-                              INT4_MAGIC=bool(sid == 2 and g.get("INT4_MAGIC", 0)))  # fmt: skip
+                    tma = bool(g.get("TMA", False))
+                    ce = fused_ce(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"],
+                                  GROUP_M=g["GROUP_M"], SCHEME=sid, GATE_UP=gate_up, MUL_WEIGHT=not gate_up,
+                                  ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
+                                  MERGE_GU=bool(gate_up and g.get("MERGE_GU", False)),
+                                  INT4_MAGIC=bool(sid == 2 and g.get("INT4_MAGIC", 0)),
+                                  TMA_A=tma and not gate_up, TMA_B=tma)  # fmt: skip
                     key = ("fused", sid, g["num_warps"], g["num_stages"], tuple(sorted(ce.items())))
                     if key in seen:
                         continue
@@ -168,6 +215,8 @@ def table_cases():
                     ptrs = fused_ptrs(0 if sid == 0 else 2, gate_up)
                     if sid == 1:
                         ptrs["b_ptr"] = "*fp8e4nv"
+                    if tma:
+                        ptrs = tma_ptrs(ce, ptrs, sid, gate_up, cfg["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"])
                     name = f"table-fused-{dev}-{scheme}-{stage}-BM{ce['BLOCK_M']}-BN{ce['BLOCK_N']}-BK{ce['BLOCK_K']}-w{g['num_warps']}-s{g['num_stages']}"
                     yield name, fm._fused_moe_gemm_kernel, ptrs, ce, g["num_warps"], g["num_stages"]
     router = json.loads(Path(rg.CONFIG_PATH).read_text()).get("devices", {})
@@ -244,6 +293,7 @@ def main() -> int:
         out[name] = {
             "mma": sorted(set(re.findall(r"(wgmma\.mma_async\S*|mma\.sync\S*)", k.asm["ptx"]))),
             "ops": sass_ops(k),
+            "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", k.asm["ptx"])),
         }
     print(json.dumps(out))
     return 0

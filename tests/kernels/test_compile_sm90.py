@@ -54,6 +54,14 @@ def test_bf16_prefill_uses_bf16_tensor_cores(compiled):
     assert _uses(r, "wgmma.mma_async") and _uses(r, "bf16.bf16"), r["mma"]
 
 
+@pytest.mark.parametrize("kernel", ["fused-tma-bf16-gate_up", "fused-tma-bf16-down", "fused-tma-fp8-gate_up",
+                                    "fused-tma-fp8-down"])  # fmt: skip
+def test_tma_tiles_load_through_tma_without_spills(compiled, kernel):
+    r = compiled[kernel]
+    assert r["tma_loads"] > 0 and any("wgmma.mma_async" in m for m in r["mma"]), r
+    assert r["ops"].get("STL", 0) == 0, (kernel, r["ops"].get("STL"))
+
+
 def test_every_shipped_table_config_compiles_for_hopper(compiled):
     """A tuned-table entry that does not compile would only fail on a GPU, mid-run."""
     table = {name: r for name, r in compiled.items() if name.startswith("table-")}

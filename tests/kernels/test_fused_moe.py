@@ -241,14 +241,16 @@ def test_merged_gate_up_tile(rng_seed, scheme, D, inter, block_n):
 
 
 def test_gate_up_writes_every_valid_row(rng_seed):
-    """Launch the gate_up GEMM alone into a NaN-poisoned buffer: valid slots written, others untouched."""
+    """Launch the gate_up GEMM alone into a NaN-poisoned buffer: the row of every position that holds
+    a valid slot is written (act is in sorted-position order), padding and tail rows stay untouched."""
     L, inter, D, T, K = 3, 40, 72, 7, 2
     w13, _, _, _, w13_f, _ = make_weights(L, inter, D, "bf16")
     ids, _ = random_routing(T, K, L, skip_frac=0.3)
     x = torch.randn(T, D).bfloat16()
     cfg = tiny_config("bf16")
-    act = torch.full((T * K, inter), float("nan"), dtype=torch.bfloat16)
     align = fm.moe_align_block_size(ids, cfg["BLOCK_M"], L)
+    sorted_ids = align[0].long()
+    act = torch.full((sorted_ids.shape[0], inter), float("nan"), dtype=torch.bfloat16)
     fm._launch_gemm(
         x,
         w13,
@@ -269,14 +271,39 @@ def test_gate_up_writes_every_valid_row(rng_seed):
         block_m=cfg["BLOCK_M"],
         cfg=cfg["gate_up"],
     )
-    valid = ids.reshape(-1) >= 0
-    assert torch.isfinite(act[valid]).all()
-    assert torch.isnan(act[~valid]).all()
-    tok = torch.arange(T * K)[valid] // K
-    e = ids.reshape(-1)[valid]
+    pos = sorted_ids < T * K
+    assert int(pos.sum()) == int((ids >= 0).sum())
+    assert torch.isfinite(act[pos]).all()
+    assert torch.isnan(act[~pos]).all()
+    slot = sorted_ids[pos]
+    tok = slot // K
+    e = ids.reshape(-1)[slot]
     h = torch.einsum("sd,snd->sn", x[tok].double(), w13_f[e].double())
     ref = h[:, :inter] * torch.sigmoid(h[:, :inter]) * h[:, inter:]
-    assert rel_err(act[valid], ref) < 1e-2
+    assert rel_err(act[pos], ref) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "scheme, D, inter, block_n, fused",
+    [("bf16", 72, 40, 16, True), ("bf16", 64, 48, 32, False), ("fp8_block", 256, 256, 64, True)],
+)
+def test_tma_tiles(rng_seed, scheme, D, inter, block_n, fused):
+    # TMA: weight tiles (and the down GEMM's activation tiles) through tensor descriptors; K not a
+    # multiple of BLOCK_K (bf16, the descriptor pads with zeros), I not a multiple of BLOCK_N (rows
+    # past an expert's N read its neighbour's and are masked), fp8 with one block scale per tile.
+    cfg = tiny_config(scheme, block_n=block_n)
+    for name in ("gate_up", "down"):
+        cfg[name]["TMA"] = True
+    run_case(T=9, K=3, L=3, D=D, inter=inter, scheme=scheme, fused=fused, config=cfg)
+
+
+def test_tma_falls_back_to_pointers_where_tma_cannot_address():
+    """A weight view that is not contiguous gets no descriptor (pointer loads, same result)."""
+    t = torch.randn(4, 64).bfloat16()
+    cfg = dict(BLOCK_K=32)
+    assert fm._descriptor(t, 16, cfg) is not None
+    assert fm._descriptor(t[:, :40].t(), 16, cfg) is None  # last dim strided
+    assert fm._descriptor(torch.randn(4, 36).bfloat16()[:, :35], 16, cfg) is None  # 70-byte rows
 
 
 def test_config_table_lookup(tmp_path):

@@ -60,6 +60,7 @@ def test_align_random_with_skips(rng_seed, block_m, impl):
     ids = torch.randint(-1, 7, (23, 3))
     check_align(ids, block_m, 7, impl=impl)
     check_align(torch.randint(-1, 5, (700, 4)), block_m, 5, impl=impl)  # several 1024-slot chunks
+    check_align(torch.randint(-1, 9, (1500, 6)), block_m, 9, impl=impl)  # 4096-slot chunks (> 4096 slots)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
