@@ -339,15 +339,18 @@ def _fused_moe_gemm_kernel(
     INT4_MAGIC: tl.constexpr,
     TMA_A: tl.constexpr,
     TMA_B: tl.constexpr,
+    A_SORTED: tl.constexpr,
 ):
     """One program = one M-block of one expert x one N-block.
 
     Rows of the intermediate `act` are positions in `sorted_token_ids` (grouped by expert), so the down
     GEMM reads whole contiguous row blocks of it.
-    GATE_UP: a rows are tokens `slot // top_k` (a gather); two accumulators (gate rows [n], up rows
+    GATE_UP: a rows are tokens `slot // top_k` (a gather), or with A_SORTED rows already gathered
+    into position order (`gather_sorted_rows`); two accumulators (gate rows [n], up rows
     [up_offset + n] of w13), epilogue silu(gate) * up stored at row `position` of c [S, N] (valid
     slots only; padding positions are not written).
-    else (down): a rows are positions `[pid_m * BLOCK_M, +BLOCK_M)` of act; epilogue * topk_weight[slot];
+    else (down, always A_SORTED): a rows are positions `[pid_m * BLOCK_M, +BLOCK_M)` of act; epilogue
+    * topk_weight[slot];
     ATOMIC adds into c [T, N] fp32 at row `slot // top_k`, otherwise stores at row `slot` of c [T*K, N].
     b is [E, N_total, K] (k contiguous) or, for w4a8, [E, N_total, K/2] uint8.
     MERGE_GU (GATE_UP only): one [BLOCK_K, 2*BLOCK_N] weight tile (gate columns then up columns) and one
@@ -356,7 +359,7 @@ def _fused_moe_gemm_kernel(
     TMA_B: weight tiles come through the tensor descriptor `b_desc` over b viewed as
     [E * rows_per_expert, K] with block [BLOCK_N, BLOCK_K] (Hopper TMA: no address arithmetic in the
     loop; K past the end reads zeros; rows past an expert's N land in columns the store masks off).
-    TMA_A (down only): the act row block through `a_desc` ([S, K], block [BLOCK_M, BLOCK_K]).
+    TMA_A (A_SORTED only): the activation row block through `a_desc` ([S, K], block [BLOCK_M, BLOCK_K]).
     fp8_block with BLOCK_N <= 128 and no merged tile: every column of a weight tile shares one block
     scale, so the per-K-step rescale is one multiply-add per accumulator element (row scale * scalar).
     """
@@ -379,10 +382,10 @@ def _fused_moe_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(sorted_ids_ptr + offs_m)
     row_ok = slot < num_slots
-    if GATE_UP:
-        a_row = tl.where(row_ok, slot // top_k, 0).to(tl.int64)
-    else:
+    if A_SORTED:
         a_row = offs_m.to(tl.int64)
+    else:
+        a_row = tl.where(row_ok, slot // top_k, 0).to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_bn = (offs_n % N).to(tl.int64)
@@ -431,7 +434,7 @@ def _fused_moe_gemm_kernel(
         b_step = BLOCK_K * stride_bk
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_rem = K - kb * BLOCK_K
-        # Padding rows read row 0 (gate_up: a_row was clamped) or unwritten act rows (down); either
+        # Padding rows read row 0 (a_row was clamped) or unwritten rows of a sorted operand; either
         # way they are dropped at the store: no row mask.
         if TMA_A:
             a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
@@ -495,6 +498,98 @@ def _fused_moe_gemm_kernel(
         else:
             c_ptrs = c_ptr + slot.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    src_ptr,
+    src_scale_ptr,
+    dst_ptr,
+    dst_scale_ptr,
+    sorted_ids_ptr,
+    num_post_ptr,
+    size,
+    D,
+    num_groups,
+    num_slots,
+    top_k,
+    stride_src,
+    stride_dst,
+    stride_ss_m,
+    stride_ss_g,
+    stride_ds_m,
+    stride_ds_g,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """dst[p] = src[sorted_ids[p] // top_k] for the positions p of valid slots (and the scale rows
+    likewise); padding positions and blocks past the padded total are left unwritten."""
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    num_post = tl.load(num_post_ptr)
+    if pid_r * BLOCK_R >= num_post:
+        return
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    slot = tl.load(sorted_ids_ptr + offs_r, mask=offs_r < size, other=num_slots)
+    ok = slot < num_slots
+    row = tl.where(ok, slot // top_k, 0).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = ok[:, None] & (offs_d < D)[None, :]
+    v = tl.load(src_ptr + row[:, None] * stride_src + offs_d[None, :], mask=m)
+    tl.store(dst_ptr + offs_r.to(tl.int64)[:, None] * stride_dst + offs_d[None, :], v, mask=m)
+    if HAS_SCALE:
+        if pid_d == 0:
+            offs_g = tl.arange(0, BLOCK_G)
+            mg = ok[:, None] & (offs_g < num_groups)[None, :]
+            sc = tl.load(src_scale_ptr + row[:, None] * stride_ss_m + offs_g[None, :] * stride_ss_g, mask=mg)
+            dst_s = dst_scale_ptr + offs_r.to(tl.int64)[:, None] * stride_ds_m + offs_g[None, :] * stride_ds_g
+            tl.store(dst_s, sc, mask=mg)
+
+
+def gather_sorted_rows(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    align: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    num_slots: int,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token rows (and their per-group scales) copied into sorted-position order: row p of the result
+    is row `sorted_token_ids[p] // top_k` of `a` for every valid slot; padding rows are unwritten.
+    This makes the gate_up GEMM's activation tiles contiguous (so TMA can load them) at the price of
+    one pass over T*K rows. One launch, no host sync."""
+    sorted_ids, _, num_post = align
+    size, hidden = sorted_ids.shape[0], a.shape[1]
+    out = torch.empty((size, hidden), dtype=a.dtype, device=a.device)
+    out_scale = None
+    if a_scale is not None:
+        out_scale = torch.empty((size, a_scale.shape[1]), dtype=a_scale.dtype, device=a.device)
+    block_d = min(1024, triton.next_power_of_2(hidden))
+    block_r = 16
+    grid = (triton.cdiv(size, block_r), triton.cdiv(hidden, block_d))
+    _gather_rows_kernel[grid](
+        a,
+        a_scale if a_scale is not None else a,
+        out,
+        out_scale if out_scale is not None else out,
+        sorted_ids,
+        num_post,
+        size,
+        hidden,
+        a_scale.shape[1] if a_scale is not None else 0,
+        num_slots,
+        top_k,
+        a.stride(0),
+        out.stride(0),
+        *(a_scale.stride() if a_scale is not None else (0, 0)),
+        *(out_scale.stride() if out_scale is not None else (0, 0)),
+        HAS_SCALE=a_scale is not None,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        BLOCK_G=triton.next_power_of_2(max(a_scale.shape[1], 1)) if a_scale is not None else 1,
+    )
+    return out, out_scale
 
 
 # --------------------------------------------------------------------------------------------------
@@ -567,8 +662,9 @@ def get_config(
     (device, L, I, D, scheme) at the T-bucket nearest T (in log scale), else `heuristic_config`.
 
     Returns `{"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, MERGE_GU,
-    TMA]}, "down": {...}}` (TMA, bf16 and fp8_block, default False: weight tiles, and the down GEMM's
-    activation tiles, through Hopper TMA descriptors, see `_descriptor`;
+    TMA]}, "down": {...}}` (TMA, bf16 and fp8_block, default False: weight and activation tiles
+    through Hopper TMA descriptors, see `_descriptor`; for gate_up the token rows are first gathered
+    into position order by `gather_sorted_rows`;
     MERGE_GU, gate_up only, default False: one merged gate|up weight tile per K step;
     INT4_MAGIC, w4a8 only, default 0: how int4 weights become e4m3, see `quant.int4_to_e4m3`).
     """
@@ -656,9 +752,11 @@ def _launch_gemm(
     sid = _SCHEME_ID[scheme]
     b_desc = a_desc = None
     if cfg.get("TMA", False):
+        if gate_up:  # token rows into position order first, so both operands' tiles are contiguous
+            a, a_scale = gather_sorted_rows(a, a_scale if sid != 0 else None, align, num_slots, top_k)
         b_desc = _descriptor(b.reshape(-1, b.shape[-1]) if b.is_contiguous() else None, cfg["BLOCK_N"], cfg)
-        if not gate_up:
-            a_desc = _descriptor(a, block_m, cfg)
+        a_desc = _descriptor(a, block_m, cfg)
+    a_sorted = not gate_up or cfg.get("TMA", False)
     if sid == 0:
         a_scale = b_scale = a  # unused pointers
         s_a = (0, 0)
@@ -710,6 +808,7 @@ def _launch_gemm(
         INT4_MAGIC=bool(sid == 2 and cfg.get("INT4_MAGIC", 0)),
         TMA_A=a_desc is not None,
         TMA_B=b_desc is not None,
+        A_SORTED=bool(a_sorted),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

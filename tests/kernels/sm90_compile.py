@@ -116,18 +116,19 @@ def fused_ptrs(scheme: int, gate_up: bool) -> dict[str, str]:
 def fused_ce(**ce) -> dict:
     """Constexprs of one fused MoE GEMM launch; no tensor descriptors unless the case gives them
     (a descriptor argument is then typed in the case's pointer types instead)."""
-    return dict(dict(a_desc=None, b_desc=None, TMA_A=False, TMA_B=False), **ce)
+    out = dict(dict(a_desc=None, b_desc=None, TMA_A=False, TMA_B=False), **ce)
+    out.setdefault("A_SORTED", not out["GATE_UP"] or out["TMA_B"])  # as `_launch_gemm` sets it
+    return out
 
 
 def tma_ptrs(
     ce: dict, ptrs: dict, scheme: int, gate_up: bool, block_m: int, block_n: int, block_k: int
 ) -> dict:
-    """`ptrs` plus the descriptor types of a TMA launch (weights always, activations in the down
-    GEMM); the descriptors given are taken out of the constexprs `ce`."""
+    """`ptrs` plus the descriptor types of a TMA launch (weights and activations; gate_up's activations
+    are gathered into position order first); the descriptors given are taken out of the constexprs `ce`."""
     elem = "bf16" if scheme == 0 else "fp8e4nv"
     out = dict(ptrs, b_desc=f"tensordesc<{elem}[{block_n}, {block_k}]>")
-    if not gate_up:
-        out["a_desc"] = f"tensordesc<{elem}[{block_m}, {block_k}]>"
+    out["a_desc"] = f"tensordesc<{elem}[{block_m}, {block_k}]>"
     for name in ("a_desc", "b_desc"):
         if name in out:
             ce.pop(name, None)
@@ -165,7 +166,7 @@ def cases():
     for scheme, gate_up, bm, bn, bk, warps in tma_tiles:
         ce = fused_ce(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCHEME=scheme, GATE_UP=gate_up,
                       MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
-                      MERGE_GU=False, INT4_MAGIC=False, TMA_A=not gate_up, TMA_B=True)  # fmt: skip
+                      MERGE_GU=False, INT4_MAGIC=False, TMA_A=True, TMA_B=True)  # fmt: skip
         ptrs = fused_ptrs(0 if scheme == 0 else 2, gate_up)
         if scheme == 1:
             ptrs["b_ptr"] = "*fp8e4nv"
@@ -207,7 +208,7 @@ def table_cases():
                                   ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
                                   MERGE_GU=bool(gate_up and g.get("MERGE_GU", False)),
                                   INT4_MAGIC=bool(sid == 2 and g.get("INT4_MAGIC", 0)),
-                                  TMA_A=tma and not gate_up, TMA_B=tma)  # fmt: skip
+                                  TMA_A=tma, TMA_B=tma)  # fmt: skip
                     key = ("fused", sid, g["num_warps"], g["num_stages"], tuple(sorted(ce.items())))
                     if key in seen:
                         continue

@@ -297,6 +297,28 @@ def test_tma_tiles(rng_seed, scheme, D, inter, block_n, fused):
     run_case(T=9, K=3, L=3, D=D, inter=inter, scheme=scheme, fused=fused, config=cfg)
 
 
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_gather_sorted_rows(rng_seed, with_scale):
+    """Rows (and scale rows) land at their sorted positions; padding positions stay unwritten."""
+    T, K, L, D = 11, 3, 4, 200
+    ids, _ = random_routing(T, K, L, skip_frac=0.3)
+    x = torch.randn(T, D)
+    scale = torch.rand(T, 3).t().contiguous().t() if with_scale else None  # column-major, as DeepEP's
+    align = fm.moe_align_block_size(ids, 16, L)
+    with poisoned_empty():
+        out, out_scale = fm.gather_sorted_rows(x, scale, align, T * K, K)
+    sorted_ids = align[0].long()
+    pos = sorted_ids < T * K
+    assert out.shape == (sorted_ids.shape[0], D)
+    assert torch.equal(out[pos], x[sorted_ids[pos] // K])
+    assert torch.isnan(out[~pos]).all()
+    if with_scale:
+        assert torch.equal(out_scale[pos], scale[sorted_ids[pos] // K])
+        assert torch.isnan(out_scale[~pos]).all()
+    else:
+        assert out_scale is None
+
+
 def test_tma_falls_back_to_pointers_where_tma_cannot_address():
     """A weight view that is not contiguous gets no descriptor (pointer loads, same result)."""
     t = torch.randn(4, 64).bfloat16()
