@@ -41,6 +41,7 @@ REPRODUCE = {
     "layer": "python benchmarks/bench_layer.py --backend deepep; python benchmarks/bench_layer.py --backend torch"
     "   # or: ep-launch bench layer (2 GPUs)",
     "step": "python benchmarks/bench_step.py                  # or: ep-launch bench step (all GPUs; --quick)",
+    "sustained": "python benchmarks/bench_sustained.py            # (1 GPU)",
 }
 
 
@@ -50,7 +51,16 @@ REPRODUCE = {
 
 
 def _kind(what: str) -> str:
-    for k in ("router_gemm", "router_topk", "fused_moe", "masked_gemm", "dispatch", "layer", "step"):
+    for k in (
+        "router_gemm",
+        "router_topk",
+        "fused_moe",
+        "masked_gemm",
+        "dispatch",
+        "layer",
+        "step",
+        "sustained",
+    ):
         if what == k or what.startswith(k + "-"):
             return k
     return what
@@ -750,6 +760,31 @@ def switch_verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _sustained(doc: dict, out: Path, suffix: str = "") -> Section:
+    s = Section("sustained", doc)
+    s.md.append(
+        f"Each row: the burst rate (do_bench median) and the rate over {doc.get('seconds')} s of "
+        "back-to-back calls, with the median SM clock, board power and the clock-throttle reasons "
+        "`nvidia-smi` reported meanwhile.\n"
+    )
+    s.md.append(
+        _table(
+            doc["rows"],
+            [
+                ("work", "work"),
+                ("burst TFLOP/s", "burst_tflops"),
+                ("sustained TFLOP/s", "sustained_tflops"),
+                ("sustained / burst", "sustained_vs_burst"),
+                ("of sustained dense", "frac_sustained_dense"),
+                ("SM MHz", "sm_clock_mhz"),
+                ("power W", "power_w"),
+                ("throttle", "throttle"),
+            ],
+        )
+    )
+    return s
+
+
 BUILDERS = {
     "router_gemm": _router_gemm,
     "router_topk": _router_topk,
@@ -757,6 +792,7 @@ BUILDERS = {
     "masked_gemm": _masked_gemm,
     "dispatch": _dispatch,
     "step": _step,
+    "sustained": _sustained,
 }
 
 
@@ -767,7 +803,16 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for _, doc in sorted(docs.items()):
         by_kind[_kind(str(doc["what"]))].append(doc)
-    for kind in ("step", "layer", "dispatch", "fused_moe", "masked_gemm", "router_gemm", "router_topk"):
+    for kind in (
+        "step",
+        "layer",
+        "dispatch",
+        "fused_moe",
+        "sustained",
+        "masked_gemm",
+        "router_gemm",
+        "router_topk",
+    ):
         if kind not in by_kind:
             notes.append(f"no `{kind}` results yet")
             continue
@@ -857,6 +902,7 @@ def write_doc(sections: list[Section], notes: list[str], doc_path: Path, link_ba
         "masked_gemm": "Masked grouped GEMM (low-latency layout)",
         "router_gemm": "Router GEMM",
         "router_topk": "Expert selection (router top-k)",
+        "sustained": "Sustained rates under the power cap",
     }
     for s in sections:
         lines.append(f"## {titles.get(s.kind, s.kind)}\n")

@@ -164,3 +164,43 @@ def test_report_layer_and_dispatch_formats(tmp_path):
     assert "NVIDIA H200" in text and "| deepep | bf16 | prefill | 4096 | normal |" in text
     assert "| low_latency | runtime deepep | fp8 |" in text
     assert "no `step` results yet" in text
+
+
+def test_sustained_smi_parsing_and_report_section(tmp_path):
+    """bench_sustained's nvidia-smi summary (median clock/power, decoded throttle bits, malformed
+    lines skipped) and the report's table built from its document."""
+    from benchmarks import bench_sustained
+
+    lines = [
+        "1470 MHz, 691.69 W, 0x0000000000000004",
+        "1500 MHz, 689.07 W, 0x0000000000000004",
+        "[N/A], [N/A], [N/A]",
+        "1980 MHz, 120.00 W, 0x0000000000000001",
+    ]
+    s = bench_sustained.parse_smi(lines)
+    assert s["samples"] == 3 and s["sm_clock_mhz"] == 1500.0 and s["power_w"] == 689.07
+    assert s["throttle"] == ["gpu_idle", "sw_power_cap"]
+    doc = {
+        "what": "sustained",
+        "date": "2099-01-01T00:00:00+00:00",
+        "device": {"device": "NVIDIA H200", "torch": "2.11", "triton": "3.6"},
+        "seconds": 3.0,
+        "rows": [
+            dict(
+                work="cuBLAS mm bf16 8192^3",
+                burst_tflops=790.0,
+                sustained_tflops=643.0,
+                sustained_vs_burst=0.81,
+                frac_sustained_dense=1.0,
+                **s,
+            ),
+        ],  # fmt: skip
+    }
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "a-sustained.json").write_text(json.dumps(doc))
+    out = tmp_path / "perf.md"
+    assert report.main(["--results", str(res), "--plots-dir", str(tmp_path), "--doc", str(out)]) == 0
+    text = out.read_text()
+    assert "## Sustained rates under the power cap" in text
+    assert "| cuBLAS mm bf16 8192^3 | 790 | 643 | 0.81 | 1 | 1.5e+03 | 689 |" in text
