@@ -760,6 +760,10 @@ def switch_verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _int(v: Any) -> int | None:
+    return None if v is None else round(v)
+
+
 def _sustained(doc: dict, out: Path, suffix: str = "") -> Section:
     s = Section("sustained", doc)
     s.md.append(
@@ -767,9 +771,14 @@ def _sustained(doc: dict, out: Path, suffix: str = "") -> Section:
         "back-to-back calls, with the median SM clock, board power and the clock-throttle reasons "
         "`nvidia-smi` reported meanwhile.\n"
     )
+    rows = [
+        dict(r, throttle=", ".join(r.get("throttle") or []) or "-", sm_clock_mhz=_int(r.get("sm_clock_mhz")),
+             power_w=_int(r.get("power_w")))
+        for r in doc["rows"]
+    ]  # fmt: skip
     s.md.append(
         _table(
-            doc["rows"],
+            rows,
             [
                 ("work", "work"),
                 ("burst TFLOP/s", "burst_tflops"),

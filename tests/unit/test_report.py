@@ -203,4 +203,4 @@ def test_sustained_smi_parsing_and_report_section(tmp_path):
     assert report.main(["--results", str(res), "--plots-dir", str(tmp_path), "--doc", str(out)]) == 0
     text = out.read_text()
     assert "## Sustained rates under the power cap" in text
-    assert "| cuBLAS mm bf16 8192^3 | 790 | 643 | 0.81 | 1 | 1.5e+03 | 689 |" in text
+    assert "| cuBLAS mm bf16 8192^3 | 790 | 643 | 0.81 | 1 | 1500 | 689 | gpu_idle, sw_power_cap |" in text
