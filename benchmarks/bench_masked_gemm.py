@@ -95,7 +95,16 @@ def tune(dev, best: dict, num_rows: int = 8) -> None:
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
     ]
-    common = base + [dict(c, GRID_M=1) for c in base]
+    # BLOCK_M < 64: Triton uses mma.sync (operands from registers) instead of wgmma, so an in-register
+    # int4 unpack needs no shared-memory round trip, and a decode-sized block of rows wastes less
+    # of the tile; (64, 64) with 8 warps is the gated w4a8 tile that does not spill (sm_90 compile).
+    small = [
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),
+    ]
+    common = base + [dict(c, GRID_M=1) for c in base] + small
     for scheme in SCHEMES:
         # int4 weights: both in-kernel unpacks to e4m3 (`quant.int4_to_e4m3`) compete
         cands = common + [dict(c, INT4_MAGIC=1) for c in common] if scheme == "w4a8" else common
