@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import bench_us, measure_copy_bandwidth, print_table, write_results  # noqa: E402
 from ep_runtime.kernels import masked_grouped_gemm as mg  # noqa: E402
+from ep_runtime.kernels import tables  # noqa: E402
 from ep_runtime.kernels.quant import per_token_group_quant_fp8, quantize_fp8_block, quantize_w4a8  # noqa: E402
 
 MODELS = [("DeepSeek-V3", 32, 7168, 2048), ("Qwen3-30B-A3B", 16, 2048, 768), ("Mixtral-8x7B", 2, 4096, 14336)]
@@ -182,6 +183,7 @@ def main() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(doc, indent=1) + "\n")
             mg.load_table.cache_clear()
+            tables.for_device.cache_clear()  # the launchers' per-device lookup: rows below use the new table
             print(f"wrote {path}")
 
     models = MODELS[:1] if args.quick else MODELS

@@ -31,6 +31,7 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 from ep_runtime.kernels import router_gemm as rg  # noqa: E402
+from ep_runtime.kernels import tables  # noqa: E402
 
 SHAPES = [(7168, 256, "DeepSeek-V3"), (2048, 128, "Qwen3-30B-A3B"), (4096, 8, "Mixtral-8x7B")]
 T_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -179,6 +180,7 @@ def main() -> None:
         if path.resolve() == rg.CONFIG_PATH.resolve():
             # re-measure the dispatcher with the new table (the table must never lose to cuBLAS)
             rg.load_table.cache_clear()
+            tables.for_device.cache_clear()  # the launchers' per-device lookup: rows below use the new table
             try:
                 for row in rows_ok:
                     w = (torch.randn(row["E"], row["D"], device=dev) * 0.02).to(torch.bfloat16)
