@@ -88,68 +88,90 @@ def torch_loop(x_bf16, n: int, w13, w2, I: int):  # noqa: E741
     return outs
 
 
-def tune(dev, best: dict, num_rows: int = 8) -> None:
+SMALL_MAX_ROWS = 16
+"""Experts with at most this many valid rows run the table's `SMALL` tile (one 16-row block)."""
+
+
+def tune(dev, best: dict, small_rows: int = 8, main_rows: int = 64) -> None:
     """Sweep configs per kernel kind at the DeepSeek-V3 and Qwen3 decode shapes (score: the sum
-    over shapes of time / best time); fills `best` {kind: config}."""
+    over shapes of time / best time); fills `best` {kind: config}. Two tiles per kind, as the
+    launcher runs them (`masked_grouped_gemm._row_regimes`): the main tile, picked with
+    `main_rows` valid rows per expert, and the `SMALL` tile for experts with at most
+    SMALL_MAX_ROWS rows, picked with `small_rows`."""
     base = [
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
     ]
+    # (64, 64) with 8 warps: the gated w4a8 tile that does not spill (sm_90 compile)
+    main = (
+        base
+        + [dict(c, GRID_M=1) for c in base]
+        + [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3)]
+    )
     # BLOCK_M < 64: Triton uses mma.sync (operands from registers) instead of wgmma, so an in-register
-    # int4 unpack needs no shared-memory round trip, and a decode-sized block of rows wastes less
-    # of the tile; (64, 64) with 8 warps is the gated w4a8 tile that does not spill (sm_90 compile).
+    # int4 unpack needs no shared-memory round trip, and a decode-sized block wastes less of the tile
     small = [
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
         dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
     ]
-    common = base + [dict(c, GRID_M=1) for c in base] + small
     for scheme in SCHEMES:
-        # int4 weights: both in-kernel unpacks to e4m3 (`quant.int4_to_e4m3`) compete
-        cands = common + [dict(c, INT4_MAGIC=1) for c in common] if scheme == "w4a8" else common
         for stage, gated in ((0, True), (1, False)):
             kind = KINDS.get((scheme, gated))
             if kind is None or kind in best:
                 continue
-            scores: dict[int, float] = {}
-            seen: dict[int, int] = {}
-            shapes_done = 0
-            for _, L, D, I in MODELS[:2]:  # noqa: E741
-                w = make_weights(L, D, I, scheme, dev)
-                x, xs = make_input(L, CAPACITY, D, scheme, dev)
-                counts = torch.full((L,), num_rows, dtype=torch.int32, device=dev)
-                other = KINDS.get((scheme, not gated))
-                times = {}
-                for ci, c in enumerate(cands):
-                    cfgs = [None, None]
-                    cfgs[stage] = c
-                    cfgs[1 - stage] = best.get(other) if other else None
-                    try:
-                        t = bench_us(
-                            lambda cfgs=cfgs, x=x, xs=xs, counts=counts, w=w: run_moe(
-                                x, xs, counts, w, tuple(cfgs)
-                            ),
-                            warmup=3,
-                            rep=10,
-                        )
-                    except Exception as exc:  # a config that fails to compile is skipped
-                        print(f"skip {kind} {c}: {type(exc).__name__}: {exc}"[:200])
-                        continue
-                    times[ci] = t
-                    print(f"tune {kind} D={D} {c}: {t:.1f} us")
-                if times:
-                    shapes_done += 1
-                    t_min = min(times.values())
-                    for ci, t in times.items():
-                        scores[ci] = scores.get(ci, 0.0) + t / t_min
-                        seen[ci] = seen.get(ci, 0) + 1
-                del w, x, xs
-                torch.cuda.empty_cache()
-            complete = {ci: sc for ci, sc in scores.items() if seen[ci] == shapes_done}
-            if complete:
-                best[kind] = cands[min(complete, key=complete.get)]
+            other = KINDS.get((scheme, not gated))
+            picked = {}
+            for name, cands, rows in (("main", main, main_rows), ("small", small, small_rows)):
+                # int4 weights: both in-kernel unpacks to e4m3 (`quant.int4_to_e4m3`) compete
+                if scheme == "w4a8":
+                    cands = cands + [dict(c, INT4_MAGIC=1) for c in cands]
+                picked[name] = _select(
+                    dev, kind, scheme, stage, cands, rows, best.get(other) if other else None
+                )
+            if picked["main"] is not None and picked["small"] is not None:
+                best[kind] = dict(picked["main"], SMALL=dict(picked["small"], MAX_ROWS=SMALL_MAX_ROWS))
+            elif picked["main"] is not None:
+                best[kind] = picked["main"]
+
+
+def _select(dev, kind, scheme, stage, cands, num_rows, other_cfg):
+    """The candidate with the lowest summed time / best time over the first two models, or None."""
+    scores: dict[int, float] = {}
+    seen: dict[int, int] = {}
+    shapes_done = 0
+    for _, L, D, I in MODELS[:2]:  # noqa: E741
+        w = make_weights(L, D, I, scheme, dev)
+        x, xs = make_input(L, CAPACITY, D, scheme, dev)
+        counts = torch.full((L,), num_rows, dtype=torch.int32, device=dev)
+        times = {}
+        for ci, c in enumerate(cands):
+            cfgs = [None, None]
+            cfgs[stage] = c
+            cfgs[1 - stage] = other_cfg
+            try:
+                t = bench_us(
+                    lambda cfgs=cfgs, x=x, xs=xs, counts=counts, w=w: run_moe(x, xs, counts, w, tuple(cfgs)),
+                    warmup=3,
+                    rep=10,
+                )
+            except Exception as exc:  # a config that fails to compile is skipped
+                print(f"skip {kind} {c}: {type(exc).__name__}: {exc}"[:200])
+                continue
+            times[ci] = t
+            print(f"tune {kind} D={D} rows={num_rows} {c}: {t:.1f} us")
+        if times:
+            shapes_done += 1
+            t_min = min(times.values())
+            for ci, t in times.items():
+                scores[ci] = scores.get(ci, 0.0) + t / t_min
+                seen[ci] = seen.get(ci, 0) + 1
+        del w, x, xs
+        torch.cuda.empty_cache()
+    complete = {ci: sc for ci, sc in scores.items() if seen[ci] == shapes_done}
+    return cands[min(complete, key=complete.get)] if complete else None
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ from .tables import for_device, sm_count
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "masked_grouped_gemm.json"
+_ALL_ROWS = 2**31 - 1
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # A modes (3 is retired: bf16 x for fp8 weights is quantised by `_masked_group_quant` first, see
@@ -109,6 +110,8 @@ def _masked_gemm_kernel(
     N,
     K,
     up_offset,
+    min_rows,
+    max_rows,
     # strides
     stride_al,
     stride_am,
@@ -142,7 +145,9 @@ def _masked_gemm_kernel(
     INT4_MAGIC: tl.constexpr,
 ):
     """Program (m-lane, n-block, expert e) computes out[e, m-blocks, n-block] for the valid m-blocks
-    m-lane, m-lane + GRID_M, ... of expert e (none when counts[e] == 0)."""
+    m-lane, m-lane + GRID_M, ... of expert e (none when counts[e] == 0). Experts whose row count is
+    outside [min_rows, max_rows] are left to another launch (see `_launch`: small and large row
+    counts can run with different tiles, chosen on the device)."""
     # m-lanes on the fastest grid axis: lanes of one (expert, n-block) run side by side and share
     # the weight tile through L2
     pid_m0 = tl.program_id(0)
@@ -151,6 +156,8 @@ def _masked_gemm_kernel(
     e = tl.program_id(2)
     count = tl.minimum(tl.load(counts_ptr + e), M)
     num_m_blocks = tl.cdiv(count, BLOCK_M)
+    if (count < min_rows) | (count > max_rows):
+        num_m_blocks = 0
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -329,8 +336,9 @@ def _masked_amax_kernel(
 def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     """`{device name: {"<kind>": {"BLOCK_M":..., "BLOCK_N":..., "BLOCK_K":..., "num_warps":...,
     "num_stages":..., optional "GRID_M": max m-lanes, optional "INT4_MAGIC": 0|1 (int4 weights:
-    see `quant.int4_to_e4m3`)}}}` where kind is `a<mode>-b<mode>-gated|plain`
-    (see `_kind`). Missing file -> {}."""
+    see `quant.int4_to_e4m3`), optional "SMALL": {a config of the same keys plus "MAX_ROWS"}: the
+    tile for experts with at most MAX_ROWS valid rows, see `_row_regimes`}}}` where kind is
+    `a<mode>-b<mode>-gated|plain` (see `_kind`). Missing file -> {}."""
     p = Path(path)
     if not p.exists():
         return {}
@@ -405,9 +413,33 @@ def _launch(
     L, M = a.shape[0], a.shape[1]
     if L == 0 or M == 0 or N == 0:
         return
-    cfg = _effective_config(
-        _pick_config(a_mode, b_mode, gated, M, a.device, config), a_mode, b_mode, out_mode
-    )
+    for cfg, min_rows, max_rows in _row_regimes(_pick_config(a_mode, b_mode, gated, M, a.device, config), M):
+        _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, N=N, K=K, a_mode=a_mode, b_mode=b_mode,
+                    out_mode=out_mode, gated=gated, up_offset=up_offset, amax_in=amax_in, amax_out=amax_out,
+                    cfg=_effective_config(cfg, a_mode, b_mode, out_mode), min_rows=min_rows,
+                    max_rows=max_rows)  # fmt: skip
+
+
+def _row_regimes(cfg: dict[str, Any], M: int) -> list[tuple[dict[str, Any], int, int]]:
+    """(config, min rows, max rows) per launch. A config with a `SMALL` entry (a config of its own
+    plus `MAX_ROWS`) runs as two launches over the same grid of experts: experts with at most
+    MAX_ROWS valid rows take the small tile (decode: 16-row mma.sync tiles), the others the main
+    tile; each program reads its expert's count on the device and skips the experts of the other
+    launch, so the choice needs no host sync. Capacity M <= MAX_ROWS: the small launch only."""
+    cfg = dict(cfg)
+    small = cfg.pop("SMALL", None)
+    if small is None:
+        return [(cfg, 0, _ALL_ROWS)]
+    small = dict(small)
+    cap = int(small.pop("MAX_ROWS"))
+    if M <= cap:
+        return [(small, 0, _ALL_ROWS)]
+    return [(small, 0, cap), (cfg, cap + 1, _ALL_ROWS)]
+
+
+def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode, b_mode, out_mode, gated,
+                up_offset, amax_in, amax_out, cfg, min_rows, max_rows) -> None:  # fmt: skip
+    L, M = a.shape[0], a.shape[1]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_blocks = triton.cdiv(N, bn)
     num_sms = sm_count(a.device.index or 0) if a.is_cuda else 8
@@ -436,6 +468,8 @@ def _launch(
         N,
         K,
         up_offset,
+        min_rows,
+        max_rows,
         *a.stride(),
         *a_s_strides,
         *b.stride(),

@@ -260,24 +260,32 @@ def table_cases():
                 if gated
                 else mg.OUT_PLAIN
             )
-            cfg = mg._effective_config(cfg, a_mode, b_mode, out_mode)  # as `_launch` runs it
-            warps = cfg.get("num_warps", 4)
-            ce = dict(A_MODE=a_mode, B_MODE=b_mode, OUT_MODE=out_mode, GATED=gated,
-                      B_SCALE_ROWS=mg.GROUP if b_mode == mg.B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
-                      BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_K=mg.GROUP,
-                      UPCAST=False, INT4_MAGIC=bool(b_mode == mg.B_INT4 and cfg.get("INT4_MAGIC", 0)))  # fmt: skip
-            fp8_in = a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G)
-            ptrs = dict(MASKED_PTRS, a_ptr="*fp8e4nv" if fp8_in else "*bf16",
-                        b_ptr={mg.B_BF16: "*bf16", mg.B_FP8_BLOCK: "*fp8e4nv", mg.B_INT4: "*u8"}[b_mode],
-                        out_ptr="*fp8e4nv" if out_mode == mg.OUT_FP8G else "*bf16")  # fmt: skip
-            yield (
-                f"table-masked-{dev}-{kind}",
-                mg._masked_gemm_kernel,
-                ptrs,
-                ce,
-                warps,
-                cfg.get("num_stages", 3),
-            )
+            for regime, (rcfg, _, _) in enumerate(
+                mg._row_regimes(cfg, 1 << 20)
+            ):  # each launch `_launch` makes
+                yield _masked_case(dev, kind, regime, rcfg, a_mode, b_mode, gated, out_mode)
+
+
+def _masked_case(dev, kind, regime, cfg, a_mode, b_mode, gated, out_mode):
+    """One masked-GEMM launch of the tables, as `_launch_one` would compile it."""
+    cfg = mg._effective_config(cfg, a_mode, b_mode, out_mode)  # as `_launch` runs it
+    warps = cfg.get("num_warps", 4)
+    ce = dict(A_MODE=a_mode, B_MODE=b_mode, OUT_MODE=out_mode, GATED=gated,
+              B_SCALE_ROWS=mg.GROUP if b_mode == mg.B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
+              BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_K=mg.GROUP,
+              UPCAST=False, INT4_MAGIC=bool(b_mode == mg.B_INT4 and cfg.get("INT4_MAGIC", 0)))  # fmt: skip
+    fp8_in = a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G)
+    ptrs = dict(MASKED_PTRS, a_ptr="*fp8e4nv" if fp8_in else "*bf16",
+                b_ptr={mg.B_BF16: "*bf16", mg.B_FP8_BLOCK: "*fp8e4nv", mg.B_INT4: "*u8"}[b_mode],
+                out_ptr="*fp8e4nv" if out_mode == mg.OUT_FP8G else "*bf16")  # fmt: skip
+    return (
+        f"table-masked-{dev}-{kind}-launch{regime}",
+        mg._masked_gemm_kernel,
+        ptrs,
+        ce,
+        warps,
+        cfg.get("num_stages", 3),
+    )
 
 
 def main() -> int:

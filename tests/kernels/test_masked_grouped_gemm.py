@@ -221,6 +221,41 @@ def test_masked_grouped_gemm_lanes_loop(rng_seed, poisoned_empty):
     _assert_not_written(out, counts.cpu())
 
 
+@pytest.mark.parametrize("scheme", ["bf16", "w4a8"])
+def test_masked_moe_small_and_main_tiles(rng_seed, poisoned_empty, scheme):
+    """A config with a SMALL tile: experts with <= MAX_ROWS valid rows go to the small launch, the
+    others (including a full expert and one just past the threshold) to the main one; every valid
+    row is written once, nothing past the counts, and the result matches the reference."""
+    L, M, D, I = 5, 40, 256, 128
+    counts = torch.tensor([0, 3, 8, 9, 40], dtype=torch.int32, device=DEVICE)
+    x = _poison_rows(torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE), counts)
+    w13, w2 = _weights(L, I, D)
+    kw = dict(scheme=scheme)
+    if scheme == "w4a8":
+        w13, s13 = quantize_w4a8(w13)
+        w2, s2 = quantize_w4a8(w2)
+        kw.update(w13_scale=s13, w2_scale=s2)
+    main = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2)
+    small = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2, MAX_ROWS=8)
+    cfg = dict(main, SMALL=small)
+    out = masked_moe(x, counts, w13, w2, configs=(cfg, cfg), **kw)
+    ref = masked_moe_reference(x, counts, w13, w2, round_bf16=backend_bf16, **kw)
+    _close(out, ref, counts.cpu(), 2e-2 if scheme == "bf16" else 8e-2)
+    _assert_not_written(out, counts.cpu())
+
+
+def test_row_regimes():
+    from ep_runtime.kernels.masked_grouped_gemm import _ALL_ROWS, _row_regimes
+
+    plain = dict(BLOCK_M=64, BLOCK_N=64)
+    assert _row_regimes(plain, 256) == [(plain, 0, _ALL_ROWS)]
+    cfg = dict(plain, SMALL=dict(BLOCK_M=16, BLOCK_N=32, MAX_ROWS=16))
+    small = dict(BLOCK_M=16, BLOCK_N=32)
+    assert _row_regimes(cfg, 256) == [(small, 0, 16), (plain, 17, _ALL_ROWS)]
+    assert _row_regimes(cfg, 16) == [(small, 0, _ALL_ROWS)]  # capacity within the small tile
+    assert "SMALL" in cfg and "MAX_ROWS" in cfg["SMALL"]  # the table entry is not mutated
+
+
 def test_masked_group_quant_matches_the_quantiser_on_valid_rows_only(rng_seed, poisoned_empty):
     """The pass that quantises bf16 x for fp8 weights (masked_moe fp8_block, masked_grouped_gemm
     bf16 a with fp8 b): bit for bit `per_token_group_quant_fp8` on the valid rows, scales laid out
