@@ -355,6 +355,7 @@ def _masked_gemm(doc: dict, out: Path, suffix: str = "") -> Section:
                 ("L", "L"),
                 ("rows/expert", "rows_per_expert"),
                 ("us", "us"),
+                ("eager us", "eager_us"),
                 ("roofline us", "roofline_us"),
                 ("frac HBM", "frac_hbm"),
                 ("torch loop us", "torch_loop_us"),
