@@ -52,6 +52,7 @@ case "$group" in
     step 150 python benchmarks/bench_router_gemm.py --tune --quick --out-dir "$RES/results"
     step 180 python benchmarks/bench_masked_gemm.py --tune --out-dir "$RES/results"
     step 250 python benchmarks/bench_fused_moe.py --quick --tune --budget-s 230 --out "$RES/results"
+    step 60 python benchmarks/bench_sustained.py --out-dir "$RES/results"
     mkdir -p "$RES/configs" && cp kernels/configs/*.json "$RES/configs/"
     ;;
   x2-comm)  # issue 4: DeepEP vs the torch backend, then raw DeepEP vs the runtime
