@@ -626,13 +626,8 @@ def _load_table(path: str) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def heuristic_config(
-    num_tokens: int, top_k: int, num_experts: int, scheme: str, tma: bool = False
-) -> dict[str, Any]:
-    """Fallback block config from the expected rows per expert (T*K/L). `tma`: the device has Hopper
-    TMA (sm_90+); prefill tiles then load through tensor descriptors where that won every measured
-    shape on H100 and H200 (the down GEMM of both schemes, fp8 gate_up; bf16 gate_up keeps the
-    merged pointer tile, which won at E_local 32)."""
+def heuristic_config(num_tokens: int, top_k: int, num_experts: int, scheme: str) -> dict[str, Any]:
+    """Fallback block config from the expected rows per expert (T*K/L)."""
     rows = num_tokens * top_k / max(num_experts, 1)
     bk = 128 if scheme != "bf16" else 64
     if rows <= 16:
@@ -644,24 +639,13 @@ def heuristic_config(
     # Prefill, from the H200 sweeps: bf16 128 x (2*128) merged gate|up tiles with 8 warps; fp8 keeps a
     # scaled-dot temporary as large as its accumulator, and small 64-row tiles with 4 warps (more
     # programs per SM to hide the per-K-block scale readout) won every fp8 bucket.
-    tma = tma and scheme != "w4a8"
     if scheme == "bf16":
         gate_up = dict(BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=4, MERGE_GU=True)
-        down = dict(BLOCK_N=256, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=4, TMA=tma)
+        down = dict(BLOCK_N=256, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=4)
         return dict(BLOCK_M=128, gate_up=gate_up, down=down)
-    if tma:
-        gate_up = dict(BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=4, TMA=True)
-    else:
-        gate_up = dict(BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=4, MERGE_GU=True)
-    down = dict(BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=4, TMA=tma)
+    gate_up = dict(BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=4, MERGE_GU=True)
+    down = dict(BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=64, gate_up=gate_up, down=down)
-
-
-def _has_tma(device: torch.device | None) -> bool:
-    """A Hopper or newer CUDA device (tensor-memory-accelerator loads)."""
-    if device is None or device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def get_config(
@@ -695,7 +679,7 @@ def get_config(
         t = max(num_tokens, 1)
         best = min(entries, key=lambda b: abs(math.log2(int(b)) - math.log2(t)))
         return entries[best]
-    return heuristic_config(num_tokens, top_k, num_experts, scheme, tma=_has_tma(device))
+    return heuristic_config(num_tokens, top_k, num_experts, scheme)
 
 
 def _check_config(config: dict[str, Any], scheme: str) -> None:

@@ -319,20 +319,6 @@ def test_gather_sorted_rows(rng_seed, with_scale):
         assert out_scale is None
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "fp8_block", "w4a8"])
-def test_prefill_heuristic_with_tma(rng_seed, scheme):
-    """The fallback config on a TMA device: TMA tiles where they won the sweeps (never for w4a8),
-    valid for the launcher, and a correct result with them (an interpreted prefill-sized bucket)."""
-    cfg = fm.heuristic_config(4096, 8, 32, scheme, tma=True)
-    plain = fm.heuristic_config(4096, 8, 32, scheme, tma=False)
-    fm._check_config(cfg, scheme)
-    assert cfg["down"]["TMA"] is (scheme != "w4a8")
-    assert cfg["gate_up"].get("TMA", False) is (scheme == "fp8_block")
-    assert not plain["down"]["TMA"] and not plain["gate_up"].get("TMA", False)
-    if scheme == "fp8_block":  # 72 rows per expert: the prefill branch, at a size the interpreter runs
-        run_case(T=72, K=2, L=2, D=256, inter=128, scheme=scheme, config=cfg, dead_row=False)
-
-
 def test_tma_falls_back_to_pointers_where_tma_cannot_address():
     """A weight view that is not contiguous gets no descriptor (pointer loads, same result)."""
     t = torch.randn(4, 64).bfloat16()
