@@ -290,6 +290,16 @@ def _load_b_tile(
         return tl.load(b_ptrs, mask=offs_k[:, None] < k_rem, other=0.0)
 
 
+@triton.jit
+def _scale_tile(a_s, b_s, SCALAR: tl.constexpr):
+    """The rescale of one K step's product: row scales times the weight tile's scale (a scalar when
+    the whole tile shares one block scale, so one multiply per row) or column scales."""
+    if SCALAR:
+        return (a_s * b_s)[:, None]
+    else:
+        return a_s[:, None] * b_s[None, :]
+
+
 @triton.jit(do_not_specialize=["num_slots", "top_k"])
 def _fused_moe_gemm_kernel(
     # pointers
@@ -462,16 +472,10 @@ def _fused_moe_gemm_kernel(
         else:
             a_s = tl.load(a_s_ptrs + kb * stride_ask)
             b_s = tl.load(b_s_ptrs + kb * stride_bsk)
-            if SCALAR_BS:
-                acc += tl.dot(a, b) * (a_s * b_s)[:, None]
-            else:
-                acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+            acc += tl.dot(a, b) * _scale_tile(a_s, b_s, SCALAR_BS)
             if SPLIT_UP:
                 b_s_up = tl.load(b_s_up_ptrs + kb * stride_bsk)
-                if SCALAR_BS:
-                    acc_up += tl.dot(a, b_up) * (a_s * b_s_up)[:, None]
-                else:
-                    acc_up += tl.dot(a, b_up) * (a_s[:, None] * b_s_up[None, :])
+                acc_up += tl.dot(a, b_up) * _scale_tile(a_s, b_s_up, SCALAR_BS)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += b_step
         if SPLIT_UP:
@@ -562,9 +566,8 @@ def gather_sorted_rows(
     sorted_ids, _, num_post = align
     size, hidden = sorted_ids.shape[0], a.shape[1]
     out = torch.empty((size, hidden), dtype=a.dtype, device=a.device)
-    out_scale = None
-    if a_scale is not None:
-        out_scale = torch.empty((size, a_scale.shape[1]), dtype=a_scale.dtype, device=a.device)
+    groups = a_scale.shape[1] if a_scale is not None else 0
+    out_scale = None if a_scale is None else torch.empty((size, groups), dtype=a_scale.dtype, device=a.device)
     block_d = min(1024, triton.next_power_of_2(hidden))
     block_r = 16
     grid = (triton.cdiv(size, block_r), triton.cdiv(hidden, block_d))
@@ -577,7 +580,7 @@ def gather_sorted_rows(
         num_post,
         size,
         hidden,
-        a_scale.shape[1] if a_scale is not None else 0,
+        groups,
         num_slots,
         top_k,
         a.stride(0),
@@ -587,7 +590,7 @@ def gather_sorted_rows(
         HAS_SCALE=a_scale is not None,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
-        BLOCK_G=triton.next_power_of_2(max(a_scale.shape[1], 1)) if a_scale is not None else 1,
+        BLOCK_G=triton.next_power_of_2(max(groups, 1)),
     )
     return out, out_scale
 
@@ -714,15 +717,15 @@ def _check_config(config: dict[str, Any], scheme: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _descriptor(t: torch.Tensor | None, block_rows: int, cfg: dict[str, Any]) -> TensorDescriptor | None:
-    """A TMA descriptor over the 2-D `t` with block [block_rows, BLOCK_K], or None where TMA cannot
+def _descriptor(t: torch.Tensor | None, block_rows: int, block_k: int) -> TensorDescriptor | None:
+    """A TMA descriptor over the 2-D `t` with block [block_rows, block_k], or None where TMA cannot
     address it (no tensor, rows not 16-byte aligned, a strided last dim, a CPU tensor outside the
     interpreter): the kernel then loads that operand through pointers, as without `TMA`."""
     if t is None or t.dim() != 2 or t.stride(1) != 1 or not (t.is_cuda or _INTERPRET):
         return None
     if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16 or t.shape[0] == 0:
         return None
-    return TensorDescriptor.from_tensor(t, [block_rows, cfg["BLOCK_K"]])
+    return TensorDescriptor.from_tensor(t, [block_rows, block_k])
 
 
 def _launch_gemm(
@@ -754,8 +757,9 @@ def _launch_gemm(
     if cfg.get("TMA", False):
         if gate_up:  # token rows into position order first, so both operands' tiles are contiguous
             a, a_scale = gather_sorted_rows(a, a_scale if sid != 0 else None, align, num_slots, top_k)
-        b_desc = _descriptor(b.reshape(-1, b.shape[-1]) if b.is_contiguous() else None, cfg["BLOCK_N"], cfg)
-        a_desc = _descriptor(a, block_m, cfg)
+        b_rows = b.reshape(-1, b.shape[-1]) if b.is_contiguous() else None  # [E * N_total, K]
+        b_desc = _descriptor(b_rows, cfg["BLOCK_N"], cfg["BLOCK_K"])
+        a_desc = _descriptor(a, block_m, cfg["BLOCK_K"])
     a_sorted = not gate_up or cfg.get("TMA", False)
     if sid == 0:
         a_scale = b_scale = a  # unused pointers

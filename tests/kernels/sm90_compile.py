@@ -114,25 +114,23 @@ def fused_ptrs(scheme: int, gate_up: bool) -> dict[str, str]:
 
 
 def fused_ce(**ce) -> dict:
-    """Constexprs of one fused MoE GEMM launch; no tensor descriptors unless the case gives them
-    (a descriptor argument is then typed in the case's pointer types instead)."""
-    out = dict(dict(a_desc=None, b_desc=None, TMA_A=False, TMA_B=False), **ce)
+    """Constexprs of one fused MoE GEMM launch. A descriptor the launch does not use (TMA_A / TMA_B
+    off) is the constexpr None; a used one is an argument, typed by `tma_ptrs`."""
+    out = dict(dict(TMA_A=False, TMA_B=False), **ce)
     out.setdefault("A_SORTED", not out["GATE_UP"] or out["TMA_B"])  # as `_launch_gemm` sets it
+    out.update({name: None for name, on in (("a_desc", out["TMA_A"]), ("b_desc", out["TMA_B"])) if not on})
     return out
 
 
-def tma_ptrs(
-    ce: dict, ptrs: dict, scheme: int, gate_up: bool, block_m: int, block_n: int, block_k: int
-) -> dict:
+def tma_ptrs(ptrs: dict, scheme: int, block_m: int, block_n: int, block_k: int) -> dict:
     """`ptrs` plus the descriptor types of a TMA launch (weights and activations; gate_up's activations
-    are gathered into position order first); the descriptors given are taken out of the constexprs `ce`."""
+    are gathered into position order first)."""
     elem = "bf16" if scheme == 0 else "fp8e4nv"
-    out = dict(ptrs, b_desc=f"tensordesc<{elem}[{block_n}, {block_k}]>")
-    out["a_desc"] = f"tensordesc<{elem}[{block_m}, {block_k}]>"
-    for name in ("a_desc", "b_desc"):
-        if name in out:
-            ce.pop(name, None)
-    return out
+    return dict(
+        ptrs,
+        a_desc=f"tensordesc<{elem}[{block_m}, {block_k}]>",
+        b_desc=f"tensordesc<{elem}[{block_n}, {block_k}]>",
+    )
 
 
 def cases():
@@ -170,7 +168,7 @@ def cases():
         ptrs = fused_ptrs(0 if scheme == 0 else 2, gate_up)
         if scheme == 1:
             ptrs["b_ptr"] = "*fp8e4nv"
-        ptrs = tma_ptrs(ce, ptrs, scheme, gate_up, bm, bn, bk)
+        ptrs = tma_ptrs(ptrs, scheme, bm, bn, bk)
         name = f"fused-tma-{'bf16' if scheme == 0 else 'fp8'}-{'gate_up' if gate_up else 'down'}"
         yield name, fm._fused_moe_gemm_kernel, ptrs, ce, warps, 4
     select_ptrs = dict(
@@ -217,7 +215,7 @@ def table_cases():
                     if sid == 1:
                         ptrs["b_ptr"] = "*fp8e4nv"
                     if tma:
-                        ptrs = tma_ptrs(ce, ptrs, sid, gate_up, cfg["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"])
+                        ptrs = tma_ptrs(ptrs, sid, cfg["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"])
                     name = f"table-fused-{dev}-{scheme}-{stage}-BM{ce['BLOCK_M']}-BN{ce['BLOCK_N']}-BK{ce['BLOCK_K']}-w{g['num_warps']}-s{g['num_stages']}"
                     yield name, fm._fused_moe_gemm_kernel, ptrs, ce, g["num_warps"], g["num_stages"]
     router = json.loads(Path(rg.CONFIG_PATH).read_text()).get("devices", {})

@@ -322,10 +322,9 @@ def test_gather_sorted_rows(rng_seed, with_scale):
 def test_tma_falls_back_to_pointers_where_tma_cannot_address():
     """A weight view that is not contiguous gets no descriptor (pointer loads, same result)."""
     t = torch.randn(4, 64).bfloat16()
-    cfg = dict(BLOCK_K=32)
-    assert fm._descriptor(t, 16, cfg) is not None
-    assert fm._descriptor(t[:, :40].t(), 16, cfg) is None  # last dim strided
-    assert fm._descriptor(torch.randn(4, 36).bfloat16()[:, :35], 16, cfg) is None  # 70-byte rows
+    assert fm._descriptor(t, 16, 32) is not None
+    assert fm._descriptor(t[:, :40].t(), 16, 32) is None  # last dim strided
+    assert fm._descriptor(torch.randn(4, 36).bfloat16()[:, :35], 16, 32) is None  # 70-byte rows
 
 
 def test_config_table_lookup(tmp_path):
