@@ -51,8 +51,8 @@ KINDS = {
     ("bf16_fp8x", True): mg._kind(mg.A_FP8G_DEQ, mg.B_BF16, True),
     ("fp8_block", True): mg._kind(mg.A_FP8G, mg.B_FP8_BLOCK, True),
     ("fp8_block", False): mg._kind(mg.A_FP8G, mg.B_FP8_BLOCK, False),
-    ("w4a8", True): mg._kind(mg.A_BF16_QT, mg.B_INT4, True),
-    ("w4a8", False): mg._kind(mg.A_BF16_QT, mg.B_INT4, False),
+    ("w4a8", True): mg._kind(mg.A_FP16_QT, mg.B_INT4, True),
+    ("w4a8", False): mg._kind(mg.A_FP16_QT, mg.B_INT4, False),
 }
 
 
@@ -98,7 +98,24 @@ SMALL_MAX_ROWS = 16
 """Experts with at most this many valid rows run the table's `SMALL` tile (one 16-row block)."""
 
 
-def tune(dev, best: dict, small_rows: int = 8, main_rows: int = 64) -> None:
+# The w4a8 kernel's tiles (`masked_grouped_gemm._masked_w4a8_kernel`): BLOCK_M token rows by BLOCK_N
+# weight rows (64 per warpgroup's wgmma), 4 or 8 warps
+W4A8_MAIN = [
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
+]
+W4A8_SMALL = [
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=6),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, GRID_M=1),
+]
+
+
+def tune(dev, best: dict, small_rows: int = 8, main_rows: int = 64, schemes=SCHEMES) -> None:
     """Sweep configs per kernel kind at the DeepSeek-V3 and Qwen3 decode shapes (score: the sum
     over shapes of time / best time); fills `best` {kind: config}. Two tiles per kind, as the
     launcher runs them (`masked_grouped_gemm._row_regimes`): the main tile, picked with
@@ -123,17 +140,17 @@ def tune(dev, best: dict, small_rows: int = 8, main_rows: int = 64) -> None:
         dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
         dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
     ]
-    for scheme in SCHEMES:
+    for scheme in schemes:
         for stage, gated in ((0, True), (1, False)):
             kind = KINDS.get((scheme, gated))
             if kind is None or kind in best:
                 continue
             other = KINDS.get((scheme, not gated))
             picked = {}
-            for name, cands, rows in (("main", main, main_rows), ("small", small, small_rows)):
-                # int4 weights: both in-kernel unpacks to e4m3 (`quant.int4_to_e4m3`) compete
-                if scheme == "w4a8":
-                    cands = cands + [dict(c, INT4_MAGIC=1) for c in cands]
+            sets = (("main", main, main_rows), ("small", small, small_rows))
+            if scheme == "w4a8":
+                sets = (("main", W4A8_MAIN, main_rows), ("small", W4A8_SMALL, small_rows))
+            for name, cands, rows in sets:
                 picked[name] = _select(
                     dev, kind, scheme, stage, cands, rows, best.get(other) if other else None
                 )
@@ -184,8 +201,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--quick", action="store_true", help="DeepSeek-V3 only, fewer row counts")
+    ap.add_argument(
+        "--schemes",
+        default=",".join(SCHEMES),
+        help=f"comma-separated subset of {SCHEMES} to tune and measure (tuned kinds are merged into "
+        "the device's table; the others keep their entries)",
+    )
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
+    schemes = [s for s in args.schemes.split(",") if s]
+    bad = [s for s in schemes if s not in SCHEMES]
+    if bad:
+        sys.exit(f"--schemes: unknown {bad}; allowed: {SCHEMES}")
     if not torch.cuda.is_available():
         sys.exit("bench_masked_gemm needs a CUDA GPU")
     dev = torch.device("cuda")
@@ -197,7 +224,7 @@ def main() -> None:
     if args.tune:
         tuned = {}
         try:
-            tune(dev, tuned)
+            tune(dev, tuned, schemes=schemes)
         except KeyboardInterrupt:
             print("tuning interrupted: keeping the kinds tuned so far")
         if tuned:
@@ -207,7 +234,7 @@ def main() -> None:
                 "doc",
                 "masked_grouped_gemm block configs: devices -> kernel kind (a<mode>-b<mode>-gated|plain)",
             )
-            doc.setdefault("devices", {})[name] = tuned
+            doc.setdefault("devices", {}).setdefault(name, {}).update(tuned)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(doc, indent=1) + "\n")
             mg.load_table.cache_clear()
@@ -220,7 +247,7 @@ def main() -> None:
     scaling: list[dict] = []
     try:
         for model, L, D, I in models:  # noqa: E741
-            for scheme in SCHEMES:
+            for scheme in schemes:
                 try:
                     _bench_scheme(rows, model, L, D, I, scheme, rows_list, bw, dev)
                 except Exception as exc:  # record and go on

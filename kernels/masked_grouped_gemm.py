@@ -6,17 +6,21 @@ one GEMM per expert over the valid rows only. The grid is `(GRID_M, N-blocks, L)
 walks the M-blocks below `cdiv(counts[e], BLOCK_M)`, so rows at or past the count are never read
 and time grows with the valid rows, not with M. No host syncs: counts stay on the device.
 
-One `@triton.jit` kernel covers every operand format through compile-time modes:
+Two `@triton.jit` GEMM kernels, with compile-time modes:
 
+`_masked_gemm_kernel`, bf16 and fp8 weights:
 A (activations):  `bf16`; `fp8 + per-token-group-128 scales` dequantised to bf16 (bf16 weights);
     `fp8 + group scales` with an fp8 dot (fp8_block; bf16 x for fp8 weights is first quantised
-    per token group over its valid rows by `_masked_group_quant`); `bf16 -> fp8 per-tensor`
-    quantised in-kernel from a device amax (w4a8).
-B (weights):      `bf16`; `fp8 e4m3 + 128x128 block scales`; `int4 packed two per byte +
-    per-(row, 128-group) scales`, unpacked in-kernel to exact e4m3 (values -8..7) for the fp8 dot.
+    per token group over its valid rows by `_masked_group_quant`).
+B (weights):      `bf16`; `fp8 e4m3 + 128x128 block scales`.
 Epilogue:         plain store; gated `silu(gate) * up` (gate rows [0, I), up rows [I, 2I) of w13)
-    stored bf16, or requantised per-token-group-128 to fp8 + scales, or stored bf16 while the
-    block's amax is folded into a device scalar (per-tensor requant for the down GEMM).
+    stored bf16, or requantised per-token-group-128 to fp8 + scales.
+
+`_masked_w4a8_kernel`, int4 weights packed two per byte with per-(row, 128-group) scales: the
+weights are the register operand of the tensor-core instruction (swap-AB, see the section there),
+unpacked in registers to exact fp16; activations are quantised per tensor onto the e4m3 grid by a
+pass of their own (`_masked_tensor_quant`, from a device amax). Epilogue: plain or gated store,
+and for gate_up the block's amax folded into a device scalar (the down GEMM's per-tensor scale).
 
 Rows >= counts[e] of every output are left UNDEFINED (never written; outputs come from
 `torch.empty`). Under TRITON_INTERPRET bf16 operands are upcast to fp32 before `tl.dot` and the
@@ -37,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, _scales_empty, e4m3_scale, int4_to_e4m3, to_e4m3_grid
+from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, _scales_empty, e4m3_scale, int4_to_fp16_pair, to_e4m3_grid
 from .tables import for_device, sm_count
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
@@ -46,9 +50,10 @@ CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "masked_grouped_gemm
 _ALL_ROWS = 2**31 - 1
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# A modes (3 is retired: bf16 x for fp8 weights is quantised by `_masked_group_quant` first, see
-# there; the numbers stay, the tuned tables' kind names carry them)
-A_BF16, A_FP8G_DEQ, A_FP8G, A_BF16_QT = 0, 1, 2, 4
+# A modes (retired: 3, bf16 x for fp8 weights, now quantised by `_masked_group_quant` first; 4, bf16
+# x quantised per tensor inside the GEMM's K loop, now `_masked_tensor_quant` + mode 5; the numbers
+# stay, the tuned tables' kind names carry them)
+A_BF16, A_FP8G_DEQ, A_FP8G, A_FP16_QT = 0, 1, 2, 5
 # B modes
 B_BF16, B_FP8_BLOCK, B_INT4 = 0, 1, 2
 # epilogue modes
@@ -69,31 +74,6 @@ def _quant_fp8(v, scale, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _load_b_tile(
-    b_base,
-    offs_n,
-    offs_k,
-    mask_n,
-    K,
-    stride_bn,
-    stride_bk,
-    B_MODE: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    INT4_MAGIC: tl.constexpr,
-):
-    """Weight tile as [BLOCK_K, BLOCK_N] (bf16/fp8), or for INT4 the (even-k, odd-k) halves as two
-    [BLOCK_K/2, BLOCK_N] e4m3 tiles (`offs_k` then indexes packed bytes)."""
-    if B_MODE == 2:
-        mask = (offs_k[:, None] < K // 2) & mask_n[None, :]
-        p = tl.load(b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk, mask=mask, other=0)
-        return int4_to_e4m3(p & 15, INT4_MAGIC), int4_to_e4m3(p >> 4, INT4_MAGIC)
-    else:
-        mask = (offs_k[:, None] < K) & mask_n[None, :]
-        b = tl.load(b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk, mask=mask, other=0.0)
-        return b, b
-
-
-@triton.jit
 def _masked_gemm_kernel(
     # pointers
     a_ptr,
@@ -103,8 +83,6 @@ def _masked_gemm_kernel(
     out_ptr,
     out_scale_ptr,
     counts_ptr,
-    amax_in_ptr,
-    amax_out_ptr,
     # sizes
     M,
     N,
@@ -142,7 +120,6 @@ def _masked_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_K: tl.constexpr,
     UPCAST: tl.constexpr,
-    INT4_MAGIC: tl.constexpr,
 ):
     """Program (m-lane, n-block, expert e) computes out[e, m-blocks, n-block] for the valid m-blocks
     m-lane, m-lane + GRID_M, ... of expert e (none when counts[e] == 0). Experts whose row count is
@@ -161,14 +138,9 @@ def _masked_gemm_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    if B_MODE == 2:
-        offs_kb = tl.arange(0, BLOCK_K // 2)  # packed bytes of B; A uses even/odd columns
-    else:
-        offs_kb = tl.arange(0, BLOCK_K)
+    offs_kb = tl.arange(0, BLOCK_K)
     b_base = b_ptr + e.to(tl.int64) * stride_bl
     a_base = a_ptr + e.to(tl.int64) * stride_al
-    if A_MODE == 4:
-        a_tensor_scale = e4m3_scale(tl.load(amax_in_ptr), 1e-10, 448.0)
 
     for pid_m in range(pid_m0, num_m_blocks, grid_m):
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -176,26 +148,17 @@ def _masked_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            # ---- B tile(s)
-            if B_MODE == 2:
-                kb = k0 // 2 + offs_kb
-            else:
-                kb = k0 + offs_kb
-            b0, b1 = _load_b_tile(
-                b_base, offs_n, kb, mask_n, K, stride_bn, stride_bk, B_MODE, BLOCK_K, INT4_MAGIC
+            # ---- B tile(s), [BLOCK_K, BLOCK_N]
+            kb = k0 + offs_kb
+            mask_b = (kb[:, None] < K) & mask_n[None, :]
+            b0 = tl.load(
+                b_base + offs_n[None, :] * stride_bn + kb[:, None] * stride_bk, mask=mask_b, other=0.0
             )
             if GATED:
-                u0, u1 = _load_b_tile(
-                    b_base + up_offset * stride_bn,
-                    offs_n,
-                    kb,
-                    mask_n,
-                    K,
-                    stride_bn,
-                    stride_bk,
-                    B_MODE,
-                    BLOCK_K,
-                    INT4_MAGIC,
+                u0 = tl.load(
+                    b_base + (offs_n + up_offset)[None, :] * stride_bn + kb[:, None] * stride_bk,
+                    mask=mask_b,
+                    other=0.0,
                 )
             # per-k-block weight scales, a vector over n
             if B_MODE != 0:
@@ -206,66 +169,38 @@ def _masked_gemm_kernel(
                         bs_base + ((offs_n + up_offset) // B_SCALE_ROWS) * stride_bsn, mask=mask_n, other=0.0
                     )
 
-            # ---- A tile(s) and the product
-            if B_MODE == 2:
-                # INT4: dot over even k with the low nibbles plus odd k with the high nibbles
-                # one contiguous [BLOCK_M, BLOCK_K] load, split into even / odd columns in registers
-                ka = k0 + tl.arange(0, BLOCK_K)
-                mask_a = mask_m[:, None] & (ka[None, :] < K)
-                a_full = tl.load(
-                    a_base + offs_m[:, None] * stride_am + ka[None, :] * stride_ak, mask=mask_a, other=0.0
+            # ---- A tile and the product
+            ka = k0 + offs_kb
+            mask_a = mask_m[:, None] & (ka[None, :] < K)
+            a = tl.load(
+                a_base + offs_m[:, None] * stride_am + ka[None, :] * stride_ak, mask=mask_a, other=0.0
+            )
+            if A_MODE == 1 or A_MODE == 2:
+                a_s = tl.load(
+                    a_scale_ptr
+                    + e.to(tl.int64) * stride_asl
+                    + offs_m * stride_asm
+                    + (k0 // GROUP_K) * stride_ask,
+                    mask=mask_m,
+                    other=0.0,
                 )
-                a_even, a_odd = tl.split(tl.reshape(a_full.to(tl.float32), (BLOCK_M, BLOCK_K // 2, 2)))
-                # A_MODE 4: per-tensor quant in-kernel
-                a_even = _quant_fp8(a_even, a_tensor_scale, UPCAST)
-                a_odd = _quant_fp8(a_odd, a_tensor_scale, UPCAST)
-                part = tl.dot(a_even, b0) + tl.dot(a_odd, b1)
-                acc += part * bs[None, :]
+            if A_MODE == 1:
+                a = (a.to(tl.float32) * a_s[:, None]).to(tl.bfloat16)
+            if UPCAST and (A_MODE == 0 or A_MODE == 1):
+                a = a.to(tl.float32)
+                b0 = b0.to(tl.float32)
                 if GATED:
-                    part_up = tl.dot(a_even, u0) + tl.dot(a_odd, u1)
-                    acc_up += part_up * bs_up[None, :]
+                    u0 = u0.to(tl.float32)
+            if B_MODE == 0:
+                acc = tl.dot(a, b0, acc)
+                if GATED:
+                    acc_up = tl.dot(a, u0, acc_up)
             else:
-                ka = k0 + offs_kb
-                mask_a = mask_m[:, None] & (ka[None, :] < K)
-                a = tl.load(
-                    a_base + offs_m[:, None] * stride_am + ka[None, :] * stride_ak, mask=mask_a, other=0.0
-                )
-                if A_MODE == 1 or A_MODE == 2:
-                    a_s = tl.load(
-                        a_scale_ptr
-                        + e.to(tl.int64) * stride_asl
-                        + offs_m * stride_asm
-                        + (k0 // GROUP_K) * stride_ask,
-                        mask=mask_m,
-                        other=0.0,
-                    )
-                if A_MODE == 1:
-                    a = (a.to(tl.float32) * a_s[:, None]).to(tl.bfloat16)
-                if A_MODE == 4:
-                    a = _quant_fp8(a.to(tl.float32), a_tensor_scale, UPCAST)
-                if UPCAST and (A_MODE == 0 or A_MODE == 1):
-                    a = a.to(tl.float32)
-                    b0 = b0.to(tl.float32)
-                    if GATED:
-                        u0 = u0.to(tl.float32)
-                if B_MODE == 0:
-                    acc = tl.dot(a, b0, acc)
-                    if GATED:
-                        acc_up = tl.dot(a, u0, acc_up)
-                else:
-                    if A_MODE == 4:
-                        acc += tl.dot(a, b0) * bs[None, :]
-                        if GATED:
-                            acc_up += tl.dot(a, u0) * bs_up[None, :]
-                    else:
-                        acc += tl.dot(a, b0) * (a_s[:, None] * bs[None, :])
-                        if GATED:
-                            acc_up += tl.dot(a, u0) * (a_s[:, None] * bs_up[None, :])
+                acc += tl.dot(a, b0) * (a_s[:, None] * bs[None, :])
+                if GATED:
+                    acc_up += tl.dot(a, u0) * (a_s[:, None] * bs_up[None, :])
 
         # ---- epilogue
-        if A_MODE == 4:
-            acc = acc * a_tensor_scale
-            acc_up = acc_up * a_tensor_scale
         if GATED:
             h = acc / (1.0 + tl.exp(-acc)) * acc_up
         else:
@@ -285,13 +220,225 @@ def _masked_gemm_kernel(
                 h_s,
                 mask=mask_m,
             )
-        elif OUT_MODE == 2:
-            hb = h.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptrs, hb, mask=mask_o)
-            block_amax = tl.max(tl.max(tl.where(mask_o, tl.abs(hb.to(tl.float32)), 0.0), axis=1), axis=0)
-            tl.atomic_max(amax_out_ptr, block_amax, sem="relaxed")
         else:
             tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask_o)
+
+
+# --------------------------------------------------------------------------------------------------
+# w4a8: int4 weights as the register operand (swap-AB)
+# --------------------------------------------------------------------------------------------------
+#
+# The expert GEMM is computed transposed, `out^T [N, rows] = W [N, K] @ x^T [K, rows]`, so the
+# weights are the left operand, which Hopper's wgmma takes from registers: the int4 tile is loaded
+# (16 bytes per thread), unpacked in registers to exact fp16 (`quant.int4_to_fp16_pair`, packed PTX)
+# and fed to the tensor cores without a trip through shared memory; the few token rows are the
+# right operand (N = 16..128 of the instruction). Activations arrive pre-quantised onto the e4m3
+# grid per tensor, held as fp16 (exact), so the dot is an fp16 dot with fp32 accumulation over
+# exactly the products an e4m3 dot would form.
+#
+# Two order tricks make the unpacked tile land where the instruction wants it with no data movement:
+# - K: a 128-wide K step is one packed 64-byte row chunk. Low nibbles (even k) and high nibbles
+#   (odd k) form two 64-wide tiles, and within each, the tile's column order is a permutation of the
+#   bytes (`_w4a8_tile`) under which a thread's 16 loaded bytes are exactly the fp16 pairs its wgmma
+#   fragment holds. The sum over K does not care about order as long as x is permuted the same way,
+#   which the quantisation pass does when it writes x (`_w4a8_x_source`); scales are per 128-group,
+#   so they are unaffected.
+# - N: the tile's rows are permuted the same way (which rows a thread holds in the load layout vs
+#   in the fragment); the row index vector is permuted with them, so scales and stores follow.
+# Both permutations are reshapes/permutes of register tensors: correctness does not depend on
+# Triton's layout choices (the interpreter runs the same code), only the cost does; the sm_90
+# compile test checks that the loop keeps 16-byte shared loads and no byte shuffles.
+
+W4A8_HALF = tl.constexpr(64)  # packed bytes per row in one 128-wide K step
+
+
+@triton.jit
+def _w4a8_rows(v, BLOCK_N: tl.constexpr, WARPS: tl.constexpr):
+    """Row order of a weight tile, for the row-index vector `v` [BLOCK_N]: permuted so that the rows a
+    thread loads are the rows its wgmma fragment holds (load layout: row bits 0-2 lanes, then warps,
+    then registers; fragment: bits 0-2 lanes, bit 3 a register, then warps). `_w4a8_tile` permutes
+    the tile's rows the same way."""
+    if BLOCK_N >= 16 * WARPS:
+        v = tl.reshape(v, (BLOCK_N // (16 * WARPS), 2, WARPS, 8))
+        v = tl.reshape(tl.permute(v, (0, 2, 1, 3)), (BLOCK_N,))
+    return v
+
+
+@triton.jit
+def _w4a8_tile(t, BLOCK_N: tl.constexpr, WARPS: tl.constexpr):
+    """[BLOCK_N, 64] unpacked nibbles (column j = packed byte j) -> the dot's tile: rows as
+    `_w4a8_rows`, column k' = 16 s + 8 h + 2 c + b holding byte j = 16 c + 4 s + 2 h + b (a thread's
+    16 contiguous bytes become its fragment's k pairs)."""
+    if BLOCK_N >= 16 * WARPS:
+        t = tl.reshape(t, (BLOCK_N // (16 * WARPS), 2, WARPS, 8, 4, 4, 2, 2))
+        t = tl.permute(t, (0, 2, 1, 3, 5, 6, 4, 7))
+    else:
+        t = tl.permute(tl.reshape(t, (BLOCK_N, 4, 4, 2, 2)), (0, 2, 3, 1, 4))
+    return tl.reshape(t, (BLOCK_N, W4A8_HALF))
+
+
+@triton.jit
+def _w4a8_x_source(c):
+    """Column c (0..127) of a pre-quantised x group -> the column of x it holds: c < 64 pairs with
+    the low nibbles (even k), c >= 64 with the high ones; within a half, the byte order of
+    `_w4a8_tile` (k' -> j)."""
+    kp = c & 63
+    j = 16 * ((kp >> 1) & 3) + 4 * (kp >> 4) + 2 * ((kp >> 3) & 1) + (kp & 1)
+    return 2 * j + (c >> 6)
+
+
+@triton.jit
+def _masked_w4a8_kernel(
+    a_ptr,
+    b_ptr,
+    b_scale_ptr,
+    out_ptr,
+    counts_ptr,
+    amax_in_ptr,
+    amax_out_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    up_offset,
+    min_rows,
+    max_rows,
+    # strides
+    stride_al,
+    stride_am,
+    stride_ak,
+    stride_bl,
+    stride_bn,
+    stride_bk,
+    stride_bsl,
+    stride_bsn,
+    stride_bsk,
+    stride_ol,
+    stride_om,
+    stride_on,
+    # meta
+    OUT_MODE: tl.constexpr,
+    GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WARPS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """Program (m-lane, n-block, expert e): out[e, m-blocks, n-block] = x_q @ W^T for the valid
+    m-blocks of its lane (as `_masked_gemm_kernel`), computed as W-tile @ x_q-tile^T.
+
+    a: fp16 `[L, M, K]` x quantised per tensor onto the e4m3 grid (`_masked_tensor_quant`: K
+    permuted per 128-group); b: uint8 `[L, N_total, K/2]` packed int4; b_scale: fp32
+    `[L, N_total, K/128]`; the per-tensor x scale is `e4m3_scale(amax_in)`. OUT_MODE 2 also folds
+    the block's amax of the stored bf16 values into amax_out."""
+    pid_m0 = tl.program_id(0)
+    grid_m = tl.num_programs(0)
+    pid_n = tl.program_id(1)
+    e = tl.program_id(2)
+    count = tl.minimum(tl.load(counts_ptr + e), M)
+    num_m_blocks = tl.cdiv(count, BLOCK_M)
+    if (count < min_rows) | (count > max_rows):
+        num_m_blocks = 0
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # load order
+    mask_rows = rows < N
+    offs_n = _w4a8_rows(rows, BLOCK_N, WARPS)  # the tile's (and accumulator's) row order
+    mask_n = offs_n < N
+    offs_j = tl.arange(0, W4A8_HALF)
+    b_base = b_ptr + e.to(tl.int64) * stride_bl
+    bs_base = b_scale_ptr + e.to(tl.int64) * stride_bsl
+    a_base = a_ptr + e.to(tl.int64) * stride_al
+    b_tile = b_base + rows[:, None] * stride_bn + offs_j[None, :] * stride_bk
+    a_scale = e4m3_scale(tl.load(amax_in_ptr), 1e-10, 448.0)
+
+    for pid_m in range(pid_m0, num_m_blocks, grid_m):
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        a_cols = a_base + offs_m[None, :] * stride_am + offs_j[:, None] * stride_ak  # [64, BLOCK_M]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, 2 * W4A8_HALF):
+            x_lo = tl.load(a_cols + k0 * stride_ak, mask=mask_m[None, :], other=0.0)
+            x_hi = tl.load(a_cols + (k0 + W4A8_HALF) * stride_ak, mask=mask_m[None, :], other=0.0)
+            if UPCAST:
+                x_lo = x_lo.to(tl.float32)
+                x_hi = x_hi.to(tl.float32)
+            g = k0 // (2 * W4A8_HALF)
+            p = tl.load(b_tile + (k0 // 2) * stride_bk, mask=mask_rows[:, None], other=0)
+            w_lo, w_hi = int4_to_fp16_pair(p, ASM)
+            w_lo = _w4a8_tile(w_lo, BLOCK_N, WARPS)
+            w_hi = _w4a8_tile(w_hi, BLOCK_N, WARPS)
+            if UPCAST:
+                w_lo = w_lo.to(tl.float32)
+                w_hi = w_hi.to(tl.float32)
+            bs = tl.load(bs_base + offs_n * stride_bsn + g * stride_bsk, mask=mask_n, other=0.0)
+            acc += tl.dot(w_hi, x_hi, tl.dot(w_lo, x_lo)) * bs[:, None]
+            if GATED:
+                pu = tl.load(
+                    b_tile + up_offset * stride_bn + (k0 // 2) * stride_bk, mask=mask_rows[:, None], other=0
+                )
+                u_lo, u_hi = int4_to_fp16_pair(pu, ASM)
+                u_lo = _w4a8_tile(u_lo, BLOCK_N, WARPS)
+                u_hi = _w4a8_tile(u_hi, BLOCK_N, WARPS)
+                if UPCAST:
+                    u_lo = u_lo.to(tl.float32)
+                    u_hi = u_hi.to(tl.float32)
+                bs_up = tl.load(
+                    bs_base + (offs_n + up_offset) * stride_bsn + g * stride_bsk, mask=mask_n, other=0.0
+                )
+                acc_up += tl.dot(u_hi, x_hi, tl.dot(u_lo, x_lo)) * bs_up[:, None]
+
+        acc = acc * a_scale
+        if GATED:
+            h = acc / (1.0 + tl.exp(-acc)) * (acc_up * a_scale)
+        else:
+            h = acc
+        hb = h.to(out_ptr.dtype.element_ty)
+        mask_o = mask_n[:, None] & mask_m[None, :]
+        out_ptrs = (
+            out_ptr + e.to(tl.int64) * stride_ol + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        )
+        tl.store(out_ptrs, hb, mask=mask_o)
+        if OUT_MODE == 2:
+            block_amax = tl.max(tl.max(tl.where(mask_o, tl.abs(hb.to(tl.float32)), 0.0), axis=1), axis=0)
+            tl.atomic_max(amax_out_ptr, block_amax, sem="relaxed")
+
+
+@triton.jit
+def _masked_tensor_quant_kernel(
+    x_ptr,
+    q_ptr,
+    counts_ptr,
+    amax_ptr,
+    M,
+    stride_xl,
+    stride_xm,
+    stride_xk,
+    stride_ql,
+    stride_qm,
+    stride_qk,
+    BLOCK_M: tl.constexpr,
+):
+    """Per-tensor e4m3 quantisation of the valid rows of x [L, M, K] for `_masked_w4a8_kernel`:
+    scale = e4m3_scale(amax), values rounded exactly as torch does (`quant.to_e4m3_grid`), stored as
+    fp16 with each 128-group's columns in the kernel's order (`_w4a8_x_source`). Program (group,
+    expert) walks its valid rows; rows past the count are neither read nor written."""
+    g = tl.program_id(0)
+    e = tl.program_id(1)
+    count = tl.minimum(tl.load(counts_ptr + e), M)
+    scale = e4m3_scale(tl.load(amax_ptr), 1e-10, 448.0)
+    cols = tl.arange(0, 2 * W4A8_HALF)
+    src = g * 2 * W4A8_HALF + _w4a8_x_source(cols)
+    dst = g * 2 * W4A8_HALF + cols
+    x_base = x_ptr + e.to(tl.int64) * stride_xl
+    q_base = q_ptr + e.to(tl.int64) * stride_ql
+    for m0 in range(0, count, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m < count)[:, None]
+        x = tl.load(x_base + offs_m[:, None] * stride_xm + src[None, :] * stride_xk, mask=mask, other=0.0)
+        q = to_e4m3_grid(x.to(tl.float32), scale, 448.0)
+        tl.store(q_base + offs_m[:, None] * stride_qm + dst[None, :] * stride_qk, q.to(tl.float16), mask=mask)
 
 
 @triton.jit
@@ -335,10 +482,10 @@ def _masked_amax_kernel(
 @functools.lru_cache(maxsize=4)
 def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     """`{device name: {"<kind>": {"BLOCK_M":..., "BLOCK_N":..., "BLOCK_K":..., "num_warps":...,
-    "num_stages":..., optional "GRID_M": max m-lanes, optional "INT4_MAGIC": 0|1 (int4 weights:
-    see `quant.int4_to_e4m3`), optional "SMALL": {a config of the same keys plus "MAX_ROWS"}: the
-    tile for experts with at most MAX_ROWS valid rows, see `_row_regimes`}}}` where kind is
-    `a<mode>-b<mode>-gated|plain` (see `_kind`). Missing file -> {}."""
+    "num_stages":..., optional "GRID_M": max m-lanes, optional "SMALL": {a config of the same keys
+    plus "MAX_ROWS"}: the tile for experts with at most MAX_ROWS valid rows, see `_row_regimes`}}}`
+    where kind is `a<mode>-b<mode>-gated|plain` (see `_kind`; for the w4a8 kernel BLOCK_M is the
+    token rows per tile, BLOCK_N the weight rows). Missing file -> {}."""
     p = Path(path)
     if not p.exists():
         return {}
@@ -349,9 +496,14 @@ def _kind(a_mode: int, b_mode: int, gated: bool) -> str:
     return f"a{a_mode}-b{b_mode}-{'gated' if gated else 'plain'}"
 
 
-def heuristic_config(a_mode: int, b_mode: int, gated: bool, M: int) -> dict[str, int]:
-    """Decode-oriented default: 64-row blocks (wgmma's native M), 128-wide K (one scale group)."""
-    quantised = a_mode in (A_FP8G, A_BF16_QT) or b_mode != B_BF16
+def heuristic_config(a_mode: int, b_mode: int, gated: bool, M: int) -> dict[str, Any]:
+    """Decode-oriented default: 64-row blocks (wgmma's native M), 128-wide K (one scale group).
+    w4a8: 64 weight rows (one warpgroup's wgmma M) by 16 token rows for experts with at most 16 rows
+    (the `SMALL` tile), by 64 otherwise."""
+    if a_mode == A_FP16_QT:
+        small = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+        return dict(small, BLOCK_M=64, SMALL=dict(small, MAX_ROWS=16))
+    quantised = a_mode == A_FP8G or b_mode != B_BF16
     return {
         "BLOCK_M": 64 if M > 16 else 16,
         "BLOCK_N": 128 if quantised else 64,
@@ -381,7 +533,7 @@ def _pick_config(
 def _effective_config(cfg: dict[str, int], a_mode: int, b_mode: int, out_mode: int) -> dict[str, int]:
     """The block config a launch runs with: `cfg` with what the modes force (a copy)."""
     cfg = dict(cfg)
-    quantised = a_mode in (A_FP8G_DEQ, A_FP8G, A_BF16_QT) or b_mode != B_BF16
+    quantised = a_mode != A_BF16 or b_mode != B_BF16
     if quantised and cfg["BLOCK_K"] != GROUP:
         cfg["BLOCK_K"] = GROUP  # scales are per 128 channels of K: one group per K step
     if out_mode == OUT_FP8G and cfg["BLOCK_N"] != GROUP:
@@ -454,6 +606,15 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
     a_s_strides = a_scale.stride() if a_scale is not None else (0, 0, 0)
     b_s_strides = b_scale.stride() if b_scale is not None else (0, 0, 0)
     o_s_strides = out_scale.stride() if out_scale is not None else (0, 0, 0)
+    warps = cfg.get("num_warps", 4)
+    if a_mode == A_FP16_QT:
+        _masked_w4a8_kernel[(grid_m, n_blocks, L)](
+            a, b, b_scale, out, counts, amax_in, amax_out if amax_out is not None else dummy,
+            M, N, K, up_offset, min_rows, max_rows, *a.stride(), *b.stride(), *b_scale.stride(),
+            *out.stride(), OUT_MODE=out_mode, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, WARPS=warps,
+            UPCAST=_INTERPRET, ASM=not _INTERPRET, num_warps=warps, num_stages=cfg.get("num_stages", 3),
+        )  # fmt: skip
+        return
     _masked_gemm_kernel[(grid_m, n_blocks, L)](
         a,
         a_s,
@@ -462,8 +623,6 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
         out,
         o_s,
         counts,
-        amax_in if amax_in is not None else dummy,
-        amax_out if amax_out is not None else dummy,
         M,
         N,
         K,
@@ -486,8 +645,7 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
         BLOCK_K=cfg["BLOCK_K"],
         GROUP_K=GROUP,
         UPCAST=_INTERPRET,
-        INT4_MAGIC=bool(cfg.get("INT4_MAGIC", 0)) and b_mode == B_INT4,
-        num_warps=cfg.get("num_warps", 4),
+        num_warps=warps,
         num_stages=cfg.get("num_stages", 3),
     )
 
@@ -556,6 +714,22 @@ def _masked_group_quant(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Te
             EPS=SCALE_EPS, FMAX=FP8_MAX, BLOCK_M=32, GROUP_SIZE=GROUP, num_warps=4,
         )  # fmt: skip
     return q, scales
+
+
+def _masked_tensor_quant(x: torch.Tensor, counts: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """x [L, M, K] (K a multiple of 128) -> fp16 [L, M, K]: the valid rows quantised per tensor onto
+    the e4m3 grid with scale `max(amax, 1e-10) / 448`, each 128-group's columns in the order
+    `_masked_w4a8_kernel` reads them (`_w4a8_x_source`); the other rows are left unwritten.
+
+    A pass of its own, as `_masked_group_quant` is, rather than inside the GEMM's K loop: there
+    every N-block program re-quantised the same x tile."""
+    L, M, K = x.shape
+    q = torch.empty((L, M, K), dtype=torch.float16, device=x.device)
+    if L and M and K:
+        _masked_tensor_quant_kernel[(K // GROUP, L)](
+            x, q, counts, amax, M, *x.stride(), *q.stride(), BLOCK_M=32, num_warps=4
+        )
+    return q
 
 
 def _masked_amax(x: torch.Tensor, counts: torch.Tensor, amax: torch.Tensor) -> None:
@@ -709,11 +883,12 @@ def masked_moe(
             - fp8_block: fp8 dots with per-token-group-128 activation scales (from x_scale, or
               quantised from bf16 x over its valid rows first) times 128x128 weight-block scales; the intermediate
               is requantised per-token-group-128 (from its fp32 value) in the gate_up epilogue.
-            - w4a8: x must be bf16; it is quantised per-tensor to e4m3 in-kernel with scale =
-              max(amax over the valid rows of x, 1e-10) / 448 computed on device; int4 weights are
-              unpacked in-kernel to e4m3 and scaled per 128-group of K inside the K loop; the bf16
-              intermediate is requantised per-tensor the same way (amax folded by the gate_up
-              epilogue).
+            - w4a8: x must be bf16; it is quantised per-tensor onto the e4m3 grid (a pass before
+              the GEMM) with scale = max(amax over the valid rows of x, 1e-10) / 448 computed on
+              device; int4 weights are unpacked in-kernel (exact) and scaled per 128-group of K
+              inside the K loop; the bf16 intermediate is requantised per-tensor the same way (amax
+              folded by the gate_up epilogue). The dots form exactly the products of e4m3 operands
+              (held as fp16) and accumulate them in fp32.
         configs: block-config overrides for (gate_up, down).
     Returns: `[L, M, D]` bfloat16; rows >= counts[e] are undefined (not written).
     """
@@ -790,10 +965,12 @@ def masked_moe(
     _check_group_scale("w2_scale", w2_scale, (L, D, I // GROUP))
     amax = torch.zeros(2, dtype=torch.float32, device=x.device)  # [amax(x valid rows), amax(h)]
     _masked_amax(x, counts, amax[0:1])
+    xq = _masked_tensor_quant(x, counts, amax[0:1])
     h = torch.empty((L, M, I), dtype=torch.bfloat16, device=x.device)
-    _launch(x, None, w13, w13_scale, h, None, counts, N=I, K=D, a_mode=A_BF16_QT, b_mode=B_INT4,
+    _launch(xq, None, w13, w13_scale, h, None, counts, N=I, K=D, a_mode=A_FP16_QT, b_mode=B_INT4,
             out_mode=OUT_AMAX, gated=True, up_offset=I, amax_in=amax[0:1], amax_out=amax[1:2], config=cfg1)  # fmt: skip
-    _launch(h, None, w2, w2_scale, out, None, counts, N=D, K=I, a_mode=A_BF16_QT, b_mode=B_INT4,
+    hq = _masked_tensor_quant(h, counts, amax[1:2])
+    _launch(hq, None, w2, w2_scale, out, None, counts, N=D, K=I, a_mode=A_FP16_QT, b_mode=B_INT4,
             out_mode=OUT_PLAIN, gated=False, amax_in=amax[1:2], config=cfg2)  # fmt: skip
     return out
 

@@ -1,9 +1,10 @@
 """The Triton kernels compile for Hopper (sm_90) on this CPU-only machine: Triton's front end, its
 NVIDIA passes and the bundled `ptxas` run without a GPU (tests/kernels/sm90_compile.py, in its own
 process without the interpreter). This catches what the interpreter cannot (types only the
-compiler checks, register and shared-memory limits) and checks the code's shape: the w4a8 paths
-use the fp8 tensor cores (`wgmma ... e4m3`), bf16 prefill the bf16 ones, and the bit-built int4
-unpack (`INT4_MAGIC`) removes the integer-to-float conversions (`I2F`) of the unpack."""
+compiler checks, register and shared-memory limits) and checks the code's shape: the fused w4a8
+path uses the fp8 tensor cores (`wgmma ... e4m3`) and its bit-built int4 unpack (`INT4_MAGIC`) drops
+the integer-to-float conversions (`I2F`); the masked w4a8 kernel feeds the unpacked weights to
+wgmma from registers; bf16 prefill uses the bf16 tensor cores."""
 
 from __future__ import annotations
 
@@ -36,9 +37,7 @@ def _uses(result: dict, pattern: str) -> bool:
     return any(pattern in m for m in result["mma"])
 
 
-@pytest.mark.parametrize(
-    "kernel", ["masked-w4a8-gated", "masked-w4a8-plain", "fused-w4a8-gate_up", "fused-w4a8-down"]
-)
+@pytest.mark.parametrize("kernel", ["fused-w4a8-gate_up", "fused-w4a8-down"])
 def test_w4a8_uses_fp8_tensor_cores_and_magic_drops_the_conversions(compiled, kernel):
     plain, magic = compiled[f"{kernel}-magic0"], compiled[f"{kernel}-magic1"]
     for r in (plain, magic):
@@ -47,6 +46,23 @@ def test_w4a8_uses_fp8_tensor_cores_and_magic_drops_the_conversions(compiled, ke
     # The unpack's conversions go (a few may remain for index arithmetic outside the K loop).
     assert i2f_plain >= 64 and i2f_magic <= i2f_plain // 8, (i2f_plain, i2f_magic)
     assert sum(magic["ops"].values()) < sum(plain["ops"].values())
+
+
+W4A8_MASKED = [
+    f"masked-w4a8-{g}-{tile}" for g in ("gated", "plain") for tile in ("BM16-BN64-w4", "BM64-BN128-w8")
+]
+
+
+@pytest.mark.parametrize("kernel", W4A8_MASKED)
+def test_masked_w4a8_feeds_unpacked_weights_to_wgmma_from_registers(compiled, kernel):
+    """The masked w4a8 kernel's shape: every wgmma takes the unpacked int4 tile as its register
+    operand (fp16), the tile's bytes reach the registers as whole 16-byte loads (no sub-word shared
+    loads: the K and row orders of `_w4a8_tile` match the fragment), and nothing spills."""
+    r = compiled[kernel]
+    assert r["mma"] and all("wgmma.mma_async" in m and m.endswith("f16.f16") for m in r["mma"]), r["mma"]
+    assert r["wgmma_reg_a"] >= 8, r["wgmma_reg_a"]
+    assert r["lds_narrow"] == 0, r["lds_narrow"]
+    assert r["ops"].get("STL", 0) == 0 and r["ops"].get("I2F", 0) == 0, r["ops"]
 
 
 def test_bf16_prefill_uses_bf16_tensor_cores(compiled):

@@ -29,9 +29,7 @@ import pytest
 import torch
 
 from ep_runtime.kernels.masked_grouped_gemm import (
-    A_BF16_QT,
-    B_INT4,
-    heuristic_config,
+    _masked_tensor_quant,
     masked_grouped_gemm,
     masked_moe,
     masked_moe_reference,
@@ -128,7 +126,18 @@ def test_masked_moe_fp8_block(rng_seed, poisoned_empty, x_fp8):
     _assert_not_written(out, counts.cpu())
 
 
-def test_masked_moe_w4a8(rng_seed, poisoned_empty):
+# w4a8 tiles (token rows BLOCK_M x weight rows BLOCK_N, warps): the default (16-row SMALL tile for the
+# partial expert, 64 rows for the full one); 64 weight rows on 8 warps, where the row order of the
+# tile is the load order (`_w4a8_rows` leaves it); 128 weight rows, two register row groups.
+W4A8_CONFIGS = {
+    "default": None,
+    "bn64-w8": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=2),
+    "bn128-w4": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2),
+}
+
+
+@pytest.mark.parametrize("cfg", list(W4A8_CONFIGS), ids=list(W4A8_CONFIGS))
+def test_masked_moe_w4a8(rng_seed, poisoned_empty, cfg):
     L, M, D, I = 3, 24, 256, 128
     counts = torch.tensor(COUNTS, dtype=torch.int32, device=DEVICE)
     x = _poison_rows(torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE), counts)
@@ -136,17 +145,35 @@ def test_masked_moe_w4a8(rng_seed, poisoned_empty):
     w13_p, w13_s = quantize_w4a8(w13)
     w2_p, w2_s = quantize_w4a8(w2)
     kw = dict(scheme="w4a8", w13_scale=w13_s, w2_scale=w2_s)
-    out = masked_moe(x, counts, w13_p, w2_p, **kw)
+    c = W4A8_CONFIGS[cfg]
+    out = masked_moe(x, counts, w13_p, w2_p, configs=(c, c), **kw)
     ref = masked_moe_reference(x, counts, w13_p, w2_p, round_bf16=backend_bf16, **kw)
     _close(out, ref, counts.cpu(), 8e-2)
     _assert_not_written(out, counts.cpu())
-    # The bit-built int4 -> e4m3 unpack (a tuned-table option) gives the same weights, so the same
-    # output bits under the same block configs.
-    cfgs = (heuristic_config(A_BF16_QT, B_INT4, True, M), heuristic_config(A_BF16_QT, B_INT4, False, M))
-    plain = masked_moe(x, counts, w13_p, w2_p, configs=cfgs, **kw)
-    magic = masked_moe(x, counts, w13_p, w2_p, configs=tuple({**c, "INT4_MAGIC": 1} for c in cfgs), **kw)
-    valid = torch.arange(M, device=DEVICE)[None, :] < counts[:, None]
-    assert torch.equal(magic[valid], plain[valid])
+
+
+def test_masked_tensor_quant_orders_columns_as_the_w4a8_tile(rng_seed, poisoned_empty):
+    """The quantisation pass writes x per tensor on the e4m3 grid, valid rows only, and in each
+    128-group puts at column c the x column the w4a8 kernel's tile pairs with it: c < 64 the even
+    k = 2 j, c >= 64 the odd k = 2 j + 1, where j is the packed byte `_w4a8_tile` moves to position
+    c % 64. The order is rebuilt here from the tile's reshape/permute, independently of the
+    kernel's index formula."""
+    L, M, K = 2, 20, 256
+    counts = torch.tensor([13, 0], dtype=torch.int32, device=DEVICE)
+    x = _poison_rows(torch.randn(L, M, K).to(torch.bfloat16).to(DEVICE), counts)
+    amax = torch.tensor([3.5], dtype=torch.float32, device=DEVICE)
+    q = _masked_tensor_quant(x, counts, amax)
+    assert q.dtype == torch.float16
+    j = torch.arange(64).reshape(4, 4, 2, 2).permute(1, 2, 0, 3).reshape(64)  # the tile's K permute
+    within = torch.cat([2 * j, 2 * j + 1])
+    src = torch.cat([g * 128 + within for g in range(K // 128)])
+    scale = torch.tensor(3.5) / 448.0
+    valid = x[0, :13].float().cpu()
+    want = (valid / scale).clamp(-448, 448).to(FP8_DTYPE).float()[:, src]
+    assert torch.equal(q[0, :13].float().cpu(), want)
+    assert bool((q[0, 13:].view(torch.uint16) == 0xFFFF).all()) and bool(
+        (q[1].view(torch.uint16) == 0xFFFF).all()
+    )
 
 
 @pytest.mark.parametrize("mode", ["bf16", "fp8a_bf16b", "fp8a_fp8b", "bf16a_fp8b"])
