@@ -174,11 +174,12 @@ def _select(dev, kind, scheme, stage, cands, num_rows, other_cfg):
             cfgs = [None, None]
             cfgs[stage] = c
             cfgs[1 - stage] = other_cfg
-            try:
-                t = bench_us(
+            try:  # CUDA-graph replays: eager times of decode shapes are mostly the host's launch cost
+                t = graph_us(
                     lambda cfgs=cfgs, x=x, xs=xs, counts=counts, w=w: run_moe(x, xs, counts, w, tuple(cfgs)),
+                    replays=2,
                     warmup=3,
-                    rep=10,
+                    rep=15,
                 )
             except Exception as exc:  # a config that fails to compile is skipped
                 print(f"skip {kind} {c}: {type(exc).__name__}: {exc}"[:200])

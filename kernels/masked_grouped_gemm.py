@@ -278,6 +278,19 @@ def _w4a8_tile(t, BLOCK_N: tl.constexpr, WARPS: tl.constexpr):
 
 
 @triton.jit
+def _w4a8_weights(p, BLOCK_N: tl.constexpr, WARPS: tl.constexpr, ASM: tl.constexpr, UPCAST: tl.constexpr):
+    """Packed bytes [BLOCK_N, 64] (one 128-wide K step, rows in load order) -> the dot's [BLOCK_N, 128]
+    weight tile: columns [0, 64) the low nibbles (even k), [64, 128) the high ones (odd k), each half
+    in `_w4a8_tile`'s order; one K=128 dot per step. fp16 (fp32 when interpreted)."""
+    lo, hi = int4_to_fp16_pair(p, ASM)
+    w = tl.join(_w4a8_tile(lo, BLOCK_N, WARPS), _w4a8_tile(hi, BLOCK_N, WARPS))  # [BLOCK_N, 64, 2]
+    w = tl.reshape(tl.permute(w, (0, 2, 1)), (BLOCK_N, 2 * W4A8_HALF))
+    if UPCAST:
+        w = w.to(tl.float32)
+    return w
+
+
+@triton.jit
 def _w4a8_x_source(c):
     """Column c (0..127) of a pre-quantised x group -> the column of x it holds: c < 64 pairs with
     the low nibbles (even k), c >= 64 with the high ones; within a half, the byte order of
@@ -355,39 +368,27 @@ def _masked_w4a8_kernel(
     for pid_m in range(pid_m0, num_m_blocks, grid_m):
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < count
-        a_cols = a_base + offs_m[None, :] * stride_am + offs_j[:, None] * stride_ak  # [64, BLOCK_M]
+        a_cols = a_base + offs_m[None, :] * stride_am + tl.arange(0, 2 * W4A8_HALF)[:, None] * stride_ak
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, 2 * W4A8_HALF):
-            x_lo = tl.load(a_cols + k0 * stride_ak, mask=mask_m[None, :], other=0.0)
-            x_hi = tl.load(a_cols + (k0 + W4A8_HALF) * stride_ak, mask=mask_m[None, :], other=0.0)
+            x = tl.load(a_cols + k0 * stride_ak, mask=mask_m[None, :], other=0.0)  # [128, BLOCK_M]
             if UPCAST:
-                x_lo = x_lo.to(tl.float32)
-                x_hi = x_hi.to(tl.float32)
+                x = x.to(tl.float32)
             g = k0 // (2 * W4A8_HALF)
-            p = tl.load(b_tile + (k0 // 2) * stride_bk, mask=mask_rows[:, None], other=0)
-            w_lo, w_hi = int4_to_fp16_pair(p, ASM)
-            w_lo = _w4a8_tile(w_lo, BLOCK_N, WARPS)
-            w_hi = _w4a8_tile(w_hi, BLOCK_N, WARPS)
-            if UPCAST:
-                w_lo = w_lo.to(tl.float32)
-                w_hi = w_hi.to(tl.float32)
+            w = _w4a8_weights(tl.load(b_tile + (k0 // 2) * stride_bk, mask=mask_rows[:, None], other=0),
+                              BLOCK_N, WARPS, ASM, UPCAST)  # fmt: skip
             bs = tl.load(bs_base + offs_n * stride_bsn + g * stride_bsk, mask=mask_n, other=0.0)
-            acc += tl.dot(w_hi, x_hi, tl.dot(w_lo, x_lo)) * bs[:, None]
+            acc += tl.dot(w, x) * bs[:, None]
             if GATED:
                 pu = tl.load(
-                    b_tile + up_offset * stride_bn + (k0 // 2) * stride_bk, mask=mask_rows[:, None], other=0
+                    b_tile + (up_offset * stride_bn + (k0 // 2) * stride_bk), mask=mask_rows[:, None], other=0
                 )
-                u_lo, u_hi = int4_to_fp16_pair(pu, ASM)
-                u_lo = _w4a8_tile(u_lo, BLOCK_N, WARPS)
-                u_hi = _w4a8_tile(u_hi, BLOCK_N, WARPS)
-                if UPCAST:
-                    u_lo = u_lo.to(tl.float32)
-                    u_hi = u_hi.to(tl.float32)
+                u = _w4a8_weights(pu, BLOCK_N, WARPS, ASM, UPCAST)
                 bs_up = tl.load(
                     bs_base + (offs_n + up_offset) * stride_bsn + g * stride_bsk, mask=mask_n, other=0.0
                 )
-                acc_up += tl.dot(u_hi, x_hi, tl.dot(u_lo, x_lo)) * bs_up[:, None]
+                acc_up += tl.dot(u, x) * bs_up[:, None]
 
         acc = acc * a_scale
         if GATED:
@@ -454,23 +455,23 @@ def _masked_amax_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """amax over the valid rows of x [L, M, D] (folded into amax_ptr[0] by atomic max)."""
-    e = tl.program_id(0)
-    pid_m0 = tl.program_id(1)
-    grid_m = tl.num_programs(1)
+    """amax over the valid rows of x [L, M, D] (folded into amax_ptr[0] by atomic max). Program
+    (d-block, expert, m-lane) reads its columns of the m-blocks lane, lane + lanes, ... below the
+    count: one load per m-block, no loop over D, so a few valid rows cost one wave of short
+    programs rather than a walk along D."""
+    pid_d = tl.program_id(0)
+    e = tl.program_id(1)
+    pid_m0 = tl.program_id(2)
+    grid_m = tl.num_programs(2)
     count = tl.minimum(tl.load(counts_ptr + e), M)
-    base = x_ptr + e.to(tl.int64) * stride_xl
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    base = x_ptr + e.to(tl.int64) * stride_xl + offs_d[None, :] * stride_xd
     run = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for pid_m in range(pid_m0, tl.cdiv(count, BLOCK_M), grid_m):
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < count
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask = mask_m[:, None] & (offs_d[None, :] < D)
-            v = tl.load(
-                base + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd, mask=mask, other=0.0
-            )
-            run = tl.maximum(run, tl.abs(v.to(tl.float32)))
+        mask = (offs_m < count)[:, None] & (offs_d < D)[None, :]
+        v = tl.load(base + offs_m[:, None] * stride_xm, mask=mask, other=0.0)
+        run = tl.maximum(run, tl.abs(v.to(tl.float32)))
     tl.atomic_max(amax_ptr, tl.max(tl.max(run, axis=1), axis=0), sem="relaxed")
 
 
@@ -612,7 +613,8 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
             a, b, b_scale, out, counts, amax_in, amax_out if amax_out is not None else dummy,
             M, N, K, up_offset, min_rows, max_rows, *a.stride(), *b.stride(), *b_scale.stride(),
             *out.stride(), OUT_MODE=out_mode, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, WARPS=warps,
-            UPCAST=_INTERPRET, ASM=not _INTERPRET, num_warps=warps, num_stages=cfg.get("num_stages", 3),
+            UPCAST=_INTERPRET, ASM=not _INTERPRET, num_warps=warps,
+            num_stages=cfg.get("num_stages", 3),
         )  # fmt: skip
         return
     _masked_gemm_kernel[(grid_m, n_blocks, L)](
@@ -736,9 +738,9 @@ def _masked_amax(x: torch.Tensor, counts: torch.Tensor, amax: torch.Tensor) -> N
     L, M, D = x.shape
     if L == 0 or M == 0 or D == 0:
         return
-    bm, bd = 16, 256
-    grid_m = min(triton.cdiv(M, bm), 8)
-    _masked_amax_kernel[(L, grid_m)](x, counts, amax, M, D, *x.stride(), BLOCK_M=bm, BLOCK_D=bd)
+    bm, bd = 8, 512
+    grid = (triton.cdiv(D, bd), L, min(triton.cdiv(M, bm), 4))
+    _masked_amax_kernel[grid](x, counts, amax, M, D, *x.stride(), BLOCK_M=bm, BLOCK_D=bd, num_warps=4)
 
 
 # --------------------------------------------------------------------------------------------------

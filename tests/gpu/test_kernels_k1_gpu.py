@@ -131,8 +131,8 @@ def test_masked_moe_gpu(rng_seed, poisoned_empty, scheme, model):
     _assert_not_written(out, counts.cpu())
     if scheme == "w4a8":
         # Other tiles of the w4a8 kernel (compiled: inline-PTX unpack, wgmma with the weights in
-        # registers): 64 token rows by 128 weight rows on 8 warps, and 64 weight rows on 8 warps,
-        # whose row order is the load order (see `_w4a8_rows`).
+        # registers): 64 token rows by 128 weight rows on 8 warps; 64 weight rows on 8 warps, whose
+        # row order is the load order (see `_w4a8_rows`); 128 token rows.
         for cfg in W4A8_TILES:
             out = masked_moe(x, counts, w13, w2, configs=(cfg, cfg), **kw)
             _close(out, ref, counts.cpu(), TOL[scheme])
@@ -142,6 +142,7 @@ def test_masked_moe_gpu(rng_seed, poisoned_empty, scheme, model):
 W4A8_TILES = (
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
 )
 
 

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from ep_runtime.kernels.masked_grouped_gemm import (
+    _masked_amax,
     _masked_tensor_quant,
     masked_grouped_gemm,
     masked_moe,
@@ -150,6 +151,21 @@ def test_masked_moe_w4a8(rng_seed, poisoned_empty, cfg):
     ref = masked_moe_reference(x, counts, w13_p, w2_p, round_bf16=backend_bf16, **kw)
     _close(out, ref, counts.cpu(), 8e-2)
     _assert_not_written(out, counts.cpu())
+
+
+def test_masked_amax_reads_valid_rows_only(rng_seed):
+    """The per-tensor amax of the w4a8 path: over the valid rows only (the rest hold NaN and a huge
+    value, which must not be read), across several D blocks (D not a multiple of the block) and
+    m-lanes (37 rows: 5 row blocks over 4 lanes)."""
+    L, M, D = 3, 40, 600
+    counts = torch.tensor([0, 37, 9], dtype=torch.int32, device=DEVICE)
+    x = _poison_rows(torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE), counts)
+    x[1, 38, 5] = 1e4
+    x[2, 3, 599] = 7.25  # the maximum, in the last column of the last D block
+    amax = torch.zeros(1, dtype=torch.float32, device=DEVICE)
+    _masked_amax(x, counts, amax)
+    want = torch.cat([x[1, :37], x[2, :9]]).float().abs().max()
+    assert amax.item() == want.item() == 7.25
 
 
 def test_masked_tensor_quant_orders_columns_as_the_w4a8_tile(rng_seed, poisoned_empty):
