@@ -115,12 +115,14 @@ W4A8_SMALL = [
 ]
 
 
-def tune(dev, best: dict, small_rows: int = 8, main_rows: int = 64, schemes=SCHEMES) -> None:
+def tune(dev, best: dict, small_rows=(1, 8), main_rows=(64, 128), schemes=SCHEMES) -> None:
     """Sweep configs per kernel kind at the DeepSeek-V3 and Qwen3 decode shapes (score: the sum
-    over shapes of time / best time); fills `best` {kind: config}. Two tiles per kind, as the
-    launcher runs them (`masked_grouped_gemm._row_regimes`): the main tile, picked with
-    `main_rows` valid rows per expert, and the `SMALL` tile for experts with at most
-    SMALL_MAX_ROWS rows, picked with `small_rows`."""
+    over shapes and row counts of time / best time), timed as CUDA-graph replays; fills `best`
+    {kind: config}. Two tiles per kind, as the launcher runs them
+    (`masked_grouped_gemm._row_regimes`): the main tile, picked over `main_rows` valid rows per
+    expert (a tile picked at one row count alone made the other slower), and a `SMALL` tile for
+    experts with at most SMALL_MAX_ROWS rows, picked over `small_rows` against the main tile
+    itself: the entry gets a SMALL tile only where one beats the main tile there."""
     base = [
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
@@ -147,51 +149,50 @@ def tune(dev, best: dict, small_rows: int = 8, main_rows: int = 64, schemes=SCHE
                 continue
             other = KINDS.get((scheme, not gated))
             picked = {}
-            sets = (("main", main, main_rows), ("small", small, small_rows))
-            if scheme == "w4a8":
-                sets = (("main", W4A8_MAIN, main_rows), ("small", W4A8_SMALL, small_rows))
-            for name, cands, rows in sets:
-                picked[name] = _select(
-                    dev, kind, scheme, stage, cands, rows, best.get(other) if other else None
-                )
+            main_cands, small_cands = (W4A8_MAIN, W4A8_SMALL) if scheme == "w4a8" else (main, small)
+            other_cfg = best.get(other) if other else None
+            picked["main"] = _select(dev, kind, scheme, stage, main_cands, main_rows, other_cfg)
+            if picked["main"] is not None:
+                small_cands = small_cands + [picked["main"]]
+            picked["small"] = _select(dev, kind, scheme, stage, small_cands, small_rows, other_cfg)
+            if picked["small"] is picked["main"]:
+                picked["small"] = None  # the main tile is as good at a few rows: no second launch
             if picked["main"] is not None and picked["small"] is not None:
                 best[kind] = dict(picked["main"], SMALL=dict(picked["small"], MAX_ROWS=SMALL_MAX_ROWS))
             elif picked["main"] is not None:
                 best[kind] = picked["main"]
 
 
-def _select(dev, kind, scheme, stage, cands, num_rows, other_cfg):
-    """The candidate with the lowest summed time / best time over the first two models, or None."""
+def _select(dev, kind, scheme, stage, cands, rows_list, other_cfg):
+    """The candidate with the lowest summed time / best time over the first two models and the row
+    counts `rows_list`, or None."""
     scores: dict[int, float] = {}
     seen: dict[int, int] = {}
     shapes_done = 0
     for _, L, D, I in MODELS[:2]:  # noqa: E741
         w = make_weights(L, D, I, scheme, dev)
         x, xs = make_input(L, CAPACITY, D, scheme, dev)
-        counts = torch.full((L,), num_rows, dtype=torch.int32, device=dev)
-        times = {}
-        for ci, c in enumerate(cands):
-            cfgs = [None, None]
-            cfgs[stage] = c
-            cfgs[1 - stage] = other_cfg
-            try:  # CUDA-graph replays: eager times of decode shapes are mostly the host's launch cost
-                t = graph_us(
-                    lambda cfgs=cfgs, x=x, xs=xs, counts=counts, w=w: run_moe(x, xs, counts, w, tuple(cfgs)),
-                    replays=2,
-                    warmup=3,
-                    rep=15,
-                )
-            except Exception as exc:  # a config that fails to compile is skipped
-                print(f"skip {kind} {c}: {type(exc).__name__}: {exc}"[:200])
-                continue
-            times[ci] = t
-            print(f"tune {kind} D={D} rows={num_rows} {c}: {t:.1f} us")
-        if times:
-            shapes_done += 1
-            t_min = min(times.values())
-            for ci, t in times.items():
-                scores[ci] = scores.get(ci, 0.0) + t / t_min
-                seen[ci] = seen.get(ci, 0) + 1
+        for num_rows in rows_list:
+            counts = torch.full((L,), num_rows, dtype=torch.int32, device=dev)
+            times = {}
+            for ci, c in enumerate(cands):
+                cfgs = [None, None]
+                cfgs[stage] = c
+                cfgs[1 - stage] = other_cfg
+                fn = lambda cfgs=cfgs, counts=counts, x=x, xs=xs, w=w: run_moe(x, xs, counts, w, tuple(cfgs))  # noqa: E731
+                try:  # CUDA-graph replays: eager times of decode shapes are mostly the host's launch cost
+                    t = graph_us(fn, replays=2, warmup=3, rep=15)
+                except Exception as exc:  # a config that fails to compile is skipped
+                    print(f"skip {kind} {c}: {type(exc).__name__}: {exc}"[:200])
+                    continue
+                times[ci] = t
+                print(f"tune {kind} D={D} rows={num_rows} {c}: {t:.1f} us")
+            if times:
+                shapes_done += 1
+                t_min = min(times.values())
+                for ci, t in times.items():
+                    scores[ci] = scores.get(ci, 0.0) + t / t_min
+                    seen[ci] = seen.get(ci, 0) + 1
         del w, x, xs
         torch.cuda.empty_cache()
     complete = {ci: sc for ci, sc in scores.items() if seen[ci] == shapes_done}
