@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, _scales_empty, e4m3_scale, int4_to_fp16_pair, to_e4m3_grid
-from .tables import for_device, sm_count
+from .tables import arrival_counters, for_device, sm_count
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -74,6 +74,34 @@ def _quant_fp8(v, scale, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, R: tl.constexpr, C: tl.constexpr,
+                    GATED: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+    """One-launch split-K: this split's partial sums of output tile `tile` (accumulators [R, C], the
+    up half too when GATED) go to the workspace, the tile's arrival counter is bumped, and the split
+    that arrives last sums all SPLIT_K partials in split order (deterministic), resets the counter
+    for the next launch and returns `(True, sums)`; the others return `(False, ...)` and store
+    nothing. The workspace holds `[tiles, SPLIT_K, 1 or 2, R, C]` fp32."""
+    SIZE: tl.constexpr = R * C * (2 if GATED else 1)
+    offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    base = ws_ptr + tile.to(tl.int64) * (SPLIT_K * SIZE)
+    tl.store(base + split * SIZE + offs, acc)
+    if GATED:
+        tl.store(base + split * SIZE + R * C + offs, acc_up)
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    if last:
+        acc = tl.zeros((R, C), dtype=tl.float32)
+        acc_up = tl.zeros((R, C), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(base + s * SIZE + offs, cache_modifier=".cg")
+            if GATED:
+                acc_up += tl.load(base + s * SIZE + R * C + offs, cache_modifier=".cg")
+        tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
+    return last, acc, acc_up
+
+
+@triton.jit
 def _masked_gemm_kernel(
     # pointers
     a_ptr,
@@ -83,6 +111,8 @@ def _masked_gemm_kernel(
     out_ptr,
     out_scale_ptr,
     counts_ptr,
+    ws_ptr,
+    counter_ptr,
     # sizes
     M,
     N,
@@ -90,6 +120,7 @@ def _masked_gemm_kernel(
     up_offset,
     min_rows,
     max_rows,
+    split_tiles,
     # strides
     stride_al,
     stride_am,
@@ -120,16 +151,20 @@ def _masked_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_K: tl.constexpr,
     UPCAST: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """Program (m-lane, n-block, expert e) computes out[e, m-blocks, n-block] for the valid m-blocks
     m-lane, m-lane + GRID_M, ... of expert e (none when counts[e] == 0). Experts whose row count is
     outside [min_rows, max_rows] are left to another launch (see `_launch`: small and large row
-    counts can run with different tiles, chosen on the device)."""
+    counts can run with different tiles, chosen on the device). SPLIT_K > 1 (launches of one
+    m-block per expert): grid axis 1 is (n-block, K split), each split sums `split_tiles` K blocks
+    and the last to finish reduces (`_split_k_reduce`)."""
     # m-lanes on the fastest grid axis: lanes of one (expert, n-block) run side by side and share
     # the weight tile through L2
     pid_m0 = tl.program_id(0)
     grid_m = tl.num_programs(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(1) // SPLIT_K
+    split = tl.program_id(1) % SPLIT_K
     e = tl.program_id(2)
     count = tl.minimum(tl.load(counts_ptr + e), M)
     num_m_blocks = tl.cdiv(count, BLOCK_M)
@@ -147,7 +182,9 @@ def _masked_gemm_kernel(
         mask_m = offs_m < count
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # K blocks of this split (tile indices, so the compiler sees k0 as a multiple of BLOCK_K)
+        for kt in range(split * split_tiles, tl.minimum(tl.cdiv(K, BLOCK_K), (split + 1) * split_tiles)):
+            k0 = kt * BLOCK_K
             # ---- B tile(s), [BLOCK_K, BLOCK_N]
             kb = k0 + offs_kb
             mask_b = (kb[:, None] < K) & mask_n[None, :]
@@ -201,11 +238,17 @@ def _masked_gemm_kernel(
                     acc_up += tl.dot(a, u0) * (a_s[:, None] * bs_up[None, :])
 
         # ---- epilogue
+        mask_o = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K > 1:
+            tile = e * (tl.num_programs(1) // SPLIT_K) + pid_n
+            last, acc, acc_up = _split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, BLOCK_M, BLOCK_N,
+                                                GATED, SPLIT_K)  # fmt: skip
+            mask_o = tl.where(last, mask_o, False)  # (`&` with the scalar trips the interpreter)
+            mask_m = tl.where(last, mask_m, False)
         if GATED:
             h = acc / (1.0 + tl.exp(-acc)) * acc_up
         else:
             h = acc
-        mask_o = mask_m[:, None] & mask_n[None, :]
         out_ptrs = (
             out_ptr + e.to(tl.int64) * stride_ol + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         )
@@ -309,6 +352,8 @@ def _masked_w4a8_kernel(
     counts_ptr,
     amax_in_ptr,
     amax_out_ptr,
+    ws_ptr,
+    counter_ptr,
     # sizes
     M,
     N,
@@ -316,6 +361,7 @@ def _masked_w4a8_kernel(
     up_offset,
     min_rows,
     max_rows,
+    split_tiles,
     # strides
     stride_al,
     stride_am,
@@ -337,6 +383,7 @@ def _masked_w4a8_kernel(
     WARPS: tl.constexpr,
     UPCAST: tl.constexpr,
     ASM: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """Program (m-lane, n-block, expert e): out[e, m-blocks, n-block] = x_q @ W^T for the valid
     m-blocks of its lane (as `_masked_gemm_kernel`), computed as W-tile @ x_q-tile^T.
@@ -344,10 +391,11 @@ def _masked_w4a8_kernel(
     a: fp16 `[L, M, K]` x quantised per tensor onto the e4m3 grid (`_masked_tensor_quant`: K
     permuted per 128-group); b: uint8 `[L, N_total, K/2]` packed int4; b_scale: fp32
     `[L, N_total, K/128]`; the per-tensor x scale is `e4m3_scale(amax_in)`. OUT_MODE 2 also folds
-    the block's amax of the stored bf16 values into amax_out."""
+    the block's amax of the stored bf16 values into amax_out. SPLIT_K as in `_masked_gemm_kernel`."""
     pid_m0 = tl.program_id(0)
     grid_m = tl.num_programs(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(1) // SPLIT_K
+    split = tl.program_id(1) % SPLIT_K
     e = tl.program_id(2)
     count = tl.minimum(tl.load(counts_ptr + e), M)
     num_m_blocks = tl.cdiv(count, BLOCK_M)
@@ -371,7 +419,10 @@ def _masked_w4a8_kernel(
         a_cols = a_base + offs_m[None, :] * stride_am + tl.arange(0, 2 * W4A8_HALF)[:, None] * stride_ak
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, 2 * W4A8_HALF):
+        for kt in range(
+            split * split_tiles, tl.minimum(tl.cdiv(K, 2 * W4A8_HALF), (split + 1) * split_tiles)
+        ):
+            k0 = kt * (2 * W4A8_HALF)
             x = tl.load(a_cols + k0 * stride_ak, mask=mask_m[None, :], other=0.0)  # [128, BLOCK_M]
             if UPCAST:
                 x = x.to(tl.float32)
@@ -390,13 +441,18 @@ def _masked_w4a8_kernel(
                 )
                 acc_up += tl.dot(u, x) * bs_up[:, None]
 
+        mask_o = mask_n[:, None] & mask_m[None, :]
+        if SPLIT_K > 1:
+            tile = e * (tl.num_programs(1) // SPLIT_K) + pid_n
+            last, acc, acc_up = _split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, BLOCK_N, BLOCK_M,
+                                                GATED, SPLIT_K)  # fmt: skip
+            mask_o = tl.where(last, mask_o, False)
         acc = acc * a_scale
         if GATED:
             h = acc / (1.0 + tl.exp(-acc)) * (acc_up * a_scale)
         else:
             h = acc
         hb = h.to(out_ptr.dtype.element_ty)
-        mask_o = mask_n[:, None] & mask_m[None, :]
         out_ptrs = (
             out_ptr + e.to(tl.int64) * stride_ol + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         )
@@ -590,6 +646,40 @@ def _row_regimes(cfg: dict[str, Any], M: int) -> list[tuple[dict[str, Any], int,
     return [(small, 0, cap), (cfg, cap + 1, _ALL_ROWS)]
 
 
+SPLIT_TARGET_CTAS = 4
+"""Auto split-K aims at this many programs per SM (see `_split_plan`)."""
+SPLIT_MIN_TILES = 4
+"""...and keeps at least this many K blocks per split (the loads pipeline over them)."""
+
+
+def _split_plan(cfg: dict[str, Any], K: int, rows: int, tiles: int, num_sms: int) -> tuple[int, int]:
+    """(K splits, K blocks per split) of a launch of `tiles` output tiles (experts x n-blocks).
+
+    Config `SPLIT_K`: that many; absent: automatic for launches of one m-block per expert (`rows`,
+    the most valid rows the launch sees, at most BLOCK_M: a SMALL tile, or a capacity within one
+    block), enough splits for SPLIT_TARGET_CTAS programs per SM when the tiles alone are fewer (few
+    local experts, e.g. Mixtral-class models at decode: 2 experts x 64 n-blocks leave most SMs
+    idle while each program walks a 14336-long K), keeping SPLIT_MIN_TILES K blocks per split.
+    At most one split per K block; empty splits dropped. An explicit SPLIT_K > 1 on a launch of
+    more rows than BLOCK_M is an error."""
+    block_k = cfg["BLOCK_K"]
+    k_tiles = triton.cdiv(K, block_k)
+    if "SPLIT_K" in cfg:
+        split = int(cfg["SPLIT_K"])
+    elif rows <= cfg["BLOCK_M"] and tiles < SPLIT_TARGET_CTAS * num_sms:
+        split = min(triton.cdiv(SPLIT_TARGET_CTAS * num_sms, max(tiles, 1)), k_tiles // SPLIT_MIN_TILES)
+    else:
+        split = 1
+    split = max(1, min(split, k_tiles))
+    if split > 1 and rows > cfg["BLOCK_M"]:
+        raise ValueError(
+            f"SPLIT_K={split} needs a launch of at most BLOCK_M={cfg['BLOCK_M']} rows per expert (a SMALL "
+            f"tile, MAX_ROWS <= BLOCK_M); this one takes up to {rows}"
+        )
+    per = triton.cdiv(k_tiles, split)
+    return triton.cdiv(k_tiles, per), per
+
+
 def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode, b_mode, out_mode, gated,
                 up_offset, amax_in, amax_out, cfg, min_rows, max_rows) -> None:  # fmt: skip
     L, M = a.shape[0], a.shape[1]
@@ -601,6 +691,14 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
     lanes = cfg.get("GRID_M") or max(4, triton.cdiv(2 * num_sms, max(L * n_blocks, 1)))
     grid_m = min(triton.cdiv(M, bm), lanes)
     dummy = counts  # placeholder pointer for unused operands (never dereferenced)
+    split, split_tiles = _split_plan(cfg, K, min(M, max_rows), L * n_blocks, num_sms)
+    ws = counters = dummy
+    if split > 1:  # one m-block per expert; partial tiles [1 or 2, BLOCK_M, BLOCK_N] per split
+        grid_m = 1
+        ws = torch.empty(
+            L * n_blocks * split * (2 if gated else 1) * bm * bn, dtype=torch.float32, device=a.device
+        )
+        counters = arrival_counters(a.device, L * n_blocks)
     a_s = a_scale if a_scale is not None else dummy
     b_s = b_scale if b_scale is not None else dummy
     o_s = out_scale if out_scale is not None else dummy
@@ -608,48 +706,23 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
     b_s_strides = b_scale.stride() if b_scale is not None else (0, 0, 0)
     o_s_strides = out_scale.stride() if out_scale is not None else (0, 0, 0)
     warps = cfg.get("num_warps", 4)
+    grid = (grid_m, n_blocks * split, L)
     if a_mode == A_FP16_QT:
-        _masked_w4a8_kernel[(grid_m, n_blocks, L)](
-            a, b, b_scale, out, counts, amax_in, amax_out if amax_out is not None else dummy,
-            M, N, K, up_offset, min_rows, max_rows, *a.stride(), *b.stride(), *b_scale.stride(),
+        _masked_w4a8_kernel[grid](
+            a, b, b_scale, out, counts, amax_in, amax_out if amax_out is not None else dummy, ws, counters,
+            M, N, K, up_offset, min_rows, max_rows, split_tiles, *a.stride(), *b.stride(), *b_scale.stride(),
             *out.stride(), OUT_MODE=out_mode, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, WARPS=warps,
-            UPCAST=_INTERPRET, ASM=not _INTERPRET, num_warps=warps,
+            UPCAST=_INTERPRET, ASM=not _INTERPRET, SPLIT_K=split, num_warps=warps,
             num_stages=cfg.get("num_stages", 3),
         )  # fmt: skip
         return
-    _masked_gemm_kernel[(grid_m, n_blocks, L)](
-        a,
-        a_s,
-        b,
-        b_s,
-        out,
-        o_s,
-        counts,
-        M,
-        N,
-        K,
-        up_offset,
-        min_rows,
-        max_rows,
-        *a.stride(),
-        *a_s_strides,
-        *b.stride(),
-        *b_s_strides,
-        *out.stride(),
-        *o_s_strides,
-        A_MODE=a_mode,
-        B_MODE=b_mode,
-        OUT_MODE=out_mode,
-        GATED=gated,
-        B_SCALE_ROWS=GROUP if b_mode == B_FP8_BLOCK else 1,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=cfg["BLOCK_K"],
-        GROUP_K=GROUP,
-        UPCAST=_INTERPRET,
-        num_warps=warps,
-        num_stages=cfg.get("num_stages", 3),
-    )
+    _masked_gemm_kernel[grid](
+        a, a_s, b, b_s, out, o_s, counts, ws, counters, M, N, K, up_offset, min_rows, max_rows, split_tiles,
+        *a.stride(), *a_s_strides, *b.stride(), *b_s_strides, *out.stride(), *o_s_strides,
+        A_MODE=a_mode, B_MODE=b_mode, OUT_MODE=out_mode, GATED=gated,
+        B_SCALE_ROWS=GROUP if b_mode == B_FP8_BLOCK else 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        GROUP_K=GROUP, UPCAST=_INTERPRET, SPLIT_K=split, num_warps=warps, num_stages=cfg.get("num_stages", 3),
+    )  # fmt: skip
 
 
 @triton.jit

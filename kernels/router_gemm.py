@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import for_device, sm_count
+from .tables import arrival_counters, for_device, sm_count
 
 IMPLS = ("auto", "cublas", "triton", "torch")
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "router_gemm.json"
@@ -221,22 +221,6 @@ def select(T: int, D: int, E: int, device: torch.device) -> tuple[str, dict[str,
 # --------------------------------------------------------------------------------------------------
 
 
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
-    """Per-(device, stream) int32 arrival counters for the serial split-K reduction. Zeroed once when
-    (re)allocated; every launch leaves them zero again. Calls on one stream are ordered, so they
-    can share; concurrent streams get their own."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < num_tiles:
-        buf = torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
 def _split_plan(D: int, config: dict[str, int]) -> tuple[int, int, int]:
     """(K splits, K tiles per split, reduce mode) of the split-K kernel for `config`: the splits
     asked for, at most one per K tile, empty splits dropped; reduce 0 = none, 1 = fp32 atomics into a
@@ -290,7 +274,7 @@ def _router_gemm_triton(
     grid = (triton.cdiv(E, be), triton.cdiv(T, bt), split_k)
     if reduce_mode == 2:
         ws = torch.empty((split_k, T, E), dtype=torch.float32, device=x.device)
-        counters = _arrival_counters(x.device, grid[0] * grid[1])
+        counters = arrival_counters(x.device, grid[0] * grid[1])
     else:
         ws = counters = out  # unused
     _router_gemm_kernel[grid](

@@ -6,6 +6,8 @@ there is one, and a device whose own table covers only some shapes takes the res
 shared memory per SM, so block shapes tuned on one are good starting points on the other (the HBM
 bandwidth differs, so absolute times do not carry over). Otherwise the kernel's heuristic applies.
 A fallback is reported once per (table, device) with `warnings.warn`.
+
+Also here: `arrival_counters`, the counter buffers shared by the one-launch split-K reductions.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import functools
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 # Same-architecture families, in order of preference for a device with no table of its own.
 _FAMILIES: dict[tuple[int, int], tuple[str, ...]] = {
@@ -110,3 +114,20 @@ def sm_count(index: int) -> int:
     import torch
 
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
+    """Per-(device, stream) int32 arrival counters for one-launch split-K reductions (the last split
+    of a tile to arrive sums the partials: router GEMM, masked GEMMs). Zeroed once when
+    (re)allocated; every launch leaves them zero again. Calls on one stream are ordered, so they can
+    share; concurrent streams get their own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < num_tiles:
+        buf = torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf

@@ -146,6 +146,38 @@ W4A8_TILES = (
 )
 
 
+@pytest.mark.parametrize("scheme", ["bf16", "fp8_block", "w4a8"])
+@pytest.mark.parametrize("model", [(2, 4096, 14336), (8, 2048, 768)], ids=["mixtral", "qwen3"])
+def test_masked_moe_split_k_gpu(rng_seed, poisoned_empty, scheme, model):
+    """Decode-sized experts (<= 16 rows) with the K dimension split across programs (one launch: the
+    last split to arrive reduces): automatic (few experts: Mixtral's 2 leave most SMs idle without
+    it) and an explicit SPLIT_K=4, against the reference; the second call reuses the arrival
+    counters, which every launch leaves at zero."""
+    L, D, I = model
+    M = 256
+    counts = torch.tensor(([0, 16, 1, 7, 3, 12, 16, 9] * 2)[:L], dtype=torch.int32, device="cuda")
+    x = _poison_rows(torch.randn(L, M, D, device="cuda").to(torch.bfloat16), counts.cpu())
+    w13 = (torch.randn(L, 2 * I, D, device="cuda") * 0.02).to(torch.bfloat16)
+    w2 = (torch.randn(L, D, I, device="cuda") * 0.02).to(torch.bfloat16)
+    kw: dict = dict(scheme=scheme)
+    if scheme == "fp8_block":
+        w13, kw["w13_scale"] = quantize_fp8_block(w13)
+        w2, kw["w2_scale"] = quantize_fp8_block(w2)
+    elif scheme == "w4a8":
+        w13, kw["w13_scale"] = quantize_w4a8(w13)
+        w2, kw["w2_scale"] = quantize_w4a8(w2)
+    ref = masked_moe_reference(x, counts, w13, w2, **kw)
+    small = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, MAX_ROWS=16)
+    main = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    for split in (None, 4, 4):  # automatic, then explicit twice
+        s = small if split is None else dict(small, SPLIT_K=split)
+        cfg = dict(main, SMALL=s)
+        with _NoSync():
+            out = masked_moe(x, counts, w13, w2, configs=(cfg, cfg), **kw)
+        _close(out, ref, counts.cpu(), TOL[scheme])
+        _assert_not_written(out, counts.cpu())
+
+
 @pytest.mark.parametrize("mode", ["bf16", "fp8a_bf16b", "fp8a_fp8b", "bf16a_fp8b"])
 def test_masked_grouped_gemm_gpu(rng_seed, poisoned_empty, mode):
     from ep_runtime.kernels.quant import dequantize_fp8_block, per_token_group_dequant_fp8

@@ -121,11 +121,11 @@ def sass_ops(kernel, text: str | None = None) -> dict[str, int]:
 
 MASKED_PTRS = dict(
     a_ptr="*bf16", a_scale_ptr="*fp32", b_ptr="*u8", b_scale_ptr="*fp32", out_ptr="*bf16",
-    out_scale_ptr="*fp32", counts_ptr="*i32",
+    out_scale_ptr="*fp32", counts_ptr="*i32", ws_ptr="*fp32", counter_ptr="*i32",
 )  # fmt: skip
 MASKED_W4A8_PTRS = dict(
     a_ptr="*fp16", b_ptr="*u8", b_scale_ptr="*fp32", out_ptr="*bf16", counts_ptr="*i32", amax_in_ptr="*fp32",
-    amax_out_ptr="*fp32",
+    amax_out_ptr="*fp32", ws_ptr="*fp32", counter_ptr="*i32",
 )  # fmt: skip
 
 
@@ -157,9 +157,9 @@ def tma_ptrs(ptrs: dict, scheme: int, block_m: int, block_n: int, block_k: int) 
     )
 
 
-def w4a8_ce(gated: bool, block_m: int, block_n: int, warps: int) -> dict:
+def w4a8_ce(gated: bool, block_m: int, block_n: int, warps: int, split_k: int = 1) -> dict:
     return dict(OUT_MODE=mg.OUT_AMAX if gated else mg.OUT_PLAIN, GATED=gated, BLOCK_M=block_m,
-                BLOCK_N=block_n, WARPS=warps, UPCAST=False, ASM=True)  # fmt: skip
+                BLOCK_N=block_n, WARPS=warps, UPCAST=False, ASM=True, SPLIT_K=split_k)  # fmt: skip
 
 
 def cases():
@@ -168,6 +168,9 @@ def cases():
         for bm, bn, warps in ((16, 64, 4), (64, 128, 8)):
             name = f"masked-w4a8-{'gated' if gated else 'plain'}-BM{bm}-BN{bn}-w{warps}"
             yield name, mg._masked_w4a8_kernel, MASKED_W4A8_PTRS, w4a8_ce(gated, bm, bn, warps), warps, 4
+        # a SMALL tile with K split across programs (one-launch reduction)
+        name = f"masked-w4a8-{'gated' if gated else 'plain'}-BM16-BN64-w4-split4"
+        yield name, mg._masked_w4a8_kernel, MASKED_W4A8_PTRS, w4a8_ce(gated, 16, 64, 4, 4), 4, 4
     for gate_up in (True, False):
         for magic in (False, True):
             ce = fused_ce(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SCHEME=2, GATE_UP=gate_up,
@@ -293,12 +296,12 @@ def _masked_case(dev, kind, regime, cfg, a_mode, b_mode, gated, out_mode):
     warps = cfg.get("num_warps", 4)
     name = f"table-masked-{dev}-{kind}-launch{regime}"
     if a_mode == mg.A_FP16_QT:
-        ce = w4a8_ce(gated, cfg["BLOCK_M"], cfg["BLOCK_N"], warps)
+        ce = w4a8_ce(gated, cfg["BLOCK_M"], cfg["BLOCK_N"], warps, int(cfg.get("SPLIT_K", 1)))
         return name, mg._masked_w4a8_kernel, MASKED_W4A8_PTRS, ce, warps, cfg.get("num_stages", 3)
     ce = dict(A_MODE=a_mode, B_MODE=b_mode, OUT_MODE=out_mode, GATED=gated,
               B_SCALE_ROWS=mg.GROUP if b_mode == mg.B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
               BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_K=mg.GROUP,
-              UPCAST=False)  # fmt: skip
+              UPCAST=False, SPLIT_K=int(cfg.get("SPLIT_K", 1)))  # fmt: skip
     fp8_in = a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G)
     ptrs = dict(MASKED_PTRS, a_ptr="*fp8e4nv" if fp8_in else "*bf16",
                 b_ptr={mg.B_BF16: "*bf16", mg.B_FP8_BLOCK: "*fp8e4nv", mg.B_INT4: "*u8"}[b_mode],

@@ -264,12 +264,17 @@ def test_masked_grouped_gemm_lanes_loop(rng_seed, poisoned_empty):
     _assert_not_written(out, counts.cpu())
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "w4a8"])
-def test_masked_moe_small_and_main_tiles(rng_seed, poisoned_empty, scheme):
+@pytest.mark.parametrize("split_k", [1, 3], ids=["one_split", "split_k"])
+@pytest.mark.parametrize("scheme", ["bf16", "fp8_block", "w4a8"])
+def test_masked_moe_small_and_main_tiles(rng_seed, poisoned_empty, scheme, split_k):
     """A config with a SMALL tile: experts with <= MAX_ROWS valid rows go to the small launch, the
     others (including a full expert and one just past the threshold) to the main one; every valid
-    row is written once, nothing past the counts, and the result matches the reference."""
-    L, M, D, I = 5, 40, 256, 128
+    row is written once, nothing past the counts, and the result matches the reference.
+
+    split_k: the SMALL tile splits K (3 splits of gate_up's K = 384, 2 of down's K = 256): each
+    split's partial goes to a workspace and the last one to arrive reduces; a second call gives the
+    same bits (the reduction runs in split order, and each launch leaves its counters at zero)."""
+    L, M, D, I = 5, 40, 384, 256
     counts = torch.tensor([0, 3, 8, 9, 40], dtype=torch.int32, device=DEVICE)
     x = _poison_rows(torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE), counts)
     w13, w2 = _weights(L, I, D)
@@ -278,13 +283,57 @@ def test_masked_moe_small_and_main_tiles(rng_seed, poisoned_empty, scheme):
         w13, s13 = quantize_w4a8(w13)
         w2, s2 = quantize_w4a8(w2)
         kw.update(w13_scale=s13, w2_scale=s2)
+    if scheme == "fp8_block":
+        w13, s13 = quantize_fp8_block(w13)
+        w2, s2 = quantize_fp8_block(w2)
+        kw.update(w13_scale=s13, w2_scale=s2)
     main = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2)
-    small = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2, MAX_ROWS=8)
+    small = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2, MAX_ROWS=8, SPLIT_K=split_k)
     cfg = dict(main, SMALL=small)
     out = masked_moe(x, counts, w13, w2, configs=(cfg, cfg), **kw)
     ref = masked_moe_reference(x, counts, w13, w2, round_bf16=backend_bf16, **kw)
-    _close(out, ref, counts.cpu(), 2e-2 if scheme == "bf16" else 8e-2)
+    _close(out, ref, counts.cpu(), {"bf16": 2e-2, "fp8_block": 2e-2, "w4a8": 8e-2}[scheme])
     _assert_not_written(out, counts.cpu())
+    if split_k > 1:
+        again = masked_moe(x, counts, w13, w2, configs=(cfg, cfg), **kw)
+        valid = torch.arange(M, device=DEVICE)[None, :] < counts[:, None]
+        assert torch.equal(again[valid], out[valid])
+
+
+def test_split_k_needs_one_row_block_per_expert(rng_seed):
+    a = torch.randn(2, 24, 256).to(torch.bfloat16).to(DEVICE)
+    b = torch.randn(2, 64, 256).to(torch.bfloat16).to(DEVICE)
+    counts = torch.tensor([24, 3], dtype=torch.int32, device=DEVICE)
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2, SPLIT_K=2)
+    with pytest.raises(ValueError, match="SPLIT_K=2 needs a launch of at most BLOCK_M=16 rows"):
+        masked_grouped_gemm(a, b, counts, config=cfg)
+    # within one block (capacity 16): split, and the same product as one split (valid rows)
+    counts = counts.clamp(max=16)
+    out = masked_grouped_gemm(a[:, :16], b, counts, config=cfg, out_dtype=torch.float32)
+    one = masked_grouped_gemm(a[:, :16], b, counts, config=dict(cfg, SPLIT_K=1), out_dtype=torch.float32)
+    torch.testing.assert_close(out[0], one[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1, :3], one[1, :3], rtol=1e-5, atol=1e-5)
+
+
+def test_split_plan():
+    from ep_runtime.kernels.masked_grouped_gemm import _split_plan
+
+    small = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)
+    # Mixtral-class decode down GEMM on 132 SMs: 2 experts x 64 n-blocks, K = 14336 (112 blocks):
+    # ceil(4 * 132 / 128) = 5 splits of 23 blocks (the last 20)
+    assert _split_plan(small, 14336, 16, 128, 132) == (5, 23)
+    # enough tiles already (DeepSeek-V3: 32 experts x 32 n-blocks): one split
+    assert _split_plan(small, 7168, 16, 1024, 132) == (1, 56)
+    # short K: at least 4 blocks per split (Qwen3 gate_up: 16 blocks, 192 tiles -> 3 wanted, 4 allowed)
+    assert _split_plan(small, 2048, 16, 192, 132) == (3, 6)
+    assert _split_plan(small, 512, 16, 8, 132) == (1, 4)
+    # more rows than one block: never automatic; explicit is an error
+    assert _split_plan(small, 14336, 40, 128, 132) == (1, 112)
+    with pytest.raises(ValueError, match="SPLIT_K=2"):
+        _split_plan(dict(small, SPLIT_K=2), 14336, 40, 128, 132)
+    # explicit, capped at one split per K block, empty splits dropped (3 blocks, 4 asked -> 3)
+    assert _split_plan(dict(small, SPLIT_K=4), 384, 16, 1, 132) == (3, 1)
+    assert _split_plan(dict(small, SPLIT_K=2), 640, 16, 1, 132) == (2, 3)
 
 
 def test_row_regimes():
