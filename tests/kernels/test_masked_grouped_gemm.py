@@ -320,12 +320,13 @@ def test_split_plan():
 
     small = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)
     # Mixtral-class decode down GEMM on 132 SMs: 2 experts x 64 n-blocks, K = 14336 (112 blocks):
-    # ceil(4 * 132 / 128) = 5 splits of 23 blocks (the last 20)
-    assert _split_plan(small, 14336, 16, 128, 132) == (5, 23)
-    # enough tiles already (DeepSeek-V3: 32 experts x 32 n-blocks): one split
+    # ceil(2 * 132 / 128) = 3 splits of 38 blocks (the last 36)
+    assert _split_plan(small, 14336, 16, 128, 132) == (3, 38)
+    # tiles fill the SMs already (DeepSeek-V3: 32 experts x 32 n-blocks; Qwen3 gate_up: 192): one split
     assert _split_plan(small, 7168, 16, 1024, 132) == (1, 56)
-    # short K: at least 4 blocks per split (Qwen3 gate_up: 16 blocks, 192 tiles -> 3 wanted, 4 allowed)
-    assert _split_plan(small, 2048, 16, 192, 132) == (3, 6)
+    assert _split_plan(small, 2048, 16, 192, 132) == (1, 16)
+    # short K: at least 8 blocks per split
+    assert _split_plan(small, 2048, 16, 64, 132) == (2, 8)
     assert _split_plan(small, 512, 16, 8, 132) == (1, 4)
     # more rows than one block: never automatic; explicit is an error
     assert _split_plan(small, 14336, 40, 128, 132) == (1, 112)
