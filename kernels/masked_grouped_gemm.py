@@ -648,8 +648,9 @@ def _row_regimes(cfg: dict[str, Any], M: int) -> list[tuple[dict[str, Any], int,
 
 SPLIT_TARGET_CTAS = 2
 """Automatic split-K (see `_split_plan`) aims at this many programs per SM..."""
-SPLIT_MIN_TILES = 8
-"""...and keeps at least this many K blocks per split (the loads pipeline over them)."""
+SPLIT_MIN_TILES = 16
+"""...and keeps at least this many K blocks per split (the loads pipeline over them; shorter splits
+do not repay the reduction)."""
 
 
 def _split_plan(cfg: dict[str, Any], K: int, rows: int, tiles: int, num_sms: int) -> tuple[int, int]:
@@ -661,8 +662,8 @@ def _split_plan(cfg: dict[str, Any], K: int, rows: int, tiles: int, num_sms: int
     per SM, keeping SPLIT_MIN_TILES K blocks per split. That is the down GEMM of few local experts
     with a long K (Mixtral-class decode: 2 experts x 64 n-blocks, each walking K = 14336): on an
     H200 (2026-11-23) 3 splits took the bf16 expert MLP from 229 to 173 us, fp8_block from 134 to
-    115, w4a8 from 137 to 121; splitting launches that already fill the SMs (Mixtral's gate_up,
-    448 tiles; Qwen3's, 192) lost 5-20%. At most one split per K block; empty splits dropped. An
+    115, w4a8 from 137 to 121; splitting Mixtral's gate_up (448 tiles) lost 5%, and Qwen3's gate_up
+    (96-192 tiles, but only 16 K blocks) 15-20%. At most one split per K block; empty splits dropped. An
     explicit SPLIT_K > 1 on a launch of more rows than BLOCK_M is an error."""
     block_k = cfg["BLOCK_K"]
     k_tiles = triton.cdiv(K, block_k)

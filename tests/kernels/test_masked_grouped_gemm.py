@@ -325,9 +325,9 @@ def test_split_plan():
     # tiles fill the SMs already (DeepSeek-V3: 32 experts x 32 n-blocks; Qwen3 gate_up: 192): one split
     assert _split_plan(small, 7168, 16, 1024, 132) == (1, 56)
     assert _split_plan(small, 2048, 16, 192, 132) == (1, 16)
-    # short K: at least 8 blocks per split
-    assert _split_plan(small, 2048, 16, 64, 132) == (2, 8)
-    assert _split_plan(small, 512, 16, 8, 132) == (1, 4)
+    # at least 16 K blocks per split: Qwen3's gate_up (96 tiles, 16 blocks) stays whole
+    assert _split_plan(small, 2048, 16, 96, 132) == (1, 16)
+    assert _split_plan(small, 4096, 16, 64, 132) == (2, 16)
     # more rows than one block: never automatic; explicit is an error
     assert _split_plan(small, 14336, 40, 128, 132) == (1, 112)
     with pytest.raises(ValueError, match="SPLIT_K=2"):
