@@ -94,19 +94,22 @@ def torch_loop(x_bf16, n: int, w13, w2, I: int):  # noqa: E741
     return outs
 
 
-SMALL_MAX_ROWS = 16
-"""Experts with at most this many valid rows run the table's `SMALL` tile (one 16-row block)."""
+SMALL_MAX_ROWS = (16, 32)
+"""The SMALL tile's `MAX_ROWS` choices the tuner tries: experts with at most that many valid rows run
+it (32: the rows per expert of a DeepSeek-V3 decode step at EP8, 128 tokens per rank)."""
 
 
 # The w4a8 kernel's tiles (`masked_grouped_gemm._masked_w4a8_kernel`): BLOCK_M token rows by BLOCK_N
 # weight rows (64 per warpgroup's wgmma), 4 or 8 warps
 W4A8_MAIN = [
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),  # 65-128 rows: one unpack
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
 ]
 W4A8_SMALL = [
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=6),
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
@@ -115,14 +118,15 @@ W4A8_SMALL = [
 ]
 
 
-def tune(dev, best: dict, small_rows=(1, 8), main_rows=(64, 128), schemes=SCHEMES) -> None:
+def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SCHEMES) -> None:
     """Sweep configs per kernel kind at the DeepSeek-V3 and Qwen3 decode shapes (score: the sum
     over shapes and row counts of time / best time), timed as CUDA-graph replays; fills `best`
     {kind: config}. Two tiles per kind, as the launcher runs them
     (`masked_grouped_gemm._row_regimes`): the main tile, picked over `main_rows` valid rows per
-    expert (a tile picked at one row count alone made the other slower), and a `SMALL` tile for
-    experts with at most SMALL_MAX_ROWS rows, picked over `small_rows` against the main tile
-    itself: the entry gets a SMALL tile only where one beats the main tile there."""
+    expert (a tile picked at one row count alone made the other slower), then the whole entry over
+    `small_rows`: the main tile alone, or with a `SMALL` tile for experts with at most MAX_ROWS
+    rows (each small candidate with each of SMALL_MAX_ROWS), so an entry gets a SMALL tile only
+    where one beats the main tile there."""
     base = [
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
@@ -148,19 +152,15 @@ def tune(dev, best: dict, small_rows=(1, 8), main_rows=(64, 128), schemes=SCHEME
             if kind is None or kind in best:
                 continue
             other = KINDS.get((scheme, not gated))
-            picked = {}
             main_cands, small_cands = (W4A8_MAIN, W4A8_SMALL) if scheme == "w4a8" else (main, small)
             other_cfg = best.get(other) if other else None
-            picked["main"] = _select(dev, kind, scheme, stage, main_cands, main_rows, other_cfg)
-            if picked["main"] is not None:
-                small_cands = small_cands + [picked["main"]]
-            picked["small"] = _select(dev, kind, scheme, stage, small_cands, small_rows, other_cfg)
-            if picked["small"] is picked["main"]:
-                picked["small"] = None  # the main tile is as good at a few rows: no second launch
-            if picked["main"] is not None and picked["small"] is not None:
-                best[kind] = dict(picked["main"], SMALL=dict(picked["small"], MAX_ROWS=SMALL_MAX_ROWS))
-            elif picked["main"] is not None:
-                best[kind] = picked["main"]
+            main_cfg = _select(dev, kind, scheme, stage, main_cands, main_rows, other_cfg)
+            if main_cfg is None:
+                continue
+            entries = [main_cfg] + [
+                dict(main_cfg, SMALL=dict(c, MAX_ROWS=rows)) for c in small_cands for rows in SMALL_MAX_ROWS
+            ]
+            best[kind] = _select(dev, kind, scheme, stage, entries, small_rows, other_cfg) or main_cfg
 
 
 def _select(dev, kind, scheme, stage, cands, rows_list, other_cfg):
