@@ -27,6 +27,8 @@ from ep_runtime.kernels import select_experts as se
 # contiguous tensors): stride 1 becomes the constant 1, multiples of 16 carry `tt.divisibility`
 # (which enables vectorised and asynchronous copies, so software pipelining). Pointers are 16-byte
 # aligned. Without this the compiler sees unaligned scalars and neither vectorises nor pipelines.
+MASKED_DIV16 = ("M", "N", "K", "up_offset", "stride_al", "stride_am", "stride_bl", "stride_bn", "stride_ol",
+                "stride_om", "stride_bsl")  # fmt: skip
 SPECIALISED = {
     "_fused_moe_gemm_kernel": dict(
         ones=("stride_ak", "stride_bk", "stride_cn", "stride_ask", "stride_bsk"),
@@ -51,35 +53,11 @@ SPECIALISED = {
     "_select_experts_kernel": dict(ones=("stride_le",), div16=("stride_lt",)),
     "_masked_gemm_kernel": dict(
         ones=("stride_ak", "stride_bk", "stride_on", "stride_bsk", "stride_osn"),
-        div16=(
-            "M",
-            "N",
-            "K",
-            "up_offset",
-            "stride_al",
-            "stride_am",
-            "stride_bl",
-            "stride_bn",
-            "stride_ol",
-            "stride_om",
-            "stride_bsl",
-        ),
+        div16=MASKED_DIV16,
     ),  # fmt: skip
     "_masked_w4a8_kernel": dict(
         ones=("stride_ak", "stride_bk", "stride_on", "stride_bsk"),
-        div16=(
-            "M",
-            "N",
-            "K",
-            "up_offset",
-            "stride_al",
-            "stride_am",
-            "stride_bl",
-            "stride_bn",
-            "stride_ol",
-            "stride_om",
-            "stride_bsl",
-        ),
+        div16=MASKED_DIV16,
     ),  # fmt: skip
 }
 
