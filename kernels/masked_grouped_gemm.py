@@ -281,16 +281,16 @@ def _masked_gemm_kernel(
 #
 # Two order tricks make the unpacked tile land where the instruction wants it with no data movement:
 # - K: a 128-wide K step is one packed 64-byte row chunk. Low nibbles (even k) and high nibbles
-#   (odd k) form two 64-wide tiles, and within each, the tile's column order is a permutation of the
-#   bytes (`_w4a8_tile`) under which a thread's 16 loaded bytes are exactly the fp16 pairs its wgmma
-#   fragment holds. The sum over K does not care about order as long as x is permuted the same way,
+#   (odd k) form two 64-wide halves, joined into one K=128 tile (`_w4a8_weights`); within each half
+#   the column order is a permutation of the bytes (`_w4a8_tile`) under which a thread's 16 loaded
+#   bytes are exactly the fp16 pairs its wgmma fragment holds. The sum over K does not care about order as long as x is permuted the same way,
 #   which the quantisation pass does when it writes x (`_w4a8_x_source`); scales are per 128-group,
 #   so they are unaffected.
 # - N: the tile's rows are permuted the same way (which rows a thread holds in the load layout vs
 #   in the fragment); the row index vector is permuted with them, so scales and stores follow.
 # Both permutations are reshapes/permutes of register tensors: correctness does not depend on
 # Triton's layout choices (the interpreter runs the same code), only the cost does; the sm_90
-# compile test checks that the loop keeps 16-byte shared loads and no byte shuffles.
+# compile test checks that wgmma takes the tile from registers and no sub-word shared loads appear.
 
 W4A8_HALF = tl.constexpr(64)  # packed bytes per row in one 128-wide K step
 
