@@ -117,17 +117,21 @@ def sm_count(index: int) -> int:
 
 
 _COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
 
 
 def arrival_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
     """Per-(device, stream) int32 arrival counters for one-launch split-K reductions (the last split
     of a tile to arrive sums the partials: router GEMM, masked GEMMs). Zeroed once when
     (re)allocated; every launch leaves them zero again. Calls on one stream are ordered, so they can
-    share; concurrent streams get their own."""
+    share; concurrent streams get their own. A buffer outgrown by a larger launch is kept alive, not
+    freed: a CUDA graph captured with it still points at it."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < num_tiles:
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf

@@ -95,3 +95,20 @@ def test_own_table_borrows_only_the_entries_it_lacks():
         assert tables.device_entries(t, "NVIDIA H200", (9, 0), "borrow test") == t["NVIDIA H200"]
         assert tables.device_entries({"h100-80gb-hbm3": {"s": 1}}, H100, (9, 0), "borrow test 2") == {"s": 1}
     assert tables.device_entries(t, "NVIDIA B200", (10, 0), "x") == {}
+
+
+def test_arrival_counters_grow_without_freeing_the_old_buffer(monkeypatch):
+    """Counters start at zero and are shared per (device, stream); a larger launch gets a larger
+    buffer, and the outgrown one stays referenced (a captured CUDA graph may still use it)."""
+    import torch
+
+    monkeypatch.setattr(tables, "_COUNTERS", {})
+    monkeypatch.setattr(tables, "_RETIRED", [])
+    dev = torch.device("cpu")
+    a = tables.arrival_counters(dev, 10)
+    assert a.dtype == torch.int32 and a.numel() == 1024 and int(a.abs().sum()) == 0
+    assert tables.arrival_counters(dev, 1024) is a
+    b = tables.arrival_counters(dev, 5000)
+    assert b is not a and b.numel() == 5000 and int(b.abs().sum()) == 0
+    assert any(r is a for r in tables._RETIRED)
+    assert tables.arrival_counters(dev, 7) is b
