@@ -880,7 +880,8 @@ def masked_grouped_gemm(
             bf16 `a` with fp8 `b` is quantised per-token-group-128 first (valid rows only).
         counts: `[L]` int32 valid rows per expert, on a's device (values above M act as M).
         out_dtype: bfloat16 or float32.
-        config: block config override (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+        config: block config override (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; optional
+            GRID_M, SPLIT_K (see `_split_plan`), SMALL (see `_row_regimes`)), as in the tuned tables.
     Returns: `[L, M, N]` out_dtype; rows >= counts[e] are undefined (not written).
     """
     if a.dim() != 3 or b.dim() != 3:
@@ -967,7 +968,8 @@ def masked_moe(
               inside the K loop; the bf16 intermediate is requantised per-tensor the same way (amax
               folded by the gate_up epilogue). The dots form exactly the products of e4m3 operands
               (held as fp16) and accumulate them in fp32.
-        configs: block-config overrides for (gate_up, down).
+        configs: block-config overrides for (gate_up, down), with the keys of `masked_grouped_gemm`'s
+            `config`.
     Returns: `[L, M, D]` bfloat16; rows >= counts[e] are undefined (not written).
     """
     if scheme not in SCHEMES:
