@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, _scales_empty, e4m3_scale, int4_to_fp16_pair, to_e4m3_grid
-from .tables import arrival_counters, for_device, sm_count
+from .tables import arrival_counters, for_device, k_splits, sm_count, split_k_reduce
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -71,34 +71,6 @@ def _quant_fp8(v, scale, EXACT: tl.constexpr):
         return to_e4m3_grid(v, scale, 448.0).to(tl.float8e4nv)
     else:
         return tl.clamp(v / scale, -448.0, 448.0).to(tl.float8e4nv)
-
-
-@triton.jit
-def _split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, R: tl.constexpr, C: tl.constexpr,
-                    GATED: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
-    """One-launch split-K: this split's partial sums of output tile `tile` (accumulators [R, C], the
-    up half too when GATED) go to the workspace, the tile's arrival counter is bumped, and the split
-    that arrives last sums all SPLIT_K partials in split order (deterministic), resets the counter
-    for the next launch and returns `(True, sums)`; the others return `(False, ...)` and store
-    nothing. The workspace holds `[tiles, SPLIT_K, 1 or 2, R, C]` fp32."""
-    SIZE: tl.constexpr = R * C * (2 if GATED else 1)
-    offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
-    base = ws_ptr + tile.to(tl.int64) * (SPLIT_K * SIZE)
-    tl.store(base + split * SIZE + offs, acc)
-    if GATED:
-        tl.store(base + split * SIZE + R * C + offs, acc_up)
-    tl.debug_barrier()  # every thread's partial is written before the release below
-    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    last = arrived == SPLIT_K - 1
-    if last:
-        acc = tl.zeros((R, C), dtype=tl.float32)
-        acc_up = tl.zeros((R, C), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(base + s * SIZE + offs, cache_modifier=".cg")
-            if GATED:
-                acc_up += tl.load(base + s * SIZE + R * C + offs, cache_modifier=".cg")
-        tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
-    return last, acc, acc_up
 
 
 @triton.jit
@@ -158,7 +130,7 @@ def _masked_gemm_kernel(
     outside [min_rows, max_rows] are left to another launch (see `_launch`: small and large row
     counts can run with different tiles, chosen on the device). SPLIT_K > 1 (launches of one
     m-block per expert): grid axis 1 is (n-block, K split), each split sums `split_tiles` K blocks
-    and the last to finish reduces (`_split_k_reduce`)."""
+    and the last to finish reduces (`tables.split_k_reduce`)."""
     # m-lanes on the fastest grid axis: lanes of one (expert, n-block) run side by side and share
     # the weight tile through L2
     pid_m0 = tl.program_id(0)
@@ -241,7 +213,7 @@ def _masked_gemm_kernel(
         mask_o = mask_m[:, None] & mask_n[None, :]
         if SPLIT_K > 1:
             tile = e * (tl.num_programs(1) // SPLIT_K) + pid_n
-            last, acc, acc_up = _split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, BLOCK_M, BLOCK_N,
+            last, acc, acc_up = split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, BLOCK_M, BLOCK_N,
                                                 GATED, SPLIT_K)  # fmt: skip
             mask_o = tl.where(last, mask_o, False)  # (`&` with the scalar trips the interpreter)
             mask_m = tl.where(last, mask_m, False)
@@ -426,10 +398,9 @@ def _masked_w4a8_kernel(
             x = tl.load(a_cols + k0 * stride_ak, mask=mask_m[None, :], other=0.0)  # [128, BLOCK_M]
             if UPCAST:
                 x = x.to(tl.float32)
-            g = k0 // (2 * W4A8_HALF)
             w = _w4a8_weights(tl.load(b_tile + (k0 // 2) * stride_bk, mask=mask_rows[:, None], other=0),
                               BLOCK_N, WARPS, ASM, UPCAST)  # fmt: skip
-            bs = tl.load(bs_base + offs_n * stride_bsn + g * stride_bsk, mask=mask_n, other=0.0)
+            bs = tl.load(bs_base + offs_n * stride_bsn + kt * stride_bsk, mask=mask_n, other=0.0)
             acc += tl.dot(w, x) * bs[:, None]
             if GATED:
                 pu = tl.load(
@@ -437,14 +408,14 @@ def _masked_w4a8_kernel(
                 )
                 u = _w4a8_weights(pu, BLOCK_N, WARPS, ASM, UPCAST)
                 bs_up = tl.load(
-                    bs_base + (offs_n + up_offset) * stride_bsn + g * stride_bsk, mask=mask_n, other=0.0
+                    bs_base + (offs_n + up_offset) * stride_bsn + kt * stride_bsk, mask=mask_n, other=0.0
                 )
                 acc_up += tl.dot(u, x) * bs_up[:, None]
 
         mask_o = mask_n[:, None] & mask_m[None, :]
         if SPLIT_K > 1:
             tile = e * (tl.num_programs(1) // SPLIT_K) + pid_n
-            last, acc, acc_up = _split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, BLOCK_N, BLOCK_M,
+            last, acc, acc_up = split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, BLOCK_N, BLOCK_M,
                                                 GATED, SPLIT_K)  # fmt: skip
             mask_o = tl.where(last, mask_o, False)
         acc = acc * a_scale
@@ -679,8 +650,7 @@ def _split_plan(cfg: dict[str, Any], K: int, rows: int, tiles: int, num_sms: int
             f"SPLIT_K={split} needs a launch of at most BLOCK_M={cfg['BLOCK_M']} rows per expert (a SMALL "
             f"tile, MAX_ROWS <= BLOCK_M); this one takes up to {rows}"
         )
-    per = triton.cdiv(k_tiles, split)
-    return triton.cdiv(k_tiles, per), per
+    return k_splits(k_tiles, split)
 
 
 def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode, b_mode, out_mode, gated,

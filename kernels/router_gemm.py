@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import arrival_counters, for_device, sm_count
+from .tables import arrival_counters, for_device, k_splits, sm_count, split_k_reduce
 
 IMPLS = ("auto", "cublas", "triton", "torch")
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "router_gemm.json"
@@ -44,7 +44,7 @@ _UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIG_KEYS = ("BLOCK_T", "BLOCK_E", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
 
 
-@triton.jit(do_not_specialize=["T", "tiles_per_split", "split_k"])
+@triton.jit(do_not_specialize=["T", "tiles_per_split"])
 def _router_gemm_kernel(
     x_ptr,
     w_ptr,
@@ -56,7 +56,6 @@ def _router_gemm_kernel(
     E,
     D,
     tiles_per_split,
-    split_k,
     # strides
     stride_xt,
     stride_xd,
@@ -74,10 +73,10 @@ def _router_gemm_kernel(
 ):
     """Program (e-block, t-block, k-split) accumulates x[t-block, k-range] @ w[e-block, k-range]^T.
 
-    REDUCE: 0 = one split, store; 1 = fp32 atomic add into a zeroed output; 2 = serial split-K:
-    each split stores its partial to the workspace `[split_k, T, E]`, bumps the tile's arrival
-    counter, and the last to arrive sums the partials in split order (deterministic), stores the
-    output and resets the counter to zero for the next call (one launch, no zero-fill)."""
+    REDUCE: 0 = one split, store; 1 = fp32 atomic add into a zeroed output; 2 = serial split-K
+    (`tables.split_k_reduce`): each split stores its partial to the workspace, the last to arrive
+    sums the partials in split order (deterministic) and stores the output (one launch, no
+    zero-fill)."""
     pid_e = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -108,17 +107,10 @@ def _router_gemm_kernel(
     elif REDUCE == 1:
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
     else:
-        tile_off = offs_t[:, None] * E + offs_e[None, :]
-        tl.store(ws_ptr + pid_k * T * E + tile_off, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        counter = counter_ptr + pid_t * tl.num_programs(0) + pid_e
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_k - 1:
-            total = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-            for s in tl.static_range(NUM_SPLITS):
-                total += tl.load(ws_ptr + s * T * E + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        tile = pid_t * tl.num_programs(0) + pid_e
+        last, total, _ = split_k_reduce(acc, acc, ws_ptr, counter_ptr, tile, pid_k, BLOCK_T, BLOCK_E, False,
+                                        NUM_SPLITS)  # fmt: skip
+        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=tl.where(last, mask, False))
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -225,10 +217,7 @@ def _split_plan(D: int, config: dict[str, int]) -> tuple[int, int, int]:
     """(K splits, K tiles per split, reduce mode) of the split-K kernel for `config`: the splits
     asked for, at most one per K tile, empty splits dropped; reduce 0 = none, 1 = fp32 atomics into a
     zeroed output, 2 = serial (the last-arriving split sums the partials)."""
-    k_tiles = triton.cdiv(D, config["BLOCK_K"])
-    split_k = max(1, min(int(config["SPLIT_K"]), k_tiles))
-    tiles_per_split = triton.cdiv(k_tiles, split_k)
-    split_k = triton.cdiv(k_tiles, tiles_per_split)  # drop empty splits
+    split_k, tiles_per_split = k_splits(triton.cdiv(D, config["BLOCK_K"]), config["SPLIT_K"])
     serial = split_k > 1 and config.get("REDUCE", "atomic") == "serial"
     return split_k, tiles_per_split, 0 if split_k == 1 else (2 if serial else 1)
 
@@ -273,7 +262,7 @@ def _router_gemm_triton(
         return out.to(out_dtype)
     grid = (triton.cdiv(E, be), triton.cdiv(T, bt), split_k)
     if reduce_mode == 2:
-        ws = torch.empty((split_k, T, E), dtype=torch.float32, device=x.device)
+        ws = torch.empty(grid[0] * grid[1] * split_k * bt * be, dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, grid[0] * grid[1])
     else:
         ws = counters = out  # unused
@@ -287,7 +276,6 @@ def _router_gemm_triton(
         E,
         D,
         tiles_per_split,
-        split_k,
         x.stride(0),
         x.stride(1),
         weight.stride(0),

@@ -7,7 +7,9 @@ shared memory per SM, so block shapes tuned on one are good starting points on t
 bandwidth differs, so absolute times do not carry over). Otherwise the kernel's heuristic applies.
 A fallback is reported once per (table, device) with `warnings.warn`.
 
-Also here: `arrival_counters`, the counter buffers shared by the one-launch split-K reductions.
+Also here, shared by the split-K GEMMs (router GEMM, masked GEMMs): `k_splits` (how K divides),
+`split_k_reduce` (the one-launch reduction: the last split to arrive sums the partials) and
+`arrival_counters` (its counter buffers).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 # Same-architecture families, in order of preference for a device with no table of its own.
 _FAMILIES: dict[tuple[int, int], tuple[str, ...]] = {
@@ -101,8 +105,6 @@ def device_entries(
 def for_device(what: str, load: Callable[[str], Mapping[str, Any]], path: str, index: int) -> Any:
     """The part of the table `load(path)` that CUDA device `index` uses (`device_entries`), or `{}`;
     cached per (table, device), so the kernels' launch path pays for the lookup once."""
-    import torch
-
     return device_entries(
         load(path), torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index), what
     )
@@ -114,6 +116,42 @@ def sm_count(index: int) -> int:
     import torch
 
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def k_splits(k_tiles: int, wanted: int) -> tuple[int, int]:
+    """(splits, K blocks per split) for `wanted` splits of `k_tiles` K blocks: at most one split per
+    block, at least one, empty splits dropped (the last split may be shorter)."""
+    per = triton.cdiv(k_tiles, max(1, min(int(wanted), k_tiles)))
+    return triton.cdiv(k_tiles, per), per
+
+
+@triton.jit
+def split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, R: tl.constexpr, C: tl.constexpr,
+                   GATED: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+    """One-launch split-K: this split's partial sums of output tile `tile` (accumulators [R, C], the
+    up half too when GATED) go to the workspace, the tile's arrival counter is bumped, and the split
+    that arrives last sums all SPLIT_K partials in split order (deterministic), resets the counter
+    for the next launch and returns `(True, sums)`; the others return `(False, ...)` and must store
+    nothing. The workspace holds `[tiles, SPLIT_K, 1 or 2, R, C]` fp32; the counters come from
+    `arrival_counters`."""
+    SIZE: tl.constexpr = R * C * (2 if GATED else 1)
+    offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    base = ws_ptr + tile.to(tl.int64) * (SPLIT_K * SIZE)
+    tl.store(base + split * SIZE + offs, acc)
+    if GATED:
+        tl.store(base + split * SIZE + R * C + offs, acc_up)
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    if last:
+        acc = tl.zeros((R, C), dtype=tl.float32)
+        acc_up = tl.zeros((R, C), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(base + s * SIZE + offs, cache_modifier=".cg")
+            if GATED:
+                acc_up += tl.load(base + s * SIZE + R * C + offs, cache_modifier=".cg")
+        tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
+    return last, acc, acc_up
 
 
 _COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
