@@ -41,6 +41,8 @@ def candidate_configs(T: int, D: int, E: int, num_sms: int) -> list[dict[str, in
     """The tuning sweep: split-K GEMV-style tiles for small T, larger tiles (split or not) above."""
     out = []
     e_blocks = [16] if E <= 16 else ([32, 64] if E >= 64 else [16, 32])
+    if T <= 64 and E >= 64:
+        e_blocks = [16] + e_blocks  # more programs per K split, for the one-launch reductions
     if T <= 64:
         bt = max(16, min(64, triton.next_power_of_2(T)))
         for be in e_blocks:
@@ -63,11 +65,13 @@ def candidate_configs(T: int, D: int, E: int, num_sms: int) -> list[dict[str, in
                     out.append(
                         dict(BLOCK_T=bt, BLOCK_E=be, BLOCK_K=64, SPLIT_K=sk, num_warps=4, num_stages=4)
                     )
+    split = [c for c in out if c["SPLIT_K"] > 1]
+    # the one-launch reductions for every split config: "accumulate" (a one-tile tail) everywhere;
+    # "serial" above T = 64 only (at T <= 64 it lost to the atomic reduction in every CUDA-graph
+    # timing of the first H200 sweep: the last program reads every partial)
+    out += [dict(c, REDUCE="accumulate") for c in split]
     if T > 64:
-        # the one-launch serial reduction for every split config (at T <= 64 it lost to the atomic
-        # reduction in every CUDA-graph timing of the first H200 sweep: the last program's reduce
-        # is a serial tail, a graph's zero-fill node is cheap)
-        out += [dict(c, REDUCE="serial") for c in out if c["SPLIT_K"] > 1]
+        out += [dict(c, REDUCE="serial") for c in split]
     if T <= 16:
         # the one-launch GEMV-style kernel: 1-4 whole weight rows per program, no split-K; its K loop
         # is not software-pipelined, so wide K tiles (few iterations) keep the loads in flight
@@ -156,6 +160,7 @@ def main() -> None:
 
     cols = ["model", "T", "cublas_us", "auto_us", "triton_heur_us", "serial_heur_us"]
     cols += ["graph_cublas_us", "graph_auto_us", "graph_atomic_heur_us", "graph_serial_heur_us"]
+    cols += ["graph_accumulate_heur_us"]
     cols += ["triton_best_us"] if args.tune else []
     cols += ["speedup_auto_vs_cublas", "roofline_us", "frac_roofline_auto"]
     print_table(f"router GEMM on {name} (copy bw {bw / 1e12:.2f} TB/s)", rows_ok, cols)
@@ -240,8 +245,8 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
     )
     if T <= 64:
         # Launch overhead dominates at ~1 us of HBM time: the same calls replayed from a CUDA graph
-        # (what a graph-captured decode step sees). Atomic = zero-fill + GEMM (2 launches); serial =
-        # one launch.
+        # (what a graph-captured decode step sees). Atomic = zero-fill + GEMM (2 launches); serial
+        # and accumulate = one launch.
         atomic_cfg = dict(rg.heuristic_config(T, D, E, num_sms), REDUCE="atomic")
         row["graph_cublas_us"] = _graph_us(lambda: rg.router_gemm(x, w, impl="cublas"))
         row["graph_auto_us"] = _graph_us(lambda: rg.router_gemm(x, w, impl="auto"))
@@ -253,6 +258,12 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
         )
         s_err = (rg.router_gemm(x, w, impl="triton", config=serial_cfg).double() - ref).abs().max().item()
         row["serial_max_abs_err"] = s_err
+        acc_cfg = dict(rg.heuristic_config(T, D, E, num_sms), REDUCE="accumulate")
+        row["graph_accumulate_heur_us"] = _graph_us(
+            lambda: rg.router_gemm(x, w, impl="triton", config=acc_cfg)
+        )
+        a_err = (rg.router_gemm(x, w, impl="triton", config=acc_cfg).double() - ref).abs().max().item()
+        row["accumulate_max_abs_err"] = a_err
     if T == 64:  # the split-K output must be zeroed first: what that alone costs
         row["zeros_us"] = bench_us(lambda: torch.zeros((T, E), dtype=torch.float32, device=dev))
     best_cfg, best_t, bucket = None, float("inf"), None

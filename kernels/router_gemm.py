@@ -12,14 +12,15 @@ split-K; large T: cuBLAS).
 For a few tokens there is also a GEMV-style kernel (`KERNEL="gemv"`): each program owns 1-4 whole
 weight rows and sums over D itself, so one launch with no zero-fill and no cross-program reduction.
 
-Two split-K reductions: `REDUCE="atomic"` (fp32 atomic adds into a zero-filled output: two
-launches, and the summation order, so the last bits of the logits, may vary from run to run) and
+Three split-K reductions: `REDUCE="atomic"` (fp32 atomic adds into a zero-filled output: two
+launches, and the summation order, so the last bits of the logits, may vary from run to run),
 `REDUCE="serial"` (partials to a workspace, the last split to arrive sums them in a fixed order:
 one launch, deterministic; it needs per-(device, stream) arrival counters that every launch leaves
-at zero). On H200 (2026-11-23, CUDA-graph replay) "serial" lost to "atomic" at every T <= 64 (the
-last program's reduction is a serial tail; a graph's zero-fill node is cheap), so the shipped table
-uses the GEMV kernel at T <= 2 (DeepSeek-V3; up to 8 for Qwen3, 4 for Mixtral) and atomic split-K up
-to T = 64-4096, then cuBLAS; "serial" stays available through `config` and the T > 64 sweep.
+at zero) and `REDUCE="accumulate"` (fp32 atomic adds into a per-(device, stream) workspace that
+every launch leaves at zero; the last split to arrive copies its tile out: one launch, a one-tile
+tail, run-to-run summation order like "atomic"). On H200 (2026-11-23, CUDA-graph replay) "serial"
+lost to "atomic" at every T <= 64 (the last program's reduction reads every partial), which is what
+"accumulate" was added for; the tuner sweeps all three and the table records the winner.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import arrival_counters, for_device, k_splits, sm_count, split_k_reduce
+from .tables import (
+    arrival_counters,
+    for_device,
+    k_splits,
+    sm_count,
+    split_k_accumulate,
+    split_k_reduce,
+    zeroed_workspace,
+)
 
 IMPLS = ("auto", "cublas", "triton", "torch")
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "router_gemm.json"
@@ -76,7 +85,8 @@ def _router_gemm_kernel(
     REDUCE: 0 = one split, store; 1 = fp32 atomic add into a zeroed output; 2 = serial split-K
     (`tables.split_k_reduce`): each split stores its partial to the workspace, the last to arrive
     sums the partials in split order (deterministic) and stores the output (one launch, no
-    zero-fill)."""
+    zero-fill); 3 = `tables.split_k_accumulate`: each split atomically adds into a self-cleaning
+    workspace tile, the last to arrive copies it out (one launch, a one-tile tail)."""
     pid_e = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -106,6 +116,10 @@ def _router_gemm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     elif REDUCE == 1:
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    elif REDUCE == 3:
+        tile = pid_t * tl.num_programs(0) + pid_e
+        last, total = split_k_accumulate(acc, ws_ptr, counter_ptr, tile, BLOCK_T, BLOCK_E, NUM_SPLITS)
+        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=tl.where(last, mask, False))
     else:
         tile = pid_t * tl.num_programs(0) + pid_e
         last, total, _ = split_k_reduce(acc, acc, ws_ptr, counter_ptr, tile, pid_k, BLOCK_T, BLOCK_E, False,
@@ -213,13 +227,19 @@ def select(T: int, D: int, E: int, device: torch.device) -> tuple[str, dict[str,
 # --------------------------------------------------------------------------------------------------
 
 
+REDUCES = {"atomic": 1, "serial": 2, "accumulate": 3}
+"""The split-K reductions a config may ask for (`REDUCE`), and the kernel's code for each."""
+
+
 def _split_plan(D: int, config: dict[str, int]) -> tuple[int, int, int]:
     """(K splits, K tiles per split, reduce mode) of the split-K kernel for `config`: the splits
-    asked for, at most one per K tile, empty splits dropped; reduce 0 = none, 1 = fp32 atomics into a
-    zeroed output, 2 = serial (the last-arriving split sums the partials)."""
+    asked for, at most one per K tile, empty splits dropped; reduce 0 = none (one split), else
+    `REDUCES[config["REDUCE"]]` (default "atomic")."""
     split_k, tiles_per_split = k_splits(triton.cdiv(D, config["BLOCK_K"]), config["SPLIT_K"])
-    serial = split_k > 1 and config.get("REDUCE", "atomic") == "serial"
-    return split_k, tiles_per_split, 0 if split_k == 1 else (2 if serial else 1)
+    reduce = config.get("REDUCE", "atomic")
+    if reduce not in REDUCES:
+        raise ValueError(f"config REDUCE must be one of {tuple(REDUCES)}, got {reduce!r}")
+    return split_k, tiles_per_split, 0 if split_k == 1 else REDUCES[reduce]
 
 
 def _router_gemm_triton(
@@ -264,6 +284,9 @@ def _router_gemm_triton(
     if reduce_mode == 2:
         ws = torch.empty(grid[0] * grid[1] * split_k * bt * be, dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, grid[0] * grid[1])
+    elif reduce_mode == 3:
+        ws = zeroed_workspace(x.device, grid[0] * grid[1] * bt * be)
+        counters = arrival_counters(x.device, grid[0] * grid[1])
     else:
         ws = counters = out  # unused
     _router_gemm_kernel[grid](
@@ -287,7 +310,7 @@ def _router_gemm_triton(
         BLOCK_K=bk,
         REDUCE=reduce_mode,
         UPCAST=_UPCAST,
-        NUM_SPLITS=split_k if reduce_mode == 2 else 1,
+        NUM_SPLITS=split_k if reduce_mode >= 2 else 1,
         num_warps=config.get("num_warps", 4),
         num_stages=config.get("num_stages", 3),
     )
@@ -320,8 +343,10 @@ def router_gemm(
             (`torch.mm(..., out_dtype=float32)`), `triton` (the split-K/tiled kernel; also runs
             under TRITON_INTERPRET), or `torch` (`x.float() @ weight.float().t()`).
         config: Triton block config override (keys BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps,
-            num_stages, and REDUCE: "atomic" (default: fp32 atomics into a zeroed output) or
-            "serial" (last-arriving split sums the partials: one launch, deterministic); or
+            num_stages, and REDUCE: "atomic" (default: fp32 atomics into a zeroed output),
+            "serial" (last-arriving split sums the partials: one launch, deterministic) or
+            "accumulate" (fp32 atomics into a self-cleaning workspace, the last-arriving split
+            copies it out: one launch); or
             KERNEL: "gemv" (a few tokens: each program reduces whole weight rows, one launch,
             SPLIT_K ignored)); used by the tuner and tests.
     Returns: logits `[T, E]` `out_dtype`.
@@ -342,6 +367,8 @@ def router_gemm(
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
     if config is not None and not set(_CONFIG_KEYS[:4]) <= set(config):
         raise ValueError(f"config must have keys {_CONFIG_KEYS[:4]}, got {sorted(config)}")
+    if config is not None and config.get("REDUCE", "atomic") not in REDUCES:
+        raise ValueError(f"config REDUCE must be one of {tuple(REDUCES)}, got {config['REDUCE']!r}")
     T, D = x.shape
     E = weight.shape[0]
     if impl == "auto":

@@ -8,8 +8,9 @@ bandwidth differs, so absolute times do not carry over). Otherwise the kernel's 
 A fallback is reported once per (table, device) with `warnings.warn`.
 
 Also here, shared by the split-K GEMMs (router GEMM, masked GEMMs): `k_splits` (how K divides),
-`split_k_reduce` (the one-launch reduction: the last split to arrive sums the partials) and
-`arrival_counters` (its counter buffers).
+`split_k_reduce` (the one-launch reduction: the last split to arrive sums the partials),
+`split_k_accumulate` (the one-launch reduction through a self-cleaning atomic workspace), and
+their zero-between-launches buffers `arrival_counters` and `zeroed_workspace`.
 """
 
 from __future__ import annotations
@@ -154,22 +155,60 @@ def split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, R: tl.constexp
     return last, acc, acc_up
 
 
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+@triton.jit
+def split_k_accumulate(
+    acc, ws_ptr, counter_ptr, tile, R: tl.constexpr, C: tl.constexpr, SPLIT_K: tl.constexpr
+):
+    """One-launch split-K through a self-cleaning workspace: this split adds its partial sums of
+    output tile `tile` (`acc [R, C]`) into the tile's fp32 workspace with relaxed atomics (summed
+    in L2, no partial copies), bumps the tile's arrival counter, and the split that arrives last
+    reads the sums once, zeroes the workspace tile and resets the counter for the next launch and
+    returns `(True, sums)`; the others return `(False, ...)` and must store nothing. Unlike
+    `split_k_reduce` the last split's tail is one tile load whatever SPLIT_K is, but the summation
+    order varies from run to run (as with atomics into the output). The workspace
+    (`[tiles, R, C]` fp32, zero between launches) comes from `zeroed_workspace`, the counters from
+    `arrival_counters`."""
+    offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    ptrs = ws_ptr + tile.to(tl.int64) * (R * C) + offs
+    tl.atomic_add(ptrs, acc, sem="relaxed", scope="gpu")
+    tl.debug_barrier()  # every thread's adds are issued before the release below
+    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    if last:
+        acc = tl.load(ptrs, cache_modifier=".cg")
+        tl.store(ptrs, tl.zeros((R, C), dtype=tl.float32), cache_modifier=".cg")
+        tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
+    return last, acc
+
+
+_ZEROED: dict[tuple[str, str, int], torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []
 
 
-def arrival_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
-    """Per-(device, stream) int32 arrival counters for one-launch split-K reductions (the last split
-    of a tile to arrive sums the partials: router GEMM, masked GEMMs). Zeroed once when
-    (re)allocated; every launch leaves them zero again. Calls on one stream are ordered, so they can
-    share; concurrent streams get their own. A buffer outgrown by a larger launch is kept alive, not
-    freed: a CUDA graph captured with it still points at it."""
+def _zeroed(what: str, device: torch.device, numel: int, dtype: torch.dtype, minimum: int) -> torch.Tensor:
+    """A per-(purpose, device, stream) buffer of at least `numel` zeros that every launch using it
+    leaves zero again. Calls on one stream are ordered, so they can share; concurrent streams get
+    their own. A buffer outgrown by a larger launch is kept alive, not freed: a CUDA graph
+    captured with it still points at it."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < num_tiles:
+    key = (what, str(device), stream)
+    buf = _ZEROED.get(key)
+    if buf is None or buf.numel() < numel:
         if buf is not None:
             _RETIRED.append(buf)
-        buf = torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
+        buf = torch.zeros(max(numel, minimum), dtype=dtype, device=device)
+        _ZEROED[key] = buf
     return buf
+
+
+def arrival_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
+    """int32 arrival counters for one-launch split-K reductions (the last split of a tile to arrive
+    finishes it: `split_k_reduce`, `split_k_accumulate`), shared per (device, stream), zero between
+    launches (see `_zeroed`)."""
+    return _zeroed("counters", device, num_tiles, torch.int32, 1024)
+
+
+def zeroed_workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """fp32 workspace of `split_k_accumulate`, shared per (device, stream), zero between launches
+    (see `_zeroed`)."""
+    return _zeroed("accumulate", device, numel, torch.float32, 1 << 16)

@@ -73,7 +73,7 @@ def test_group_quant_triton_bit_exact(rng_seed, column_major):
 
 @pytest.mark.parametrize("shape", [(7168, 256), (2048, 128), (4096, 8)])
 @pytest.mark.parametrize("T", [0, 1, 7, 64, 300, 2048])
-@pytest.mark.parametrize("impl", ["auto", "triton", "serial", "gemv"])
+@pytest.mark.parametrize("impl", ["auto", "triton", "serial", "accumulate", "gemv"])
 def test_router_gemm_gpu(rng_seed, shape, T, impl):
     D, E = shape
     x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
@@ -83,15 +83,39 @@ def test_router_gemm_gpu(rng_seed, shape, T, impl):
         bt = min(8, 1 << max(T - 1, 0).bit_length())
         config = dict(BLOCK_T=bt, BLOCK_E=2, BLOCK_K=2048, SPLIT_K=1, KERNEL="gemv", num_warps=8)
         impl = "triton"
-    if impl == "serial":  # the one-launch split-K reduction, twice (counters must be left at zero)
-        config = dict(heuristic_config(T, D, E), REDUCE="serial")
+    if impl in ("serial", "accumulate"):
+        # the one-launch split-K reductions, twice (counters and workspace must be left at zero)
+        config = dict(heuristic_config(T, D, E), REDUCE=impl)
         router_gemm(torch.randn_like(x), w, impl="triton", config=config)
+        impl = "triton"
     with _NoSync():
-        out = router_gemm(x, w, impl="triton" if impl == "serial" else impl, config=config)
+        out = router_gemm(x, w, impl=impl, config=config)
     assert out.dtype == torch.float32 and out.shape == (T, E)
     ref = x.double() @ w.double().t()
     mag = x.double().abs() @ w.double().abs().t()
     assert bool(((out.double() - ref).abs() <= 1e-3 * mag + 1e-5).all())
+
+
+@pytest.mark.parametrize("reduce", ["serial", "accumulate"])
+def test_router_gemm_one_launch_reductions_in_a_cuda_graph(rng_seed, reduce):
+    """A decode step replays the router GEMM from a CUDA graph: the one-launch reductions must leave
+    their counters (and the accumulate workspace) at zero on every replay, so replays with new
+    inputs written into the captured buffer are right each time."""
+    D, E, T = 7168, 256, 8
+    w = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
+    x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
+    config = dict(heuristic_config(T, D, E), REDUCE=reduce)
+    router_gemm(x, w, impl="triton", config=config)  # compile and allocate outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = router_gemm(x, w, impl="triton", config=config)
+    for _ in range(3):
+        x.copy_(torch.randn(T, D, device="cuda").to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = x.double() @ w.double().t()
+        mag = x.double().abs() @ w.double().abs().t()
+        assert bool(((out.double() - ref).abs() <= 1e-3 * mag + 1e-5).all())
 
 
 SCHEMES = ["bf16", "bf16_fp8x", "fp8_block", "fp8_block_fp8x", "w4a8"]

@@ -242,7 +242,7 @@ def table_cases():
                 else:  # the split the launcher derives
                     split, _, reduce = rg._split_plan(D, cfg)
                     ce = dict(BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk, REDUCE=reduce, UPCAST=False,
-                              NUM_SPLITS=split if reduce == 2 else 1)  # fmt: skip
+                              NUM_SPLITS=split if reduce >= 2 else 1)  # fmt: skip
                     ptrs.update(ws_ptr="*fp32", counter_ptr="*i32")
                     key = ("splitk", warps, stages, tuple(sorted(ce.items())))
                     jit = rg._router_gemm_kernel

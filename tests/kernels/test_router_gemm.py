@@ -31,26 +31,34 @@ def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
 SPLIT = {"BLOCK_T": 16, "BLOCK_E": 16, "BLOCK_K": 32, "SPLIT_K": 3, "num_warps": 4, "num_stages": 2}
 TILED = {"BLOCK_T": 16, "BLOCK_E": 32, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2}
 SERIAL = dict(SPLIT, REDUCE="serial")
+ACCUMULATE = dict(SPLIT, REDUCE="accumulate")
 GEMV = {"BLOCK_T": 4, "BLOCK_E": 16, "BLOCK_K": 64, "SPLIT_K": 1, "KERNEL": "gemv", "num_warps": 4}
 """GEMV-style kernel: T (19) not a multiple of BLOCK_T, E (24) not of BLOCK_E, D (200) not of BLOCK_K."""
 
 
 @needs_triton
 @pytest.mark.parametrize("T", [0, 1, 19])
-@pytest.mark.parametrize("config", [SPLIT, TILED, SERIAL, GEMV], ids=["splitk", "tiled", "serial", "gemv"])
+@pytest.mark.parametrize(
+    "config",
+    [SPLIT, TILED, SERIAL, ACCUMULATE, GEMV],
+    ids=["splitk", "tiled", "serial", "accumulate", "gemv"],
+)
 def test_router_gemm_triton_vs_float64(rng_seed, T, config):
     D, E = 200, 24  # D not a multiple of BLOCK_K, E not a power of two
     x = torch.randn(T, D, dtype=torch.bfloat16, device=DEVICE)
     w = (torch.randn(E, D) * 0.05).to(torch.bfloat16).to(DEVICE)
     out = router_gemm(x, w, impl="triton", config=config)
     _check(out, x, w)
-    if config is SERIAL:
-        # the arrival counters are left at zero: a second call (other data) is right too, and
-        # the serial reduction is deterministic
+    if config is SERIAL or config is ACCUMULATE:
+        # the arrival counters (and the accumulate workspace) are left at zero: a second call
+        # (other data) is right too; the serial reduction is deterministic
         x2 = torch.randn(T, D, dtype=torch.bfloat16, device=DEVICE)
         out2 = router_gemm(x2, w, impl="triton", config=config)
         _check(out2, x2, w)
-        assert torch.equal(router_gemm(x2, w, impl="triton", config=config), out2)
+        if config is SERIAL:
+            assert torch.equal(router_gemm(x2, w, impl="triton", config=config), out2)
+        else:
+            _check(router_gemm(x2, w, impl="triton", config=config), x2, w)
 
 
 @needs_triton
@@ -86,6 +94,8 @@ def test_router_gemm_errors():
         router_gemm(x, w, out_dtype=torch.int32)
     with pytest.raises(ValueError, match=r"\[T, D\]"):
         router_gemm(x[0], w)
+    with pytest.raises(ValueError, match="REDUCE must be one of .*'accumulate'"):
+        router_gemm(x, w, impl="triton", config=dict(SPLIT, REDUCE="tree"))
 
 
 @pytest.mark.gpu  # the selection table is keyed by CUDA device name

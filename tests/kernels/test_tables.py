@@ -102,7 +102,7 @@ def test_arrival_counters_grow_without_freeing_the_old_buffer(monkeypatch):
     buffer, and the outgrown one stays referenced (a captured CUDA graph may still use it)."""
     import torch
 
-    monkeypatch.setattr(tables, "_COUNTERS", {})
+    monkeypatch.setattr(tables, "_ZEROED", {})
     monkeypatch.setattr(tables, "_RETIRED", [])
     dev = torch.device("cpu")
     a = tables.arrival_counters(dev, 10)
@@ -112,3 +112,6 @@ def test_arrival_counters_grow_without_freeing_the_old_buffer(monkeypatch):
     assert b is not a and b.numel() == 5000 and int(b.abs().sum()) == 0
     assert any(r is a for r in tables._RETIRED)
     assert tables.arrival_counters(dev, 7) is b
+    ws = tables.zeroed_workspace(dev, 100)
+    assert ws.dtype == torch.float32 and ws.numel() == 1 << 16 and int(ws.abs().sum()) == 0
+    assert tables.zeroed_workspace(dev, 200) is ws and tables.arrival_counters(dev, 7) is b
