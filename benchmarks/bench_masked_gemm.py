@@ -118,10 +118,12 @@ W4A8_SMALL = [
 ]
 
 
-def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SCHEMES) -> None:
+def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SCHEMES, models=None) -> None:
     """Sweep configs per kernel kind at the DeepSeek-V3 and Qwen3 decode shapes (score: the sum
     over shapes and row counts of time / best time), timed as CUDA-graph replays; fills `best`
-    {kind: config}. Two tiles per kind, as the launcher runs them
+    {kind: config}. With `models` (entries of MODELS), one model at a time instead, and `best`
+    gets that model's shape entries {kind@NxK: config} (`masked_grouped_gemm._shape_key`), which
+    its launches take before the kind's general entry. Two tiles per kind, as the launcher runs them
     (`masked_grouped_gemm._row_regimes`): the main tile, picked over `main_rows` valid rows per
     expert (a tile picked at one row count alone made the other slower), then the whole entry over
     `small_rows`: the main tile alone, or with a `SMALL` tile for experts with at most MAX_ROWS
@@ -146,30 +148,48 @@ def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SC
         dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
         dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
     ]
-    for scheme in schemes:
-        for stage, gated in ((0, True), (1, False)):
-            kind = KINDS.get((scheme, gated))
-            if kind is None or kind in best:
-                continue
-            other = KINDS.get((scheme, not gated))
-            main_cands, small_cands = (W4A8_MAIN, W4A8_SMALL) if scheme == "w4a8" else (main, small)
-            other_cfg = best.get(other) if other else None
-            main_cfg = _select(dev, kind, scheme, stage, main_cands, main_rows, other_cfg)
-            if main_cfg is None:
-                continue
-            entries = [main_cfg] + [
-                dict(main_cfg, SMALL=dict(c, MAX_ROWS=rows)) for c in small_cands for rows in SMALL_MAX_ROWS
-            ]
-            best[kind] = _select(dev, kind, scheme, stage, entries, small_rows, other_cfg) or main_cfg
+    if models is not None:  # one shape at a time: finer tiles and explicit K splits for few, short GEMMs
+        small += [
+            dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=2, num_stages=4),
+            dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=2),
+            dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, SPLIT_K=2),
+        ]
+    groups = [MODELS[:2]] if models is None else [[m] for m in models]
+    for group in groups:
+        for scheme in schemes:
+            for stage, gated in ((0, True), (1, False)):
+                kind = KINDS.get((scheme, gated))
+                if kind is None:
+                    continue
+                other = KINDS.get((scheme, not gated))
+                if models is not None:  # shape entries: (N, K) of gate_up = (I, D), of down = (D, I)
+                    _, _, D, I = group[0]  # noqa: E741
+                    kind = mg._shape_key(kind, *((I, D) if gated else (D, I)))
+                    other = other and mg._shape_key(other, *((D, I) if gated else (I, D)))
+                if kind in best:
+                    continue
+                main_cands, small_cands = (W4A8_MAIN, W4A8_SMALL) if scheme == "w4a8" else (main, small)
+                other_cfg = best.get(other) if other else None
+                main_cfg = _select(dev, kind, scheme, stage, main_cands, main_rows, other_cfg, group)
+                if main_cfg is None:
+                    continue
+                entries = [main_cfg] + [
+                    dict(main_cfg, SMALL=dict(c, MAX_ROWS=rows))
+                    for c in small_cands
+                    for rows in SMALL_MAX_ROWS
+                ]
+                best[kind] = (
+                    _select(dev, kind, scheme, stage, entries, small_rows, other_cfg, group) or main_cfg
+                )
 
 
-def _select(dev, kind, scheme, stage, cands, rows_list, other_cfg):
-    """The candidate with the lowest summed time / best time over the first two models and the row
-    counts `rows_list`, or None."""
+def _select(dev, kind, scheme, stage, cands, rows_list, other_cfg, models):
+    """The candidate with the lowest summed time / best time over `models` and the row counts
+    `rows_list`, or None."""
     scores: dict[int, float] = {}
     seen: dict[int, int] = {}
     shapes_done = 0
-    for _, L, D, I in MODELS[:2]:  # noqa: E741
+    for _, L, D, I in models:  # noqa: E741
         w = make_weights(L, D, I, scheme, dev)
         x, xs = make_input(L, CAPACITY, D, scheme, dev)
         for num_rows in rows_list:
@@ -209,8 +229,21 @@ def main() -> None:
         help=f"comma-separated subset of {SCHEMES} to tune and measure (tuned kinds are merged into "
         "the device's table; the others keep their entries)",
     )
+    ap.add_argument(
+        "--shape-models",
+        default=None,
+        help="with --tune: tune these models' GEMM shapes one model at a time (comma-separated, from "
+        f"{[m[0] for m in MODELS]}) and write shape entries (kind@NxK) instead of the general kinds",
+    )
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
+    shape_models = None
+    if args.shape_models:
+        by_name = {m[0]: m for m in MODELS}
+        unknown = [n for n in args.shape_models.split(",") if n not in by_name]
+        if unknown:
+            sys.exit(f"--shape-models: unknown {unknown}; allowed: {list(by_name)}")
+        shape_models = [by_name[n] for n in args.shape_models.split(",")]
     schemes = [s for s in args.schemes.split(",") if s]
     bad = [s for s in schemes if s not in SCHEMES]
     if bad:
@@ -226,7 +259,7 @@ def main() -> None:
     if args.tune:
         tuned = {}
         try:
-            tune(dev, tuned, schemes=schemes)
+            tune(dev, tuned, schemes=schemes, models=shape_models)
         except KeyboardInterrupt:
             print("tuning interrupted: keeping the kinds tuned so far")
         if tuned:
@@ -234,7 +267,8 @@ def main() -> None:
             doc = json.loads(path.read_text()) if path.exists() else {}
             doc.setdefault(
                 "doc",
-                "masked_grouped_gemm block configs: devices -> kernel kind (a<mode>-b<mode>-gated|plain)",
+                "masked_grouped_gemm block configs: devices -> kernel kind (a<mode>-b<mode>-gated|plain), "
+                "or kind@NxK for one GEMM shape",
             )
             doc.setdefault("devices", {}).setdefault(name, {}).update(tuned)
             path.parent.mkdir(parents=True, exist_ok=True)

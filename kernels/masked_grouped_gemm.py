@@ -513,7 +513,9 @@ def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     "num_stages":..., optional "GRID_M": max m-lanes, optional "SMALL": {a config of the same keys
     plus "MAX_ROWS"}: the tile for experts with at most MAX_ROWS valid rows, see `_row_regimes`}}}`
     where kind is `a<mode>-b<mode>-gated|plain` (see `_kind`; for the w4a8 kernel BLOCK_M is the
-    token rows per tile, BLOCK_N the weight rows). Missing file -> {}."""
+    token rows per tile, BLOCK_N the weight rows), optionally followed by `@<N>x<K>`: an entry for
+    that GEMM shape only (`_shape_key`), which a launch of that shape takes before the kind's
+    general entry. Missing file -> {}."""
     p = Path(path)
     if not p.exists():
         return {}
@@ -522,6 +524,18 @@ def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
 
 def _kind(a_mode: int, b_mode: int, gated: bool) -> str:
     return f"a{a_mode}-b{b_mode}-{'gated' if gated else 'plain'}"
+
+
+def _shape_key(kind: str, N: int, K: int) -> str:
+    """The table key of `kind`'s entry for one GEMM shape: N output columns per expert (the gate
+    half for a gated launch: the intermediate size) and K the reduction length."""
+    return f"{kind}@{N}x{K}"
+
+
+def parse_kind(key: str) -> tuple[int, int, bool]:
+    """(A mode, B mode, gated) of a table key, with or without a shape suffix."""
+    a_part, b_part, how = key.split("@")[0].split("-")
+    return int(a_part[1:]), int(b_part[1:]), how == "gated"
 
 
 def heuristic_config(a_mode: int, b_mode: int, gated: bool, M: int) -> dict[str, Any]:
@@ -542,14 +556,17 @@ def heuristic_config(a_mode: int, b_mode: int, gated: bool, M: int) -> dict[str,
 
 
 def _pick_config(
-    a_mode: int, b_mode: int, gated: bool, M: int, device: torch.device, override
+    a_mode: int, b_mode: int, gated: bool, M: int, device: torch.device, override, N: int, K: int
 ) -> dict[str, int]:
+    """The config override, else the device table's entry for this shape, else for this kind,
+    else `heuristic_config`."""
     if override is not None:
         return dict(override)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         kinds = for_device("masked GEMM", load_table, str(CONFIG_PATH), index)
-        cfg = kinds.get(_kind(a_mode, b_mode, gated))
+        kind = _kind(a_mode, b_mode, gated)
+        cfg = kinds.get(_shape_key(kind, N, K), kinds.get(kind))
         if cfg is not None:
             cfg = dict(cfg)
             if M <= 16:
@@ -593,7 +610,9 @@ def _launch(
     L, M = a.shape[0], a.shape[1]
     if L == 0 or M == 0 or N == 0:
         return
-    for cfg, min_rows, max_rows in _row_regimes(_pick_config(a_mode, b_mode, gated, M, a.device, config), M):
+    for cfg, min_rows, max_rows in _row_regimes(
+        _pick_config(a_mode, b_mode, gated, M, a.device, config, N, K), M
+    ):
         _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, N=N, K=K, a_mode=a_mode, b_mode=b_mode,
                     out_mode=out_mode, gated=gated, up_offset=up_offset, amax_in=amax_in, amax_out=amax_out,
                     cfg=_effective_config(cfg, a_mode, b_mode, out_mode), min_rows=min_rows,

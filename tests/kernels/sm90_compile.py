@@ -253,8 +253,7 @@ def table_cases():
     masked = json.loads(mg.CONFIG_PATH.read_text()).get("devices", {})
     for dev, kinds in masked.items():
         for kind, cfg in kinds.items():
-            a_part, b_part, how = kind.split("-")
-            a_mode, b_mode, gated = int(a_part[1:]), int(b_part[1:]), how == "gated"
+            a_mode, b_mode, gated = mg.parse_kind(kind)
             if a_mode not in (mg.A_BF16, mg.A_FP8G_DEQ, mg.A_FP8G, mg.A_FP16_QT):
                 continue  # a retired mode's entry: nothing launches it
             out_mode = (

@@ -28,6 +28,7 @@ import os
 import pytest
 import torch
 
+from ep_runtime.kernels import masked_grouped_gemm as mg
 from ep_runtime.kernels.masked_grouped_gemm import (
     _masked_amax,
     _masked_tensor_quant,
@@ -368,3 +369,20 @@ def test_masked_group_quant_matches_the_quantiser_on_valid_rows_only(rng_seed, p
         assert torch.equal(q[e, :c].view(torch.uint8), want_q.view(torch.uint8)), f"expert {e}: values"
         assert torch.equal(scales[e, :c], want_s), f"expert {e}: scales"
         assert bool((q[e, c:].view(torch.uint8) == 0x7F).all()) and bool(scales[e, c:].isnan().all())
+
+
+def test_table_shape_entries_take_precedence(monkeypatch):
+    """A launch takes its GEMM shape's entry (`kind@NxK`) over the kind's general entry; other shapes
+    and kinds are unaffected; keys parse with or without the shape suffix."""
+    general = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    shaped = dict(general, BLOCK_N=32)
+    kind = mg._kind(mg.A_BF16, mg.B_BF16, True)
+    table = {kind: general, mg._shape_key(kind, 768, 2048): shaped}
+    monkeypatch.setattr(mg, "for_device", lambda *args: table)
+    cuda0 = torch.device("cuda", 0)  # the table path; no CUDA call is made with an explicit index
+    assert mg._pick_config(mg.A_BF16, mg.B_BF16, True, 1024, cuda0, None, 768, 2048) == shaped
+    assert mg._pick_config(mg.A_BF16, mg.B_BF16, True, 1024, cuda0, None, 2048, 7168) == general
+    plain = mg._pick_config(mg.A_BF16, mg.B_BF16, False, 1024, cuda0, None, 768, 2048)
+    assert plain == mg.heuristic_config(mg.A_BF16, mg.B_BF16, False, 1024)
+    assert mg.parse_kind(mg._shape_key(kind, 768, 2048)) == (mg.A_BF16, mg.B_BF16, True)
+    assert mg.parse_kind("a5-b2-plain") == (mg.A_FP16_QT, mg.B_INT4, False)
