@@ -681,7 +681,10 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
     # m-lanes per (expert, n-block): lanes past the valid blocks exit at once, but each still
     # costs a CTA launch; GRID_M in the config caps them (1 = one lane walks all valid blocks)
     lanes = cfg.get("GRID_M") or max(4, triton.cdiv(2 * num_sms, max(L * n_blocks, 1)))
-    grid_m = min(triton.cdiv(M, bm), lanes)
+    # a launch whose experts have at most BLOCK_M rows (a SMALL tile's launch, or a capacity within
+    # one block) has one m-block per expert: a second lane could only exit (H200, Qwen3-30B-A3B decode:
+    # an empty gate_up launch pair cost 4.9 us, mostly programs that exit at once)
+    grid_m = 1 if min(M, max_rows) <= bm else min(triton.cdiv(M, bm), lanes)
     dummy = counts  # placeholder pointer for unused operands (never dereferenced)
     split, split_tiles = _split_plan(cfg, K, min(M, max_rows), L * n_blocks, num_sms)
     ws = counters = dummy
