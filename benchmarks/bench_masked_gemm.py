@@ -118,6 +118,24 @@ W4A8_SMALL = [
 ]
 
 
+MLP_CANDIDATES = {
+    "bf16": [
+        dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=2),
+        dict(BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=2),
+        dict(BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=128, num_warps=8, num_stages=3, PROGRAMS_PER_SM=2),
+        dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=4),
+        dict(BLOCK_M=64, BLOCK_N1=64, BLOCK_N2=64, num_warps=4, num_stages=3, PROGRAMS_PER_SM=2),
+    ],
+    "fp8_block": [  # gate_up columns are one 128-group (the intermediate is requantised per group)
+        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=2),
+        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=128, num_warps=8, num_stages=3, PROGRAMS_PER_SM=2),
+        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=1),
+    ],
+}
+"""Configs of the one-launch expert MLP (`masked_grouped_gemm._masked_mlp_kernel`) the tuner tries
+as the gated kind's `MLP` entry."""
+
+
 def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SCHEMES, models=None) -> None:
     """Sweep configs per kernel kind at the DeepSeek-V3 and Qwen3 decode shapes (score: the sum
     over shapes and row counts of time / best time), timed as CUDA-graph replays; fills `best`
@@ -181,6 +199,14 @@ def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SC
                 best[kind] = (
                     _select(dev, kind, scheme, stage, entries, small_rows, other_cfg, group) or main_cfg
                 )
+                if gated and scheme in MLP_CANDIDATES:
+                    # the one-launch MLP replaces both GEMMs at every row count: scored against the
+                    # entry just picked over the decode and the main row counts together
+                    entries = [best[kind]] + [dict(best[kind], MLP=m) for m in MLP_CANDIDATES[scheme]]
+                    rows_all = tuple(sorted(set(small_rows) | set(main_rows)))
+                    best[kind] = (
+                        _select(dev, kind, scheme, stage, entries, rows_all, None, group) or best[kind]
+                    )
 
 
 def _select(dev, kind, scheme, stage, cands, rows_list, other_cfg, models):

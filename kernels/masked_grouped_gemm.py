@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, _scales_empty, e4m3_scale, int4_to_fp16_pair, to_e4m3_grid
-from .tables import arrival_counters, for_device, k_splits, sm_count, split_k_reduce
+from .tables import arrival_counters, for_device, k_splits, schedule_counters, sm_count, split_k_reduce
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -145,98 +145,270 @@ def _masked_gemm_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_kb = tl.arange(0, BLOCK_K)
     b_base = b_ptr + e.to(tl.int64) * stride_bl
     a_base = a_ptr + e.to(tl.int64) * stride_al
 
     for pid_m in range(pid_m0, num_m_blocks, grid_m):
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < count
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # K blocks of this split (tile indices, so the compiler sees k0 as a multiple of BLOCK_K)
-        for kt in range(split * split_tiles, tl.minimum(tl.cdiv(K, BLOCK_K), (split + 1) * split_tiles)):
-            k0 = kt * BLOCK_K
-            # ---- B tile(s), [BLOCK_K, BLOCK_N]
-            kb = k0 + offs_kb
-            mask_b = (kb[:, None] < K) & mask_n[None, :]
-            b0 = tl.load(
-                b_base + offs_n[None, :] * stride_bn + kb[:, None] * stride_bk, mask=mask_b, other=0.0
-            )
-            if GATED:
-                u0 = tl.load(
-                    b_base + (offs_n + up_offset)[None, :] * stride_bn + kb[:, None] * stride_bk,
-                    mask=mask_b,
-                    other=0.0,
-                )
-            # per-k-block weight scales, a vector over n
-            if B_MODE != 0:
-                bs_base = b_scale_ptr + e.to(tl.int64) * stride_bsl + (k0 // GROUP_K) * stride_bsk
-                bs = tl.load(bs_base + (offs_n // B_SCALE_ROWS) * stride_bsn, mask=mask_n, other=0.0)
-                if GATED:
-                    bs_up = tl.load(
-                        bs_base + ((offs_n + up_offset) // B_SCALE_ROWS) * stride_bsn, mask=mask_n, other=0.0
-                    )
-
-            # ---- A tile and the product
-            ka = k0 + offs_kb
-            mask_a = mask_m[:, None] & (ka[None, :] < K)
-            a = tl.load(
-                a_base + offs_m[:, None] * stride_am + ka[None, :] * stride_ak, mask=mask_a, other=0.0
-            )
-            if A_MODE == 1 or A_MODE == 2:
-                a_s = tl.load(
-                    a_scale_ptr
-                    + e.to(tl.int64) * stride_asl
-                    + offs_m * stride_asm
-                    + (k0 // GROUP_K) * stride_ask,
-                    mask=mask_m,
-                    other=0.0,
-                )
-            if A_MODE == 1:
-                a = (a.to(tl.float32) * a_s[:, None]).to(tl.bfloat16)
-            if UPCAST and (A_MODE == 0 or A_MODE == 1):
-                a = a.to(tl.float32)
-                b0 = b0.to(tl.float32)
-                if GATED:
-                    u0 = u0.to(tl.float32)
-            if B_MODE == 0:
-                acc = tl.dot(a, b0, acc)
-                if GATED:
-                    acc_up = tl.dot(a, u0, acc_up)
-            else:
-                acc += tl.dot(a, b0) * (a_s[:, None] * bs[None, :])
-                if GATED:
-                    acc_up += tl.dot(a, u0) * (a_s[:, None] * bs_up[None, :])
-
-        # ---- epilogue
-        mask_o = mask_m[:, None] & mask_n[None, :]
+        acc, acc_up = _masked_acc(
+            a_base, a_scale_ptr, b_base, b_scale_ptr, e, offs_m, mask_m, offs_n, mask_n,
+            split * split_tiles, tl.minimum(tl.cdiv(K, BLOCK_K), (split + 1) * split_tiles), K, up_offset,
+            stride_am, stride_ak, stride_asl, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsl,
+            stride_bsn, stride_bsk, A_MODE, B_MODE, GATED, B_SCALE_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_K,
+            UPCAST, False,
+        )  # fmt: skip
         if SPLIT_K > 1:
             tile = e * (tl.num_programs(1) // SPLIT_K) + pid_n
             last, acc, acc_up = split_k_reduce(acc, acc_up, ws_ptr, counter_ptr, tile, split, BLOCK_M, BLOCK_N,
                                                 GATED, SPLIT_K)  # fmt: skip
-            mask_o = tl.where(last, mask_o, False)  # (`&` with the scalar trips the interpreter)
-            mask_m = tl.where(last, mask_m, False)
+            mask_m = tl.where(last, mask_m, False)  # (`&` with the scalar trips the interpreter)
+        _masked_store(acc, acc_up, out_ptr, out_scale_ptr, e, pid_n, offs_m, mask_m, offs_n, mask_n, stride_ol,
+                      stride_om, stride_on, stride_osl, stride_osm, stride_osn, OUT_MODE, GATED, UPCAST)  # fmt: skip
+
+
+@triton.jit
+def _masked_acc(a_base, a_scale_ptr, b_base, b_scale_ptr, e, offs_m, mask_m, offs_n, mask_n, kt_lo, kt_hi, K,
+                up_offset, stride_am, stride_ak, stride_asl, stride_asm, stride_ask, stride_bn, stride_bk,
+                stride_bsl, stride_bsn, stride_bsk, A_MODE: tl.constexpr, B_MODE: tl.constexpr,
+                GATED: tl.constexpr, B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr, UPCAST: tl.constexpr, A_CG: tl.constexpr):  # fmt: skip
+    """The fp32 accumulators `(acc, acc_up)` `[BLOCK_M, BLOCK_N]` of rows `offs_m` of expert e's A
+    (`a_base`: its [M, K] slab) times its weight columns `offs_n` (and `offs_n + up_offset` when
+    GATED) over the K blocks [kt_lo, kt_hi), in the A/B modes of `_masked_gemm_kernel`. A_CG: A is
+    read through L2 only (`.cg`): it was written by other programs of the same launch."""
+    offs_kb = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(kt_lo, kt_hi):
+        k0 = kt * BLOCK_K
+        # ---- B tile(s), [BLOCK_K, BLOCK_N]
+        kb = k0 + offs_kb
+        mask_b = (kb[:, None] < K) & mask_n[None, :]
+        b0 = tl.load(b_base + offs_n[None, :] * stride_bn + kb[:, None] * stride_bk, mask=mask_b, other=0.0)
         if GATED:
-            h = acc / (1.0 + tl.exp(-acc)) * acc_up
-        else:
-            h = acc
-        out_ptrs = (
-            out_ptr + e.to(tl.int64) * stride_ol + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        )
-        if OUT_MODE == 1:
-            # per-token-group requant: this block is exactly one 128-channel group of the row
-            h = tl.where(mask_n[None, :], h, 0.0)
-            h_s = e4m3_scale(tl.max(tl.abs(h), axis=1), 1e-10, 448.0)
-            q = _quant_fp8(h, h_s[:, None], UPCAST)
-            tl.store(out_ptrs, q, mask=mask_o)
-            tl.store(
-                out_scale_ptr + e.to(tl.int64) * stride_osl + offs_m * stride_osm + pid_n * stride_osn,
-                h_s,
-                mask=mask_m,
+            u0 = tl.load(
+                b_base + (offs_n + up_offset)[None, :] * stride_bn + kb[:, None] * stride_bk,
+                mask=mask_b,
+                other=0.0,
             )
+        # per-k-block weight scales, a vector over n
+        if B_MODE != 0:
+            bs_base = b_scale_ptr + e.to(tl.int64) * stride_bsl + (k0 // GROUP_K) * stride_bsk
+            bs = tl.load(bs_base + (offs_n // B_SCALE_ROWS) * stride_bsn, mask=mask_n, other=0.0)
+            if GATED:
+                bs_up = tl.load(
+                    bs_base + ((offs_n + up_offset) // B_SCALE_ROWS) * stride_bsn, mask=mask_n, other=0.0
+                )
+
+        # ---- A tile and the product
+        ka = k0 + offs_kb
+        mask_a = mask_m[:, None] & (ka[None, :] < K)
+        a_ptrs = a_base + offs_m[:, None] * stride_am + ka[None, :] * stride_ak
+        if A_CG:
+            a = tl.load(a_ptrs, mask=mask_a, other=0.0, cache_modifier=".cg")
         else:
-            tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask_o)
+            a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+        if A_MODE == 1 or A_MODE == 2:
+            a_s_ptrs = (
+                a_scale_ptr + e.to(tl.int64) * stride_asl + offs_m * stride_asm + (k0 // GROUP_K) * stride_ask
+            )
+            if A_CG:
+                a_s = tl.load(a_s_ptrs, mask=mask_m, other=0.0, cache_modifier=".cg")
+            else:
+                a_s = tl.load(a_s_ptrs, mask=mask_m, other=0.0)
+        if A_MODE == 1:
+            a = (a.to(tl.float32) * a_s[:, None]).to(tl.bfloat16)
+        if UPCAST and (A_MODE == 0 or A_MODE == 1):
+            a = a.to(tl.float32)
+            b0 = b0.to(tl.float32)
+            if GATED:
+                u0 = u0.to(tl.float32)
+        if B_MODE == 0:
+            acc = tl.dot(a, b0, acc)
+            if GATED:
+                acc_up = tl.dot(a, u0, acc_up)
+        else:
+            acc += tl.dot(a, b0) * (a_s[:, None] * bs[None, :])
+            if GATED:
+                acc_up += tl.dot(a, u0) * (a_s[:, None] * bs_up[None, :])
+    return acc, acc_up
+
+
+@triton.jit
+def _masked_store(acc, acc_up, out_ptr, out_scale_ptr, e, pid_n, offs_m, mask_m, offs_n, mask_n, stride_ol,
+                  stride_om, stride_on, stride_osl, stride_osm, stride_osn, OUT_MODE: tl.constexpr,
+                  GATED: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """The epilogue of one tile: `silu(gate) * up` when GATED, then a plain store (OUT_PLAIN) or the
+    per-token-group-128 requant (OUT_FP8G: the tile is exactly one 128-channel group of its rows,
+    n-block `pid_n`), for the rows of `mask_m` and the columns of `mask_n`."""
+    mask_o = mask_m[:, None] & mask_n[None, :]
+    if GATED:
+        h = acc / (1.0 + tl.exp(-acc)) * acc_up
+    else:
+        h = acc
+    out_ptrs = (
+        out_ptr + e.to(tl.int64) * stride_ol + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    )
+    if OUT_MODE == 1:
+        h = tl.where(mask_n[None, :], h, 0.0)
+        h_s = e4m3_scale(tl.max(tl.abs(h), axis=1), 1e-10, 448.0)
+        q = _quant_fp8(h, h_s[:, None], UPCAST)
+        tl.store(out_ptrs, q, mask=mask_o)
+        tl.store(
+            out_scale_ptr + e.to(tl.int64) * stride_osl + offs_m * stride_osm + pid_n * stride_osn,
+            h_s,
+            mask=mask_m,
+        )
+    else:
+        tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask_o)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole expert MLP in one persistent launch (bf16 and fp8_block)
+# --------------------------------------------------------------------------------------------------
+#
+# A decode step's expert MLP is two short GEMMs; as two launches each pays its own start, ramp and
+# tail, and the down GEMM cannot start until the last gate_up tile is done. Here a grid of a few
+# programs per SM takes work items from a device-side queue (an atomic ticket): first every gate_up
+# tile (expert-major: expert, m-block, n-block), then every down tile. The item list is built on the
+# device from counts (no host sync, nothing launched for empty experts or rows). A down tile of
+# expert e waits until all of e's gate_up tiles are done (a per-expert counter, release/acquire);
+# since every gate_up ticket is handed out before any down ticket and gate_up tiles never wait, a
+# waiting program only waits for tiles that running programs hold: no deadlock, whatever the
+# residency, and under the interpreter (programs run one after another) the first program simply
+# takes every ticket in order. The last program to leave resets the queue for the next launch.
+
+
+@triton.jit
+def _masked_mlp_kernel(
+    x_ptr,
+    x_scale_ptr,
+    w13_ptr,
+    w13_scale_ptr,
+    h_ptr,
+    h_scale_ptr,
+    w2_ptr,
+    w2_scale_ptr,
+    out_ptr,
+    counts_ptr,
+    sched_ptr,
+    # sizes
+    L,
+    M,
+    D,
+    I,  # noqa: E741 (DESIGN.md term)
+    # strides
+    stride_xl,
+    stride_xm,
+    stride_xk,
+    stride_xsl,
+    stride_xsm,
+    stride_xsk,
+    stride_gl,
+    stride_gn,
+    stride_gk,
+    stride_gsl,
+    stride_gsn,
+    stride_gsk,
+    stride_hl,
+    stride_hm,
+    stride_hk,
+    stride_hsl,
+    stride_hsm,
+    stride_hsk,
+    stride_dl,
+    stride_dn,
+    stride_dk,
+    stride_dsl,
+    stride_dsn,
+    stride_dsk,
+    stride_ol,
+    stride_om,
+    stride_on,
+    # meta
+    A_MODE: tl.constexpr,
+    H_MODE: tl.constexpr,
+    A2_MODE: tl.constexpr,
+    B_MODE: tl.constexpr,
+    B_SCALE_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N1: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_K: tl.constexpr,
+    L_POW2: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """out[e, rows] = down(silu(gate) * up)(x[e, rows]) for the valid rows of every expert, gate_up
+    into `h` (bf16, or fp8 + per-token-group scales when H_MODE == OUT_FP8G) and down from it, in
+    one launch (see the section comment). sched: int32 [2 + L] (ticket, programs finished, gate_up
+    tiles done per expert), zero on entry and left zero. A2_MODE: how the down GEMM reads h (A_BF16,
+    or A_FP8G after OUT_FP8G)."""
+    offs_e = tl.arange(0, L_POW2)
+    cnt = tl.minimum(tl.load(counts_ptr + offs_e, mask=offs_e < L, other=0), M)
+    blocks = tl.cdiv(cnt, BLOCK_M)  # m-blocks per expert
+    ends = tl.cumsum(blocks, axis=0)
+    total = tl.sum(blocks, axis=0)
+    nb1 = tl.cdiv(I, BLOCK_N1)
+    nb2 = tl.cdiv(D, BLOCK_N2)
+    n_gate_up = total * nb1
+    n_items = n_gate_up + total * nb2
+    done_ptr = sched_ptr + 2
+
+    t = tl.atomic_add(sched_ptr, 1, sem="relaxed", scope="gpu")
+    while t < n_items:
+        down = t >= n_gate_up
+        u = tl.where(down, t - n_gate_up, t)
+        nb = tl.where(down, nb2, nb1)
+        q = u // nb  # the item's (expert, m-block) in expert-major order
+        pid_n = u % nb
+        e = tl.sum((ends <= q).to(tl.int32), axis=0)
+        sel = offs_e == e
+        e_blocks = tl.sum(tl.where(sel, blocks, 0), axis=0)
+        pid_m = q - (tl.sum(tl.where(sel, ends, 0), axis=0) - e_blocks)
+        count = tl.sum(tl.where(sel, cnt, 0), axis=0)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        if down:
+            # all of expert e's gate_up tiles must be in h (acquire pairs with their release)
+            need = e_blocks * nb1
+            while tl.atomic_add(done_ptr + e, 0, sem="acquire", scope="gpu") < need:
+                pass
+            tl.debug_barrier()
+            # (names differ between the branches: their tiles differ in shape)
+            offs_n2 = pid_n * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+            mask_n2 = offs_n2 < D
+            acc2, acc2_up = _masked_acc(
+                h_ptr + e.to(tl.int64) * stride_hl, h_scale_ptr, w2_ptr + e.to(tl.int64) * stride_dl, w2_scale_ptr,
+                e, offs_m, mask_m, offs_n2, mask_n2, 0, tl.cdiv(I, BLOCK_K), I, 0, stride_hm, stride_hk,
+                stride_hsl, stride_hsm, stride_hsk, stride_dn, stride_dk, stride_dsl, stride_dsn, stride_dsk,
+                A2_MODE, B_MODE, False, B_SCALE_ROWS, BLOCK_M, BLOCK_N2, BLOCK_K, GROUP_K, UPCAST,
+                True,
+            )  # fmt: skip
+            _masked_store(acc2, acc2_up, out_ptr, out_ptr, e, pid_n, offs_m, mask_m, offs_n2, mask_n2, stride_ol,
+                          stride_om, stride_on, 0, 0, 0, 0, False, UPCAST)  # fmt: skip
+        else:
+            offs_n = pid_n * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+            mask_n = offs_n < I
+            acc, acc_up = _masked_acc(
+                x_ptr + e.to(tl.int64) * stride_xl, x_scale_ptr, w13_ptr + e.to(tl.int64) * stride_gl,
+                w13_scale_ptr, e, offs_m, mask_m, offs_n, mask_n, 0, tl.cdiv(D, BLOCK_K), D, I, stride_xm,
+                stride_xk, stride_xsl, stride_xsm, stride_xsk, stride_gn, stride_gk, stride_gsl, stride_gsn,
+                stride_gsk, A_MODE, B_MODE, True, B_SCALE_ROWS, BLOCK_M, BLOCK_N1, BLOCK_K, GROUP_K, UPCAST,
+                False,
+            )  # fmt: skip
+            _masked_store(acc, acc_up, h_ptr, h_scale_ptr, e, pid_n, offs_m, mask_m, offs_n, mask_n, stride_hl,
+                          stride_hm, stride_hk, stride_hsl, stride_hsm, stride_hsk, H_MODE, True, UPCAST)  # fmt: skip
+            tl.debug_barrier()  # every thread's part of the tile is written before the release
+            tl.atomic_add(done_ptr + e, 1, sem="release", scope="gpu")
+        t = tl.atomic_add(sched_ptr, 1, sem="relaxed", scope="gpu")
+    # the last program to leave resets the queue (every other program has left the loop)
+    if tl.atomic_add(sched_ptr + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+        tl.store(done_ptr + offs_e, tl.zeros((L_POW2,), dtype=tl.int32), mask=offs_e < L)
+        tl.atomic_xchg(sched_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sched_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -585,6 +757,40 @@ def _effective_config(cfg: dict[str, int], a_mode: int, b_mode: int, out_mode: i
         cfg["BLOCK_N"] = GROUP  # one requant group per program
         cfg["num_warps"] = max(cfg.get("num_warps", 4), 8)
     return cfg
+
+
+MLP_KEYS = ("BLOCK_M", "BLOCK_N1", "BLOCK_N2", "num_warps")
+
+
+def _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h, h_scale, out, counts, *, a_mode, b_mode, h_mode,
+                cfg) -> None:  # fmt: skip
+    """The expert MLP in one launch (`_masked_mlp_kernel`) with the fused config `cfg` (the gate_up
+    entry's `MLP`: BLOCK_M, BLOCK_N1 (gate_up columns; 128 when h is requantised per group),
+    BLOCK_N2 (down columns), num_warps, optional num_stages and PROGRAMS_PER_SM)."""
+    missing = [k for k in MLP_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"MLP config needs keys {MLP_KEYS}; missing {missing}")
+    L, M, D = x.shape
+    I = w2.shape[2]  # noqa: E741
+    if L == 0 or M == 0:
+        return
+    bn1 = GROUP if h_mode == OUT_FP8G else cfg["BLOCK_N1"]
+    programs = 3 if _INTERPRET else int(cfg.get("PROGRAMS_PER_SM", 2)) * sm_count(x.device.index or 0)
+    sched = schedule_counters(x.device, 2 + L)
+    dummy = counts
+    xs, gs, hs, ds = (t if t is not None else dummy for t in (x_scale, w13_scale, h_scale, w2_scale))
+    zero3 = (0, 0, 0)
+    _masked_mlp_kernel[(programs,)](
+        x, xs, w13, gs, h, hs, w2, ds, out, counts, sched, L, M, D, I,
+        *x.stride(), *(x_scale.stride() if x_scale is not None else zero3), *w13.stride(),
+        *(w13_scale.stride() if w13_scale is not None else zero3), *h.stride(),
+        *(h_scale.stride() if h_scale is not None else zero3), *w2.stride(),
+        *(w2_scale.stride() if w2_scale is not None else zero3), *out.stride(),
+        A_MODE=a_mode, H_MODE=h_mode, A2_MODE=A_FP8G if h_mode == OUT_FP8G else A_BF16, B_MODE=b_mode,
+        B_SCALE_ROWS=GROUP if b_mode == B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N1=bn1,
+        BLOCK_N2=cfg["BLOCK_N2"], BLOCK_K=GROUP, GROUP_K=GROUP, L_POW2=triton.next_power_of_2(L),
+        UPCAST=_INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+    )  # fmt: skip
 
 
 def _launch(
@@ -961,7 +1167,9 @@ def masked_moe(
               folded by the gate_up epilogue). The dots form exactly the products of e4m3 operands
               (held as fp16) and accumulate them in fp32.
         configs: block-config overrides for (gate_up, down), with the keys of `masked_grouped_gemm`'s
-            `config`.
+            `config`. A gate_up config (override or table entry) with an `MLP` entry (BLOCK_M,
+            BLOCK_N1, BLOCK_N2, num_warps, optional num_stages and PROGRAMS_PER_SM) runs the bf16
+            and fp8_block MLP as one persistent launch (`_masked_mlp_kernel`) instead.
     Returns: `[L, M, D]` bfloat16; rows >= counts[e] are undefined (not written).
     """
     if scheme not in SCHEMES:
@@ -1010,6 +1218,11 @@ def masked_moe(
     if scheme == "bf16":
         h = torch.empty((L, M, I), dtype=torch.bfloat16, device=x.device)
         a_mode = A_FP8G_DEQ if x.dtype == FP8_DTYPE else A_BF16
+        mlp = _pick_config(a_mode, B_BF16, True, M, x.device, cfg1, I, D).get("MLP")
+        if mlp is not None:
+            _launch_mlp(x, x_scale if x.dtype == FP8_DTYPE else None, w13, None, w2, None, h, None, out, counts,
+                        a_mode=a_mode, b_mode=B_BF16, h_mode=OUT_PLAIN, cfg=mlp)  # fmt: skip
+            return out
         _launch(x, x_scale if x.dtype == FP8_DTYPE else None, w13, None, h, None, counts, N=I, K=D,
                 a_mode=a_mode, b_mode=B_BF16, out_mode=OUT_PLAIN, gated=True, up_offset=I, config=cfg1)  # fmt: skip
         _launch(h, None, w2, None, out, None, counts, N=D, K=I,
@@ -1026,6 +1239,11 @@ def masked_moe(
         h_s = torch.empty((L, M, I // GROUP), dtype=torch.float32, device=x.device)
         if x.dtype != FP8_DTYPE:
             x, x_scale = _masked_group_quant(x, counts)  # as DeepEP's FP8 dispatch would have delivered it
+        mlp = _pick_config(A_FP8G, B_FP8_BLOCK, True, M, x.device, cfg1, I, D).get("MLP")
+        if mlp is not None:
+            _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h_q, h_s, out, counts, a_mode=A_FP8G,
+                        b_mode=B_FP8_BLOCK, h_mode=OUT_FP8G, cfg=mlp)  # fmt: skip
+            return out
         _launch(x, x_scale, w13, w13_scale, h_q, h_s, counts, N=I, K=D,
                 a_mode=A_FP8G, b_mode=B_FP8_BLOCK, out_mode=OUT_FP8G, gated=True, up_offset=I, config=cfg1)  # fmt: skip
         _launch(h_q, h_s, w2, w2_scale, out, None, counts, N=D, K=I,

@@ -208,6 +208,13 @@ def arrival_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
     return _zeroed("counters", device, num_tiles, torch.int32, 1024)
 
 
+def schedule_counters(device: torch.device, numel: int) -> torch.Tensor:
+    """int32 work-queue counters of a persistent kernel (ticket, finished programs, per-item done
+    counts: `masked_grouped_gemm._masked_mlp_kernel`), shared per (device, stream), zero between
+    launches (see `_zeroed`)."""
+    return _zeroed("schedule", device, numel, torch.int32, 1024)
+
+
 def zeroed_workspace(device: torch.device, numel: int) -> torch.Tensor:
     """fp32 workspace of `split_k_accumulate`, shared per (device, stream), zero between launches
     (see `_zeroed`)."""

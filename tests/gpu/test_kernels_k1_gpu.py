@@ -147,12 +147,24 @@ def test_masked_moe_gpu(rng_seed, poisoned_empty, scheme, model):
         w2, kw["w2_scale"] = quantize_w4a8(w2)
     if scheme.endswith("_fp8x"):
         x, kw["x_scale"] = per_token_group_quant_fp8(x, 128, column_major_scales=True)
+    x_clean = x
     x = _poison_rows(x, counts.cpu())
     with _NoSync():
         out = masked_moe(x, counts, w13, w2, **kw)
     ref = masked_moe_reference(x, counts, w13, w2, **kw)
     _close(out, ref, counts.cpu(), TOL[scheme])
     _assert_not_written(out, counts.cpu())
+    if scheme != "w4a8":
+        # the one-launch persistent MLP (`_masked_mlp_kernel`), each tile shape of the tuner's
+        # candidates, twice (its work queue must be left at zero), the second time with new counts
+        for mlp in MLP_TILES["fp8_block" if scheme.startswith("fp8_block") else "bf16"]:
+            for c in (counts, counts.flip(0)):
+                xp = _poison_rows(x_clean, c.cpu())
+                with _NoSync():
+                    out = masked_moe(xp, c, w13, w2, configs=({"MLP": mlp}, None), **kw)
+                ref_c = masked_moe_reference(xp, c, w13, w2, **kw)
+                _close(out, ref_c, c.cpu(), TOL[scheme])
+                _assert_not_written(out, c.cpu())
     if scheme == "w4a8":
         # Other tiles of the w4a8 kernel (compiled: inline-PTX unpack, wgmma with the weights in
         # registers): 64 token rows by 128 weight rows on 8 warps; 64 weight rows on 8 warps, whose
@@ -161,6 +173,46 @@ def test_masked_moe_gpu(rng_seed, poisoned_empty, scheme, model):
             out = masked_moe(x, counts, w13, w2, configs=(cfg, cfg), **kw)
             _close(out, ref, counts.cpu(), TOL[scheme])
             _assert_not_written(out, counts.cpu())
+
+
+MLP_TILES = {
+    "bf16": (
+        dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N1=64, BLOCK_N2=64, num_warps=4, num_stages=3),
+    ),
+    "fp8_block": (
+        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=128, num_warps=8, num_stages=3, PROGRAMS_PER_SM=1),
+    ),
+}
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp8_block"])
+def test_masked_mlp_one_launch_in_a_cuda_graph(rng_seed, scheme):
+    """The one-launch MLP replayed from a CUDA graph (as a decode step runs it) with new counts and
+    inputs written into the captured buffers before each replay: right every time."""
+    L, D, I, M = 8, 2048, 768, 128
+    w13 = (torch.randn(L, 2 * I, D, device="cuda") * 0.02).to(torch.bfloat16)
+    w2 = (torch.randn(L, D, I, device="cuda") * 0.02).to(torch.bfloat16)
+    kw: dict = dict(scheme=scheme)
+    if scheme == "fp8_block":
+        w13, kw["w13_scale"] = quantize_fp8_block(w13)
+        w2, kw["w2_scale"] = quantize_fp8_block(w2)
+    x = torch.randn(L, M, D, device="cuda").to(torch.bfloat16)
+    counts = torch.full((L,), 3, dtype=torch.int32, device="cuda")
+    cfg = ({"MLP": MLP_TILES[scheme][0]}, None)
+    masked_moe(x, counts, w13, w2, configs=cfg, **kw)  # compile and allocate outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = masked_moe(x, counts, w13, w2, configs=cfg, **kw)
+    for _ in range(3):
+        counts.copy_(torch.randint(0, M + 1, (L,), dtype=torch.int32))
+        x.copy_(torch.randn(L, M, D, device="cuda").to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = masked_moe_reference(x, counts, w13, w2, **kw)
+        _close(out, ref, counts.cpu(), TOL[scheme])
 
 
 W4A8_TILES = (

@@ -55,6 +55,26 @@ SPECIALISED = {
         ones=("stride_ak", "stride_bk", "stride_on", "stride_bsk", "stride_osn"),
         div16=MASKED_DIV16,
     ),  # fmt: skip
+    "_masked_mlp_kernel": dict(
+        ones=("stride_xk", "stride_gk", "stride_hk", "stride_dk", "stride_on", "stride_xsk", "stride_hsk"),
+        div16=(
+            "M",
+            "D",
+            "I",
+            "stride_xl",
+            "stride_xm",
+            "stride_gl",
+            "stride_gn",
+            "stride_hl",
+            "stride_hm",
+            "stride_dl",
+            "stride_dn",
+            "stride_ol",
+            "stride_om",
+            "stride_xsm",
+            "stride_hsm",
+        ),
+    ),  # fmt: skip
     "_masked_w4a8_kernel": dict(
         ones=("stride_ak", "stride_bk", "stride_on", "stride_bsk"),
         div16=MASKED_DIV16,
@@ -173,6 +193,11 @@ def cases():
         ptrs = tma_ptrs(ptrs, scheme, bm, bn, bk)
         name = f"fused-tma-{'bf16' if scheme == 0 else 'fp8'}-{'gate_up' if gate_up else 'down'}"
         yield name, fm._fused_moe_gemm_kernel, ptrs, ce, warps, 4
+    # the one-launch masked MLP: a bf16 decode tile and an fp8_block one (gate_up = one 128-group)
+    yield _mlp_case("any", "bf16", dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4),
+                    mg.A_BF16, mg.B_BF16)  # fmt: skip
+    yield _mlp_case("any", "fp8", dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, num_warps=8, num_stages=3),
+                    mg.A_FP8G, mg.B_FP8_BLOCK)  # fmt: skip
     select_ptrs = dict(
         logits_ptr="*fp32", bias_ptr="*fp32", ids_ptr="*i64", weights_ptr="*fp32", scaling="fp32"
     )
@@ -261,10 +286,27 @@ def table_cases():
                 if gated
                 else mg.OUT_PLAIN
             )
+            if "MLP" in cfg and a_mode != mg.A_FP16_QT:  # the one-launch MLP the entry selects
+                yield _mlp_case(dev, kind, cfg["MLP"], a_mode, b_mode)
             for regime, (rcfg, _, _) in enumerate(
                 mg._row_regimes(cfg, 1 << 20)
             ):  # each launch `_launch` makes
                 yield _masked_case(dev, kind, regime, rcfg, a_mode, b_mode, gated, out_mode)
+
+
+def _mlp_case(dev, kind, mlp, a_mode, b_mode):
+    """The one-launch MLP of a table entry (`masked_grouped_gemm._launch_mlp`)."""
+    fp8 = b_mode == mg.B_FP8_BLOCK
+    ce = dict(A_MODE=a_mode, H_MODE=mg.OUT_FP8G if fp8 else mg.OUT_PLAIN, A2_MODE=mg.A_FP8G if fp8 else mg.A_BF16,
+              B_MODE=b_mode, B_SCALE_ROWS=mg.GROUP if fp8 else 1, BLOCK_M=mlp["BLOCK_M"],
+              BLOCK_N1=mg.GROUP if fp8 else mlp["BLOCK_N1"], BLOCK_N2=mlp["BLOCK_N2"], BLOCK_K=mg.GROUP,
+              GROUP_K=mg.GROUP, L_POW2=32, UPCAST=False)  # fmt: skip
+    w = "*fp8e4nv" if fp8 else "*bf16"
+    ptrs = dict(x_ptr="*fp8e4nv" if a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G) else "*bf16", x_scale_ptr="*fp32",
+                w13_ptr=w, w13_scale_ptr="*fp32", h_ptr=w, h_scale_ptr="*fp32", w2_ptr=w, w2_scale_ptr="*fp32",
+                out_ptr="*bf16", counts_ptr="*i32", sched_ptr="*i32")  # fmt: skip
+    warps = mlp["num_warps"]
+    return f"table-mlp-{dev}-{kind}", mg._masked_mlp_kernel, ptrs, ce, warps, mlp.get("num_stages", 3)
 
 
 def _masked_case(dev, kind, regime, cfg, a_mode, b_mode, gated, out_mode):

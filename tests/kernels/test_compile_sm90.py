@@ -99,3 +99,13 @@ def test_select_experts_compiles_without_spills(compiled):
     assert len(select) == 3
     for name, r in select.items():
         assert r["ops"].get("STL", 0) == 0 and r["ops"].get("LDL", 0) == 0, (name, r["ops"])
+
+
+@pytest.mark.parametrize("kernel", ["table-mlp-any-bf16", "table-mlp-any-fp8"])
+def test_one_launch_mlp_pipelines_its_k_loops_without_spills(compiled, kernel):
+    """The persistent MLP's K loops sit inside its work-queue loop and a branch: they must still be
+    software-pipelined (asynchronous copies) and the tile must fit in registers."""
+    r = compiled[kernel]
+    assert r["ops"].get("LDGSTS", 0) > 0, r["ops"]
+    assert r["ops"].get("STL", 0) == 0, r["ops"].get("STL")
+    assert r["mma"], r

@@ -128,6 +128,45 @@ def test_masked_moe_fp8_block(rng_seed, poisoned_empty, x_fp8):
     _assert_not_written(out, counts.cpu())
 
 
+MLP = {"MLP": dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=2)}
+"""The one-launch expert MLP (`_masked_mlp_kernel`): 16-row blocks, so the full expert (24 rows) has
+two m-blocks; 32 gate_up columns per tile (I = 80: three tiles, the last partial)."""
+
+
+@pytest.mark.parametrize(
+    "scheme,x_fp8", [("bf16", False), ("bf16", True), ("fp8_block", True), ("fp8_block", False)]
+)
+def test_masked_moe_one_launch_mlp(rng_seed, poisoned_empty, scheme, x_fp8):
+    """The persistent one-launch MLP against the reference, twice with other counts: its work queue
+    (ticket, finished programs, per-expert done counts) must be left at zero by every launch."""
+    L, M = 3, 24
+    D, I = (96, 80) if scheme == "bf16" and not x_fp8 else (256, 128)  # fp8: multiples of the group
+    w13, w2 = _weights(L, I, D)
+    kw = dict(scheme=scheme)
+    if scheme == "fp8_block":
+        (w13, kw["w13_scale"]), (w2, kw["w2_scale"]) = quantize_fp8_block(w13), quantize_fp8_block(w2)
+    for counts_list in (COUNTS, [24, 7, 0]):
+        counts = torch.tensor(counts_list, dtype=torch.int32, device=DEVICE)
+        x = torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE)
+        kw["x_scale"] = None
+        if x_fp8:
+            x, kw["x_scale"] = per_token_group_quant_fp8(x, 128, column_major_scales=True)
+        x = _poison_rows(x, counts)
+        out = masked_moe(x, counts, w13, w2, configs=(MLP, None), **kw)
+        ref = masked_moe_reference(x, counts, w13, w2, round_bf16=backend_bf16, **kw)
+        _close(out, ref, counts.cpu(), 2e-2)
+        _assert_not_written(out, counts.cpu())
+
+
+def test_masked_mlp_config_errors(rng_seed):
+    L, M, D, I = 2, 8, 96, 80
+    w13, w2 = _weights(L, I, D)
+    x = torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE)
+    counts = torch.tensor([3, 1], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="MLP config needs keys .*missing \\['BLOCK_N2'\\]"):
+        masked_moe(x, counts, w13, w2, configs=({"MLP": dict(BLOCK_M=16, BLOCK_N1=32, num_warps=4)}, None))
+
+
 # w4a8 tiles (token rows BLOCK_M x weight rows BLOCK_N, warps): the default (16-row SMALL tile for the
 # partial expert, 64 rows for the full one); 64 weight rows on 8 warps, where the row order of the
 # tile is the load order (`_w4a8_rows` leaves it); 128 weight rows, two register row groups.
