@@ -120,16 +120,35 @@ W4A8_SMALL = [
 
 MLP_CANDIDATES = {
     "bf16": [
-        dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=2),
-        dict(BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=2),
-        dict(BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=128, num_warps=8, num_stages=3, PROGRAMS_PER_SM=2),
-        dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=4),
-        dict(BLOCK_M=64, BLOCK_N1=64, BLOCK_N2=64, num_warps=4, num_stages=3, PROGRAMS_PER_SM=2),
+        dict(
+            BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=2
+        ),
+        dict(
+            BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=64, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=2
+        ),
+        dict(
+            BLOCK_M=16,
+            BLOCK_M_BIG=64,
+            BLOCK_N1=64,
+            BLOCK_N2=128,
+            num_warps=8,
+            num_stages=3,
+            PROGRAMS_PER_SM=2,
+        ),
+        dict(
+            BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=4
+        ),
     ],
     "fp8_block": [  # gate_up columns are one 128-group (the intermediate is requantised per group)
-        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=2),
-        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=128, num_warps=8, num_stages=3, PROGRAMS_PER_SM=2),
-        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=1),
+        dict(
+            BLOCK_M=16,
+            BLOCK_M_BIG=64,
+            BLOCK_N1=128,
+            BLOCK_N2=128,
+            num_warps=8,
+            num_stages=3,
+            PROGRAMS_PER_SM=2,
+        ),
     ],
 }
 """Configs of the one-launch expert MLP (`masked_grouped_gemm._masked_mlp_kernel`) the tuner tries

@@ -334,6 +334,7 @@ def _masked_mlp_kernel(
     B_MODE: tl.constexpr,
     B_SCALE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_M_BIG: tl.constexpr,
     BLOCK_N1: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -348,7 +349,9 @@ def _masked_mlp_kernel(
     or A_FP8G after OUT_FP8G)."""
     offs_e = tl.arange(0, L_POW2)
     cnt = tl.minimum(tl.load(counts_ptr + offs_e, mask=offs_e < L, other=0), M)
-    blocks = tl.cdiv(cnt, BLOCK_M)  # m-blocks per expert
+    # experts with more than BLOCK_M rows take BLOCK_M_BIG-row tiles (the same in one-regime configs)
+    big = cnt > BLOCK_M
+    blocks = tl.where(big, tl.cdiv(cnt, BLOCK_M_BIG), tl.cdiv(cnt, BLOCK_M))  # m-blocks per expert
     ends = tl.cumsum(blocks, axis=0)
     total = tl.sum(blocks, axis=0)
     nb1 = tl.cdiv(I, BLOCK_N1)
@@ -362,45 +365,47 @@ def _masked_mlp_kernel(
         down = t >= n_gate_up
         u = tl.where(down, t - n_gate_up, t)
         nb = tl.where(down, nb2, nb1)
-        q = u // nb  # the item's (expert, m-block) in expert-major order
-        pid_n = u % nb
-        e = tl.sum((ends <= q).to(tl.int32), axis=0)
+        # items in (expert, n-block, m-block) order: the m-blocks of one weight tile are neighbours
+        # in the queue, so they run side by side and share the tile through L2
+        e = tl.sum((ends * nb <= u).to(tl.int32), axis=0)
         sel = offs_e == e
         e_blocks = tl.sum(tl.where(sel, blocks, 0), axis=0)
-        pid_m = q - (tl.sum(tl.where(sel, ends, 0), axis=0) - e_blocks)
+        j = u - (tl.sum(tl.where(sel, ends, 0), axis=0) - e_blocks) * nb
+        pid_n = j // e_blocks
+        pid_m = j % e_blocks
         count = tl.sum(tl.where(sel, cnt, 0), axis=0)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < count
+        e_big = count > BLOCK_M
         if down:
             # all of expert e's gate_up tiles must be in h (acquire pairs with their release)
             need = e_blocks * nb1
             while tl.atomic_add(done_ptr + e, 0, sem="acquire", scope="gpu") < need:
                 pass
             tl.debug_barrier()
-            # (names differ between the branches: their tiles differ in shape)
-            offs_n2 = pid_n * BLOCK_N2 + tl.arange(0, BLOCK_N2)
-            mask_n2 = offs_n2 < D
-            acc2, acc2_up = _masked_acc(
-                h_ptr + e.to(tl.int64) * stride_hl, h_scale_ptr, w2_ptr + e.to(tl.int64) * stride_dl, w2_scale_ptr,
-                e, offs_m, mask_m, offs_n2, mask_n2, 0, tl.cdiv(I, BLOCK_K), I, 0, stride_hm, stride_hk,
-                stride_hsl, stride_hsm, stride_hsk, stride_dn, stride_dk, stride_dsl, stride_dsn, stride_dsk,
-                A2_MODE, B_MODE, False, B_SCALE_ROWS, BLOCK_M, BLOCK_N2, BLOCK_K, GROUP_K, UPCAST,
-                True,
-            )  # fmt: skip
-            _masked_store(acc2, acc2_up, out_ptr, out_ptr, e, pid_n, offs_m, mask_m, offs_n2, mask_n2, stride_ol,
-                          stride_om, stride_on, 0, 0, 0, 0, False, UPCAST)  # fmt: skip
+            if e_big:
+                _mlp_down_tile(h_ptr, h_scale_ptr, w2_ptr, w2_scale_ptr, out_ptr, e, pid_m, pid_n, count, D, I,
+                               stride_hl, stride_hm, stride_hk, stride_hsl, stride_hsm, stride_hsk, stride_dl,
+                               stride_dn, stride_dk, stride_dsl, stride_dsn, stride_dsk, stride_ol, stride_om,
+                               stride_on, A2_MODE, B_MODE, B_SCALE_ROWS, BLOCK_M_BIG, BLOCK_N2, BLOCK_K, GROUP_K,
+                               UPCAST)  # fmt: skip
+            else:
+                _mlp_down_tile(h_ptr, h_scale_ptr, w2_ptr, w2_scale_ptr, out_ptr, e, pid_m, pid_n, count, D, I,
+                               stride_hl, stride_hm, stride_hk, stride_hsl, stride_hsm, stride_hsk, stride_dl,
+                               stride_dn, stride_dk, stride_dsl, stride_dsn, stride_dsk, stride_ol, stride_om,
+                               stride_on, A2_MODE, B_MODE, B_SCALE_ROWS, BLOCK_M, BLOCK_N2, BLOCK_K, GROUP_K,
+                               UPCAST)  # fmt: skip
         else:
-            offs_n = pid_n * BLOCK_N1 + tl.arange(0, BLOCK_N1)
-            mask_n = offs_n < I
-            acc, acc_up = _masked_acc(
-                x_ptr + e.to(tl.int64) * stride_xl, x_scale_ptr, w13_ptr + e.to(tl.int64) * stride_gl,
-                w13_scale_ptr, e, offs_m, mask_m, offs_n, mask_n, 0, tl.cdiv(D, BLOCK_K), D, I, stride_xm,
-                stride_xk, stride_xsl, stride_xsm, stride_xsk, stride_gn, stride_gk, stride_gsl, stride_gsn,
-                stride_gsk, A_MODE, B_MODE, True, B_SCALE_ROWS, BLOCK_M, BLOCK_N1, BLOCK_K, GROUP_K, UPCAST,
-                False,
-            )  # fmt: skip
-            _masked_store(acc, acc_up, h_ptr, h_scale_ptr, e, pid_n, offs_m, mask_m, offs_n, mask_n, stride_hl,
-                          stride_hm, stride_hk, stride_hsl, stride_hsm, stride_hsk, H_MODE, True, UPCAST)  # fmt: skip
+            if e_big:
+                _mlp_gate_up_tile(x_ptr, x_scale_ptr, w13_ptr, w13_scale_ptr, h_ptr, h_scale_ptr, e, pid_m, pid_n,
+                                  count, D, I, stride_xl, stride_xm, stride_xk, stride_xsl, stride_xsm, stride_xsk,
+                                  stride_gl, stride_gn, stride_gk, stride_gsl, stride_gsn, stride_gsk, stride_hl,
+                                  stride_hm, stride_hk, stride_hsl, stride_hsm, stride_hsk, A_MODE, H_MODE, B_MODE,
+                                  B_SCALE_ROWS, BLOCK_M_BIG, BLOCK_N1, BLOCK_K, GROUP_K, UPCAST)  # fmt: skip
+            else:
+                _mlp_gate_up_tile(x_ptr, x_scale_ptr, w13_ptr, w13_scale_ptr, h_ptr, h_scale_ptr, e, pid_m, pid_n,
+                                  count, D, I, stride_xl, stride_xm, stride_xk, stride_xsl, stride_xsm, stride_xsk,
+                                  stride_gl, stride_gn, stride_gk, stride_gsl, stride_gsn, stride_gsk, stride_hl,
+                                  stride_hm, stride_hk, stride_hsl, stride_hsm, stride_hsk, A_MODE, H_MODE, B_MODE,
+                                  B_SCALE_ROWS, BLOCK_M, BLOCK_N1, BLOCK_K, GROUP_K, UPCAST)  # fmt: skip
             tl.debug_barrier()  # every thread's part of the tile is written before the release
             tl.atomic_add(done_ptr + e, 1, sem="release", scope="gpu")
         t = tl.atomic_add(sched_ptr, 1, sem="relaxed", scope="gpu")
@@ -409,6 +414,51 @@ def _masked_mlp_kernel(
         tl.store(done_ptr + offs_e, tl.zeros((L_POW2,), dtype=tl.int32), mask=offs_e < L)
         tl.atomic_xchg(sched_ptr, 0, sem="relaxed", scope="gpu")
         tl.atomic_xchg(sched_ptr + 1, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _mlp_gate_up_tile(x_ptr, x_scale_ptr, w13_ptr, w13_scale_ptr, h_ptr, h_scale_ptr, e, pid_m, pid_n, count, D, inter,
+                      stride_xl, stride_xm, stride_xk, stride_xsl, stride_xsm, stride_xsk, stride_gl, stride_gn,
+                      stride_gk, stride_gsl, stride_gsn, stride_gsk, stride_hl, stride_hm, stride_hk, stride_hsl,
+                      stride_hsm, stride_hsk, A_MODE: tl.constexpr, H_MODE: tl.constexpr, B_MODE: tl.constexpr,
+                      B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """One gate_up tile of `_masked_mlp_kernel`: h[e, m-block, n-block] = silu(gate) * up."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < count
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < inter
+    acc, acc_up = _masked_acc(
+        x_ptr + e.to(tl.int64) * stride_xl, x_scale_ptr, w13_ptr + e.to(tl.int64) * stride_gl, w13_scale_ptr, e,
+        offs_m, mask_m, offs_n, mask_n, 0, tl.cdiv(D, BLOCK_K), D, inter, stride_xm, stride_xk, stride_xsl,
+        stride_xsm, stride_xsk, stride_gn, stride_gk, stride_gsl, stride_gsn, stride_gsk, A_MODE, B_MODE, True,
+        B_SCALE_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_K, UPCAST, False,
+    )  # fmt: skip
+    _masked_store(acc, acc_up, h_ptr, h_scale_ptr, e, pid_n, offs_m, mask_m, offs_n, mask_n, stride_hl, stride_hm,
+                  stride_hk, stride_hsl, stride_hsm, stride_hsk, H_MODE, True, UPCAST)  # fmt: skip
+
+
+@triton.jit
+def _mlp_down_tile(h_ptr, h_scale_ptr, w2_ptr, w2_scale_ptr, out_ptr, e, pid_m, pid_n, count, D, inter, stride_hl,
+                   stride_hm, stride_hk, stride_hsl, stride_hsm, stride_hsk, stride_dl, stride_dn, stride_dk,
+                   stride_dsl, stride_dsn, stride_dsk, stride_ol, stride_om, stride_on, A2_MODE: tl.constexpr,
+                   B_MODE: tl.constexpr, B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr,
+                   UPCAST: tl.constexpr):  # fmt: skip
+    """One down tile of `_masked_mlp_kernel`: out[e, m-block, n-block] from h (read through L2: other
+    programs of the launch wrote it)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < count
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < D
+    acc, acc_up = _masked_acc(
+        h_ptr + e.to(tl.int64) * stride_hl, h_scale_ptr, w2_ptr + e.to(tl.int64) * stride_dl, w2_scale_ptr, e,
+        offs_m, mask_m, offs_n, mask_n, 0, tl.cdiv(inter, BLOCK_K), inter, 0, stride_hm, stride_hk, stride_hsl,
+        stride_hsm, stride_hsk, stride_dn, stride_dk, stride_dsl, stride_dsn, stride_dsk, A2_MODE, B_MODE, False,
+        B_SCALE_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_K, UPCAST, True,
+    )  # fmt: skip
+    _masked_store(acc, acc_up, out_ptr, out_ptr, e, pid_n, offs_m, mask_m, offs_n, mask_n, stride_ol, stride_om,
+                  stride_on, 0, 0, 0, 0, False, UPCAST)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -766,7 +816,8 @@ def _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h, h_scale, out, count
                 cfg) -> None:  # fmt: skip
     """The expert MLP in one launch (`_masked_mlp_kernel`) with the fused config `cfg` (the gate_up
     entry's `MLP`: BLOCK_M, BLOCK_N1 (gate_up columns; 128 when h is requantised per group),
-    BLOCK_N2 (down columns), num_warps, optional num_stages and PROGRAMS_PER_SM)."""
+    BLOCK_N2 (down columns), num_warps, optional num_stages, PROGRAMS_PER_SM and BLOCK_M_BIG (the
+    row tile of experts with more than BLOCK_M rows; default BLOCK_M))."""
     missing = [k for k in MLP_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"MLP config needs keys {MLP_KEYS}; missing {missing}")
@@ -787,7 +838,8 @@ def _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h, h_scale, out, count
         *(h_scale.stride() if h_scale is not None else zero3), *w2.stride(),
         *(w2_scale.stride() if w2_scale is not None else zero3), *out.stride(),
         A_MODE=a_mode, H_MODE=h_mode, A2_MODE=A_FP8G if h_mode == OUT_FP8G else A_BF16, B_MODE=b_mode,
-        B_SCALE_ROWS=GROUP if b_mode == B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N1=bn1,
+        B_SCALE_ROWS=GROUP if b_mode == B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_M_BIG=cfg.get("BLOCK_M_BIG", cfg["BLOCK_M"]), BLOCK_N1=bn1,
         BLOCK_N2=cfg["BLOCK_N2"], BLOCK_K=GROUP, GROUP_K=GROUP, L_POW2=triton.next_power_of_2(L),
         UPCAST=_INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )  # fmt: skip

@@ -177,13 +177,13 @@ def test_masked_moe_gpu(rng_seed, poisoned_empty, scheme, model):
 
 MLP_TILES = {
     "bf16": (
-        dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4),
         dict(BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=128, num_warps=8, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N1=64, BLOCK_N2=64, num_warps=4, num_stages=3),
     ),
     "fp8_block": (
-        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=128, num_warps=8, num_stages=3, PROGRAMS_PER_SM=1),
+        dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=128, BLOCK_N2=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=1),
     ),
 }
 

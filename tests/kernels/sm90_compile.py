@@ -194,10 +194,10 @@ def cases():
         name = f"fused-tma-{'bf16' if scheme == 0 else 'fp8'}-{'gate_up' if gate_up else 'down'}"
         yield name, fm._fused_moe_gemm_kernel, ptrs, ce, warps, 4
     # the one-launch masked MLP: a bf16 decode tile and an fp8_block one (gate_up = one 128-group)
-    yield _mlp_case("any", "bf16", dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4),
-                    mg.A_BF16, mg.B_BF16)  # fmt: skip
-    yield _mlp_case("any", "fp8", dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, num_warps=8, num_stages=3),
-                    mg.A_FP8G, mg.B_FP8_BLOCK)  # fmt: skip
+    yield _mlp_case("any", "bf16", dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=32, BLOCK_N2=64, num_warps=4,
+                                        num_stages=4), mg.A_BF16, mg.B_BF16)  # fmt: skip
+    yield _mlp_case("any", "fp8", dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=128, BLOCK_N2=128, num_warps=8,
+                                       num_stages=3), mg.A_FP8G, mg.B_FP8_BLOCK)  # fmt: skip
     select_ptrs = dict(
         logits_ptr="*fp32", bias_ptr="*fp32", ids_ptr="*i64", weights_ptr="*fp32", scaling="fp32"
     )
@@ -299,6 +299,7 @@ def _mlp_case(dev, kind, mlp, a_mode, b_mode):
     fp8 = b_mode == mg.B_FP8_BLOCK
     ce = dict(A_MODE=a_mode, H_MODE=mg.OUT_FP8G if fp8 else mg.OUT_PLAIN, A2_MODE=mg.A_FP8G if fp8 else mg.A_BF16,
               B_MODE=b_mode, B_SCALE_ROWS=mg.GROUP if fp8 else 1, BLOCK_M=mlp["BLOCK_M"],
+              BLOCK_M_BIG=mlp.get("BLOCK_M_BIG", mlp["BLOCK_M"]),
               BLOCK_N1=mg.GROUP if fp8 else mlp["BLOCK_N1"], BLOCK_N2=mlp["BLOCK_N2"], BLOCK_K=mg.GROUP,
               GROUP_K=mg.GROUP, L_POW2=32, UPCAST=False)  # fmt: skip
     w = "*fp8e4nv" if fp8 else "*bf16"

@@ -128,15 +128,22 @@ def test_masked_moe_fp8_block(rng_seed, poisoned_empty, x_fp8):
     _assert_not_written(out, counts.cpu())
 
 
-MLP = {"MLP": dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=2)}
+MLP = {
+    "one-regime": {"MLP": dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=2)},
+    "two-regimes": {
+        "MLP": dict(BLOCK_M=8, BLOCK_M_BIG=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=2)
+    },
+}
 """The one-launch expert MLP (`_masked_mlp_kernel`): 16-row blocks, so the full expert (24 rows) has
-two m-blocks; 32 gate_up columns per tile (I = 80: three tiles, the last partial)."""
+two m-blocks; or 8-row blocks for experts of at most 8 rows (the 5- and 7-row experts) and 16-row
+blocks for the others; 32 gate_up columns per tile (I = 80: three tiles, the last partial)."""
 
 
+@pytest.mark.parametrize("mlp", list(MLP))
 @pytest.mark.parametrize(
     "scheme,x_fp8", [("bf16", False), ("bf16", True), ("fp8_block", True), ("fp8_block", False)]
 )
-def test_masked_moe_one_launch_mlp(rng_seed, poisoned_empty, scheme, x_fp8):
+def test_masked_moe_one_launch_mlp(rng_seed, poisoned_empty, scheme, x_fp8, mlp):
     """The persistent one-launch MLP against the reference, twice with other counts: its work queue
     (ticket, finished programs, per-expert done counts) must be left at zero by every launch."""
     L, M = 3, 24
@@ -152,7 +159,7 @@ def test_masked_moe_one_launch_mlp(rng_seed, poisoned_empty, scheme, x_fp8):
         if x_fp8:
             x, kw["x_scale"] = per_token_group_quant_fp8(x, 128, column_major_scales=True)
         x = _poison_rows(x, counts)
-        out = masked_moe(x, counts, w13, w2, configs=(MLP, None), **kw)
+        out = masked_moe(x, counts, w13, w2, configs=(MLP[mlp], None), **kw)
         ref = masked_moe_reference(x, counts, w13, w2, round_bf16=backend_bf16, **kw)
         _close(out, ref, counts.cpu(), 2e-2)
         _assert_not_written(out, counts.cpu())
