@@ -207,6 +207,10 @@ def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SC
                     continue
                 main_cands, small_cands = (W4A8_MAIN, W4A8_SMALL) if scheme == "w4a8" else (main, small)
                 other_cfg = best.get(other) if other else None
+                if other_cfg is not None and "MLP" in other_cfg:
+                    # a gate_up entry with the one-launch MLP would run the whole MLP and ignore the
+                    # down candidates: time them behind the two-launch gate_up
+                    other_cfg = {k: v for k, v in other_cfg.items() if k != "MLP"}
                 main_cfg = _select(dev, kind, scheme, stage, main_cands, main_rows, other_cfg, group)
                 if main_cfg is None:
                     continue

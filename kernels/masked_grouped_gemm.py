@@ -374,7 +374,9 @@ def _masked_mlp_kernel(
         pid_n = j // e_blocks
         pid_m = j % e_blocks
         count = tl.sum(tl.where(sel, cnt, 0), axis=0)
-        e_big = count > BLOCK_M
+        # one tile path per phase when the regimes coincide (disjoint branches still add up in
+        # shared memory)
+        e_big = (count > BLOCK_M) & (BLOCK_M_BIG != BLOCK_M)
         if down:
             # all of expert e's gate_up tiles must be in h (acquire pairs with their release)
             need = e_blocks * nb1

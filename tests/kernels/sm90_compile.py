@@ -356,6 +356,7 @@ def main() -> int:
             "lds_narrow": len(re.findall(r"\bLDS\.[US](?:8|16)\b", text)),
             "ops": sass_ops(k, text),
             "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", k.asm["ptx"])),
+            "shared": k.metadata.shared,  # bytes of shared memory a program needs
         }
     print(json.dumps(out))
     return 0

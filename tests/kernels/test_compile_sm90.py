@@ -109,3 +109,15 @@ def test_one_launch_mlp_pipelines_its_k_loops_without_spills(compiled, kernel):
     assert r["ops"].get("LDGSTS", 0) > 0, r["ops"]
     assert r["ops"].get("STL", 0) == 0, r["ops"].get("STL")
     assert r["mma"], r
+
+
+H100_SHARED = 232448  # bytes of shared memory one program may use on sm_90 (227 KiB)
+
+
+def test_table_mlp_entries_fit_in_shared_memory(compiled):
+    """Every one-launch MLP of the tuned tables fits an SM's shared memory (its gate_up and down tile
+    paths, in both row regimes, sit in one kernel)."""
+    mlp = {name: r for name, r in compiled.items() if name.startswith("table-mlp-")}
+    assert mlp, "no MLP entries compiled"
+    too_big = {name: r["shared"] for name, r in mlp.items() if r["shared"] > H100_SHARED}
+    assert not too_big, too_big

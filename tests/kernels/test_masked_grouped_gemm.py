@@ -432,3 +432,22 @@ def test_table_shape_entries_take_precedence(monkeypatch):
     assert plain == mg.heuristic_config(mg.A_BF16, mg.B_BF16, False, 1024)
     assert mg.parse_kind(mg._shape_key(kind, 768, 2048)) == (mg.A_BF16, mg.B_BF16, True)
     assert mg.parse_kind("a5-b2-plain") == (mg.A_FP16_QT, mg.B_INT4, False)
+
+
+def test_shipped_table_entries_are_launchable():
+    """Every entry of the shipped masked table gives launches `_launch_one` accepts (an explicit
+    SPLIT_K only on a SMALL tile whose MAX_ROWS fits one m-block) and complete MLP configs."""
+    import json
+
+    from ep_runtime.kernels.masked_grouped_gemm import MLP_KEYS, _row_regimes, _split_plan
+
+    devices = json.loads(mg.CONFIG_PATH.read_text())["devices"]
+    assert devices
+    for dev, kinds in devices.items():
+        for kind, cfg in kinds.items():
+            mg.parse_kind(kind)
+            for M in (16, 1024):
+                for rcfg, _, max_rows in _row_regimes(cfg, M):
+                    _split_plan(rcfg, 4096, min(M, max_rows), 64, 132)  # raises on a bad SPLIT_K
+            if "MLP" in cfg:
+                assert set(MLP_KEYS) <= set(cfg["MLP"]), (dev, kind, cfg["MLP"])
