@@ -311,6 +311,11 @@ def main(argv=None) -> int:
         "--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES)
     )
     ap.add_argument("--no-fp8", action="store_true")
+    ap.add_argument(
+        "--masked-decode",
+        action="store_true",
+        help="also time decode (T <= 32) through the masked layout and make it the bucket's entry where it wins",
+    )
     ap.add_argument("--ts", default=None, help="comma-separated T values (overrides the per-shape lists)")
     ap.add_argument("--smoke", action="store_true", help="CPU + interpreter dry run of the script")
     args = ap.parse_args(argv)
@@ -393,6 +398,9 @@ def main(argv=None) -> int:
                 variants.append(("bf16", False))
             if (sname, T) == W4A8_AT:
                 variants.append(("w4a8", None))
+            if args.masked_decode and T * K <= fm.MASKED_MAX_SLOTS and T <= 32:
+                variants += [(s, "masked") for s in schemes]
+            sorted_us = {}
             for scheme, fused in variants:
                 if scheme == "w4a8":
                     a, b = quantize_per_expert(quantize_w4a8, w13)
@@ -412,6 +420,11 @@ def main(argv=None) -> int:
                     or nearest(tuned.get(skey), T)
                     or fm.get_config(T, K, L, inter, D, scheme, dev)
                 )
+                if cfg.get("MASKED"):  # this run compares the two paths itself
+                    cfg = cfg.get("sorted") or fm.heuristic_config(T, K, L, scheme)
+                path = "sorted"
+                if fused == "masked":
+                    cfg, fused, path = {"MASKED": True}, False, "masked"
                 fn = functools.partial(
                     fm.fused_moe,
                     x,
@@ -449,6 +462,7 @@ def main(argv=None) -> int:
                         T=T,
                         scheme=scheme,
                         topk_sum="fused" if (fused if fused is not None else K > 2) else "unfused",
+                        path=path,
                         us=round(t_us, 2),
                         eager_us=None if t_eager is None else round(t_eager, 2),
                         torch_us=round(t_torch, 2),
@@ -463,6 +477,15 @@ def main(argv=None) -> int:
                     )
                 )
                 r = rows[-1]
+                if path == "sorted" and fused is None:
+                    sorted_us[scheme] = (t_us, cfg)
+                elif path == "masked" and scheme in sorted_us:
+                    # the decode path for this bucket: the masked layout where it beat the sorted one
+                    # (the sorted config kept beside it for calls the masked path cannot serve)
+                    t_sorted, cfg_sorted = sorted_us[scheme]
+                    r["vs_sorted"] = round(t_sorted / t_us, 3)
+                    if t_us < t_sorted and T == fm.t_bucket(T):
+                        tuned.setdefault(skey, {})[bucket] = {"MASKED": True, "sorted": cfg_sorted}
                 print(
                     f"{sname} T={T} {scheme} {r['topk_sum']}: {t_us:.1f} us (eager {r['eager_us']}), "
                     f"torch {t_torch:.1f}, {r['tflops']} TFLOP/s, {r['weight_GBps']} GB/s, "

@@ -603,6 +603,163 @@ _GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 T_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
+# --------------------------------------------------------------------------------------------------
+# Decode through the masked layout
+# --------------------------------------------------------------------------------------------------
+#
+# For a handful of tokens the sorted-layout path is five launches (align, gate_up, zero-fill, down,
+# cast) around two GEMMs that each stream their experts' weights once. The masked path instead
+# scatters each token's row to a per-expert slot (`x_m [L, T, D]`, one launch, also counting the rows
+# per expert), runs the low-layout expert MLP (`masked_grouped_gemm.masked_moe`: only experts with
+# rows do any work, and its tuned entries may run the whole MLP as one persistent launch), and sums
+# each token's K weighted expert outputs (one launch). Numerics are the unfused path's: each slot's
+# output is rounded to bf16, the K terms are summed in fp32 and rounded once to out_dtype.
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    x_ptr,
+    xs_ptr,
+    ids_ptr,
+    xm_ptr,
+    xms_ptr,
+    counts_ptr,
+    pos_ptr,
+    T,
+    D,
+    G,
+    stride_xt,
+    stride_xst,
+    stride_ml,
+    stride_mm,
+    stride_msl,
+    stride_msm,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    T_POW2: tl.constexpr,
+    K_POW2: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    G_POW2: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+):
+    """Program s (one per slot t*K + k): the slot's row goes to `xm[e, r]`, r = the number of earlier
+    tokens that picked expert e (a token picking e twice uses one row: its second slot copies
+    nothing and points at the same row), and `pos[s] = r` (-1 for a skipped slot: id outside [0, E)).
+    Program 0 also writes `counts[e]` = tokens that picked e, for every e."""
+    s = tl.program_id(0)
+    t = s // K
+    k = s % K
+    offs_t = tl.arange(0, T_POW2)
+    offs_k = tl.arange(0, K_POW2)
+    mask2 = (offs_t[:, None] < T) & (offs_k[None, :] < K)
+    ids = tl.load(ids_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask2, other=-1).to(tl.int32)
+    e = tl.load(ids_ptr + s).to(tl.int32)
+    valid = (e >= 0) & (e < E)
+    picked = tl.max(((ids == e) & mask2).to(tl.int32), axis=1)  # [T_POW2]: token picked e
+    r = tl.sum(tl.where(offs_t < t, picked, 0), axis=0)
+    mine = tl.sum(
+        tl.where(offs_t == t, 1, 0)[:, None] * tl.where((ids == e) & (offs_k[None, :] < k), 1, 0), axis=1
+    )
+    first = tl.sum(mine, axis=0) == 0  # no earlier slot of this token picked e
+    tl.store(pos_ptr + s, tl.where(valid, r, -1))
+    if valid & first:
+        dst = xm_ptr + e.to(tl.int64) * stride_ml + r.to(tl.int64) * stride_mm
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            v = tl.load(x_ptr + t.to(tl.int64) * stride_xt + offs_d, mask=offs_d < D)
+            tl.store(dst + offs_d, v, mask=offs_d < D)
+        if HAS_SCALE:
+            offs_g = tl.arange(0, G_POW2)
+            sc = tl.load(xs_ptr + t.to(tl.int64) * stride_xst + offs_g, mask=offs_g < G)
+            tl.store(
+                xms_ptr + e.to(tl.int64) * stride_msl + r.to(tl.int64) * stride_msm + offs_g,
+                sc,
+                mask=offs_g < G,
+            )
+    if s == 0:
+        offs_e = tl.arange(0, E_POW2)
+        hit = (ids[None, :, :] == offs_e[:, None, None]) & mask2[None, :, :]
+        cnt = tl.sum(tl.max(hit.to(tl.int32), axis=2), axis=1)
+        tl.store(counts_ptr + offs_e, cnt, mask=offs_e < E)
+
+
+@triton.jit
+def _combine_rows_kernel(
+    ym_ptr,
+    ids_ptr,
+    pos_ptr,
+    w_ptr,
+    out_ptr,
+    D,
+    stride_yl,
+    stride_ym,
+    stride_ot,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[t, d-block] = sum_k w[t, k] * ym[ids[t, k], pos[t*K + k], d-block] over the slots that are
+    not skipped, in fp32, rounded once (0 for a token whose slots are all skipped)."""
+    t = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for k in tl.static_range(K):
+        e = tl.load(ids_ptr + t * K + k).to(tl.int32)
+        r = tl.load(pos_ptr + t * K + k)
+        if (e >= 0) & (e < E) & (r >= 0):
+            w = tl.load(w_ptr + t * K + k)
+            y = tl.load(
+                ym_ptr + e.to(tl.int64) * stride_yl + r.to(tl.int64) * stride_ym + offs_d, mask=mask_d
+            )
+            acc += w * y.to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+MASKED_MAX_SLOTS = 512
+"""The masked decode path scans all T*K slot ids per program: at most this many slots."""
+
+
+def _fused_moe_masked(a1, a1_scale, w13, w2, w13_scale, w2_scale, topk_ids, topk_weights, scheme, out_dtype,
+                      masked_configs) -> torch.Tensor:  # fmt: skip
+    """The expert MLP of a few tokens through the masked layout (see the section comment)."""
+    from ep_runtime.kernels.masked_grouped_gemm import masked_moe
+
+    num_tokens, hidden = a1.shape
+    num_experts = w13.shape[0]
+    top_k = topk_ids.shape[1]
+    num_slots = num_tokens * top_k
+    if num_slots > MASKED_MAX_SLOTS:
+        raise ValueError(
+            f"the masked decode path takes at most {MASKED_MAX_SLOTS} slots (T*K), got {num_slots}"
+        )
+    dev = a1.device
+    ids = topk_ids.contiguous()
+    xm = torch.empty((num_experts, num_tokens, hidden), dtype=a1.dtype, device=dev)
+    groups = hidden // GROUP if a1_scale is not None else 0
+    xms = torch.empty((num_experts, num_tokens, max(groups, 1)), dtype=torch.float32, device=dev)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    pos = torch.empty(num_slots, dtype=torch.int32, device=dev)
+    xs = a1_scale if a1_scale is not None else counts
+    _scatter_rows_kernel[(num_slots,)](
+        a1, xs, ids, xm, xms, counts, pos, num_tokens, hidden, groups, a1.stride(0),
+        a1_scale.stride(0) if a1_scale is not None else 0, xm.stride(0), xm.stride(1), xms.stride(0), xms.stride(1),
+        E=num_experts, K=top_k, T_POW2=triton.next_power_of_2(num_tokens), K_POW2=triton.next_power_of_2(top_k),
+        E_POW2=triton.next_power_of_2(num_experts), BLOCK_D=1024, G_POW2=triton.next_power_of_2(max(groups, 1)),
+        HAS_SCALE=a1_scale is not None,
+    )  # fmt: skip
+    ym = masked_moe(xm, counts, w13, w2, scheme=scheme, x_scale=xms if a1_scale is not None else None,
+                    w13_scale=w13_scale, w2_scale=w2_scale, configs=masked_configs)  # fmt: skip
+    out = torch.empty((num_tokens, hidden), dtype=out_dtype, device=dev)
+    block_d = 1024
+    _combine_rows_kernel[(num_tokens, triton.cdiv(hidden, block_d))](
+        ym, ids, pos, topk_weights.contiguous(), out, hidden, ym.stride(0), ym.stride(1), out.stride(0),
+        E=num_experts, K=top_k, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
+
+
 def device_key(device: torch.device | None = None) -> str:
     """Table key of a CUDA device ('h200', 'h100-80gb-hbm3', ...) or 'cpu'."""
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
@@ -686,6 +843,14 @@ def get_config(
 
 
 def _check_config(config: dict[str, Any], scheme: str) -> None:
+    if isinstance(config, dict) and config.get("MASKED", False) not in (False, True):
+        raise ValueError(f"config['MASKED'] must be true or false, got {config['MASKED']!r}")
+    if isinstance(config, dict) and config.get("MASKED"):
+        if scheme not in ("bf16", "fp8_block"):
+            raise ValueError(
+                f"config MASKED (the masked decode path) is for 'bf16' and 'fp8_block', not {scheme!r}"
+            )
+        return
     if (
         not isinstance(config, dict)
         or "BLOCK_M" not in config
@@ -883,7 +1048,11 @@ def fused_moe(
             deterministic). False: per-slot outputs are rounded to out_dtype in `[T*K, D]`, then summed
             over K in fp32 and rounded once more. None: fused when K > 2.
         out_dtype: bfloat16 | float16 | float32.
-        config: block config (see `get_config`); None = tuned table / heuristic.
+        config: block config (see `get_config`); None = tuned table / heuristic. `{"MASKED": true}`
+            (optionally `"masked": [gate_up config, down config]` for `masked_moe`): decode through
+            the masked layout (bf16 and fp8_block; the top-k sum is then the unfused one). A table
+            bucket may hold such an entry (with the sorted-layout config it replaced as `"sorted"`,
+            used where the masked path cannot serve: fused_topk_sum=True, T*K > MASKED_MAX_SLOTS).
     Returns: `[T, D]` out_dtype. Rows whose slots are all skipped are exactly 0.
     The call never synchronises with the host.
     """
@@ -937,11 +1106,21 @@ def fused_moe(
         raise ValueError("x must be contiguous along its last dim")
 
     top_k = topk_ids.shape[1]
-    if fused_topk_sum is None:
-        fused_topk_sum = top_k > 2
     if config is None:
         config = get_config(num_tokens, top_k, num_experts, inter, hidden, scheme, dev)
+        if config.get("MASKED") and (fused_topk_sum is True or num_tokens * top_k > MASKED_MAX_SLOTS):
+            # a table bucket that decodes through the masked layout keeps the sorted-layout config
+            # it replaced, for calls the masked path cannot serve
+            config = config.get("sorted") or heuristic_config(num_tokens, top_k, num_experts, scheme)
+    explicit_fused = fused_topk_sum
+    if fused_topk_sum is None:
+        fused_topk_sum = top_k > 2
     _check_config(config, scheme)
+    if config.get("MASKED") and explicit_fused and top_k > 1:
+        raise ValueError(
+            "config MASKED (decode through the masked layout) sums the top-k outputs unfused; "
+            "pass fused_topk_sum=False or None with it"
+        )
     if num_tokens == 0 or top_k == 0:
         return torch.zeros((num_tokens, hidden), dtype=out_dtype, device=dev)
 
@@ -954,6 +1133,10 @@ def fused_moe(
         a1, a1_scale = x, x_scale
     else:
         a1, a1_scale = per_token_group_quant_fp8(x, GROUP)
+
+    if config.get("MASKED"):
+        return _fused_moe_masked(a1, a1_scale, w13, w2, w13_scale, w2_scale, topk_ids, topk_weights, scheme,
+                                 out_dtype, tuple(config.get("masked", (None, None))))  # fmt: skip
 
     block_m = int(config["BLOCK_M"])
     num_slots = num_tokens * top_k

@@ -15,10 +15,10 @@ from benchmarks import report
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _smoke(script: str, out_flag: str, out_dir: Path, what: str) -> dict:
+def _smoke(script: str, out_flag: str, out_dir: Path, what: str, *extra: str) -> dict:
     """Run `benchmarks/<script> --smoke` under the interpreter; return the JSON it wrote."""
     proc = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--smoke", out_flag, str(out_dir)],
+        [sys.executable, f"benchmarks/{script}", "--smoke", out_flag, str(out_dir), *extra],
         cwd=REPO,
         env=dict(os.environ, TRITON_INTERPRET="1"),
         capture_output=True,
@@ -31,8 +31,9 @@ def _smoke(script: str, out_flag: str, out_dir: Path, what: str) -> dict:
 
 
 def test_bench_fused_moe_smoke(tmp_path):
-    """Every scheme, both top-k sums, the torch per-expert baseline."""
-    doc = _smoke("bench_fused_moe.py", "--out", tmp_path, "fused_moe")
+    """Every scheme, both top-k sums, the torch per-expert baseline, and decode through the masked
+    layout (bf16, fp8_block) beside the sorted one."""
+    doc = _smoke("bench_fused_moe.py", "--out", tmp_path, "fused_moe", "--masked-decode")
     assert doc["device"] and doc["date"]
     rows = [r for r in doc["rows"] if "scheme" in r]
     assert {(r["scheme"], r["topk_sum"]) for r in rows} >= {
@@ -43,6 +44,8 @@ def test_bench_fused_moe_smoke(tmp_path):
     }
     # Against the bf16 torch loop on the unquantised weights: bf16 rounding only; fp8 e4m3 weights
     # and activations (~6% normwise); int4 weights with a scale per 128 channels (~21%).
+    assert {r["scheme"] for r in rows if r.get("path") == "masked"} == {"bf16", "fp8_block"}
+    assert all("vs_sorted" in r for r in rows if r.get("path") == "masked")
     bound = {"bf16": 2e-2, "fp8_block": 0.1, "w4a8": 0.3}
     for r in rows:
         assert r["us"] > 0 and r["torch_us"] > 0

@@ -211,6 +211,59 @@ def test_fp8_block_fp8_input(rng_seed):
     run_case(T=5, K=3, L=3, D=128, inter=256, scheme="fp8_block", fp8_input=True)
 
 
+MASKED_MLP = {
+    "MASKED": True,
+    "masked": [{"MLP": dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=32, num_warps=4)}, None],
+}
+
+
+@pytest.mark.parametrize(
+    "scheme,fp8_input,config",
+    [
+        ("bf16", False, {"MASKED": True}),
+        ("bf16", True, {"MASKED": True}),
+        ("bf16", False, MASKED_MLP),
+        ("fp8_block", False, {"MASKED": True}),
+        ("fp8_block", True, MASKED_MLP),
+    ],
+    ids=["bf16", "bf16-fp8x", "bf16-mlp", "fp8", "fp8-fp8x-mlp"],
+)
+def test_masked_decode_path(rng_seed, scheme, fp8_input, config):
+    """Decode through the masked layout (scatter, masked expert MLP, combine): -1 slots, a token with
+    no local expert (exactly 0), E not a power of two."""
+    D, inter = (72, 40) if scheme == "bf16" and not fp8_input else (256, 128)
+    run_case(T=6, K=3, L=5, D=D, inter=inter, scheme=scheme, fp8_input=fp8_input, config=config)
+
+
+def test_masked_decode_path_duplicate_experts_and_t1(rng_seed):
+    """A token that lists one expert twice gets it twice (both weights), through one row of the masked
+    layout; T = 1; against the sorted-layout path."""
+    L, inter, D = 4, 32, 64
+    w13, _, w2, _, w13_f, w2_f = make_weights(L, inter, D, "bf16")
+    ids = torch.tensor([[2, 0, 2], [1, 2, -1], [3, 3, 3]])
+    w = torch.rand(3, 3) + 0.1
+    x = torch.randn(3, D).bfloat16()
+    with poisoned_empty():
+        out = fm.fused_moe(x, w13, w2, ids, w, config={"MASKED": True})
+    ref = ref_moe(x, None, w13_f, w2_f, ids, w, "bf16")
+    assert rel_err(out, ref) < TOL["bf16"]
+    sorted_path = fm.fused_moe(x, w13, w2, ids, w, fused_topk_sum=False, config=tiny_config("bf16"))
+    torch.testing.assert_close(out, sorted_path, rtol=1e-2, atol=1e-2)
+    one = fm.fused_moe(x[:1], w13, w2, ids[:1], w[:1], config={"MASKED": True})
+    torch.testing.assert_close(one, out[:1], rtol=0, atol=0)
+
+
+def test_masked_decode_path_errors():
+    L, inter, D = 2, 32, 64
+    w13, _, w2, _, _, _ = make_weights(L, inter, D, "bf16")
+    ids, w = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3)
+    x = torch.randn(2, D).bfloat16()
+    with pytest.raises(ValueError, match="sums the top-k outputs unfused"):
+        fm.fused_moe(x, w13, w2, ids, w, fused_topk_sum=True, config={"MASKED": True})
+    with pytest.raises(ValueError, match="MASKED.*must be true or false"):
+        fm.fused_moe(x, w13, w2, ids, w, config={"MASKED": "yes"})
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_w4a8(rng_seed, fused):
     kw = dict(T=6, K=3, L=3, D=256, inter=128, scheme="w4a8", fused=fused, fp8_input=fused)
