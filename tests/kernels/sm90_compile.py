@@ -198,6 +198,15 @@ def cases():
                                         num_stages=4), mg.A_BF16, mg.B_BF16)  # fmt: skip
     yield _mlp_case("any", "fp8", dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=128, BLOCK_N2=128, num_warps=8,
                                        num_stages=3), mg.A_FP8G, mg.B_FP8_BLOCK)  # fmt: skip
+    # fused_moe's masked decode path: the row scatter (bf16 rows; fp8 rows with their group scales) and
+    # the top-k combine, at DeepSeek-V3 decode sizes
+    for fp8 in (False, True):
+        ptrs = dict(x_ptr="*fp8e4nv" if fp8 else "*bf16", xs_ptr="*fp32", ids_ptr="*i64",
+                    xm_ptr="*fp8e4nv" if fp8 else "*bf16", xms_ptr="*fp32", counts_ptr="*i32", pos_ptr="*i32")  # fmt: skip
+        ce = dict(E=256, K=8, T_POW2=32, K_POW2=8, E_POW2=256, BLOCK_D=1024, G_POW2=64, HAS_SCALE=fp8)
+        yield f"fused-masked-scatter-{'fp8' if fp8 else 'bf16'}", fm._scatter_rows_kernel, ptrs, ce, 4, 1
+    ptrs = dict(ym_ptr="*bf16", ids_ptr="*i64", pos_ptr="*i32", w_ptr="*fp32", out_ptr="*bf16")
+    yield "fused-masked-combine", fm._combine_rows_kernel, ptrs, dict(E=256, K=8, BLOCK_D=1024), 4, 1
     select_ptrs = dict(
         logits_ptr="*fp32", bias_ptr="*fp32", ids_ptr="*i64", weights_ptr="*fp32", scaling="fp32"
     )
@@ -224,6 +233,10 @@ def table_cases():
             scheme = next(s for s in fm.SCHEMES if skey.endswith("_" + s))
             sid = fm._SCHEME_ID[scheme]
             for cfg in buckets.values():
+                if cfg.get("MASKED"):  # decode through the masked layout: the sorted config kept beside it
+                    cfg = cfg.get("sorted")
+                    if cfg is None:
+                        continue
                 for stage in ("gate_up", "down"):
                     g = cfg[stage]
                     gate_up = stage == "gate_up"
