@@ -118,38 +118,16 @@ W4A8_SMALL = [
 ]
 
 
+def _mlp(n1: int, n2: int, warps: int, stages: int, per_sm: int = 2) -> dict:
+    """A one-launch MLP config: 16-row tiles for experts of at most 16 rows, 64-row tiles above."""
+    return dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=n1, BLOCK_N2=n2, num_warps=warps, num_stages=stages,
+                PROGRAMS_PER_SM=per_sm)  # fmt: skip
+
+
 MLP_CANDIDATES = {
-    "bf16": [
-        dict(
-            BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=2
-        ),
-        dict(
-            BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=64, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=2
-        ),
-        dict(
-            BLOCK_M=16,
-            BLOCK_M_BIG=64,
-            BLOCK_N1=64,
-            BLOCK_N2=128,
-            num_warps=8,
-            num_stages=3,
-            PROGRAMS_PER_SM=2,
-        ),
-        dict(
-            BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=4
-        ),
-    ],
-    "fp8_block": [  # gate_up columns are one 128-group (the intermediate is requantised per group)
-        dict(
-            BLOCK_M=16,
-            BLOCK_M_BIG=64,
-            BLOCK_N1=128,
-            BLOCK_N2=128,
-            num_warps=8,
-            num_stages=3,
-            PROGRAMS_PER_SM=2,
-        ),
-    ],
+    "bf16": [_mlp(32, 64, 4, 4), _mlp(64, 64, 4, 4), _mlp(64, 128, 8, 3), _mlp(32, 64, 4, 4, per_sm=4)],
+    # gate_up columns are one 128-group (the intermediate is requantised per group)
+    "fp8_block": [_mlp(128, 128, 8, 3)],
 }
 """Configs of the one-launch expert MLP (`masked_grouped_gemm._masked_mlp_kernel`) the tuner tries
 as the gated kind's `MLP` entry."""

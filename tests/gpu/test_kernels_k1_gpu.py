@@ -188,17 +188,24 @@ MLP_TILES = {
 }
 
 
+def _expert_weights(L: int, D: int, I: int, scheme: str) -> tuple[torch.Tensor, torch.Tensor, dict]:  # noqa: E741
+    """Random expert weights in `scheme`'s format and masked_moe's scheme/scale keywords."""
+    w13 = (torch.randn(L, 2 * I, D, device="cuda") * 0.02).to(torch.bfloat16)
+    w2 = (torch.randn(L, D, I, device="cuda") * 0.02).to(torch.bfloat16)
+    kw: dict = dict(scheme=scheme)
+    quantize = {"fp8_block": quantize_fp8_block, "w4a8": quantize_w4a8}.get(scheme)
+    if quantize is not None:
+        w13, kw["w13_scale"] = quantize(w13)
+        w2, kw["w2_scale"] = quantize(w2)
+    return w13, w2, kw
+
+
 @pytest.mark.parametrize("scheme", ["bf16", "fp8_block"])
 def test_masked_mlp_one_launch_in_a_cuda_graph(rng_seed, scheme):
     """The one-launch MLP replayed from a CUDA graph (as a decode step runs it) with new counts and
     inputs written into the captured buffers before each replay: right every time."""
     L, D, I, M = 8, 2048, 768, 128
-    w13 = (torch.randn(L, 2 * I, D, device="cuda") * 0.02).to(torch.bfloat16)
-    w2 = (torch.randn(L, D, I, device="cuda") * 0.02).to(torch.bfloat16)
-    kw: dict = dict(scheme=scheme)
-    if scheme == "fp8_block":
-        w13, kw["w13_scale"] = quantize_fp8_block(w13)
-        w2, kw["w2_scale"] = quantize_fp8_block(w2)
+    w13, w2, kw = _expert_weights(L, D, I, scheme)
     x = torch.randn(L, M, D, device="cuda").to(torch.bfloat16)
     counts = torch.full((L,), 3, dtype=torch.int32, device="cuda")
     cfg = ({"MLP": MLP_TILES[scheme][0]}, None)
@@ -233,15 +240,7 @@ def test_masked_moe_split_k_gpu(rng_seed, poisoned_empty, scheme, model):
     M = 256
     counts = torch.tensor(([0, 16, 1, 7, 3, 12, 16, 9] * 2)[:L], dtype=torch.int32, device="cuda")
     x = _poison_rows(torch.randn(L, M, D, device="cuda").to(torch.bfloat16), counts.cpu())
-    w13 = (torch.randn(L, 2 * I, D, device="cuda") * 0.02).to(torch.bfloat16)
-    w2 = (torch.randn(L, D, I, device="cuda") * 0.02).to(torch.bfloat16)
-    kw: dict = dict(scheme=scheme)
-    if scheme == "fp8_block":
-        w13, kw["w13_scale"] = quantize_fp8_block(w13)
-        w2, kw["w2_scale"] = quantize_fp8_block(w2)
-    elif scheme == "w4a8":
-        w13, kw["w13_scale"] = quantize_w4a8(w13)
-        w2, kw["w2_scale"] = quantize_w4a8(w2)
+    w13, w2, kw = _expert_weights(L, D, I, scheme)
     ref = masked_moe_reference(x, counts, w13, w2, **kw)
     small = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, MAX_ROWS=16)
     main = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
