@@ -125,20 +125,19 @@ def test_prefill_tiles_merged_gate_up(scheme, cfg):
 
 @pytest.mark.parametrize("scheme", ["bf16", "fp8_block"])
 @pytest.mark.parametrize(
-    "shape",
-    [(128, 7168, 2048, 8), (8, 4096, 14336, 2), (128, 2048, 768, 8)],
-    ids=["dsv3", "mixtral", "qwen3"],
+    "shape", [(32, 7168, 2048, 8), (8, 4096, 14336, 2), (128, 2048, 768, 8)], ids=["dsv3", "mixtral", "qwen3"]
 )
 @pytest.mark.parametrize("T", [1, 5, 32])
 def test_masked_decode_path_gpu(rng_seed, scheme, shape, T):
     """Decode through the masked layout (scatter, masked expert MLP with the device's table, combine)
     against the reference, -1 slots and a dead row included; then replayed from a CUDA graph with new
-    routing written into the captured buffers."""
+    routing written into the captured buffers. One weight set per case (the float32 reference copies
+    of DeepSeek-V3's experts are large: 128 of them ran an H100 out of memory)."""
     L, D, inter, K = shape
-    out = _case(T, K, L, D, inter, scheme, config={"MASKED": True})
-    assert out.dtype == torch.bfloat16
     w13, s13, w2, s2, w13_f, w2_f = make_weights(L, inter, D, scheme, device=DEV, std=0.02)
     ids, w = random_routing(T, K, L, device=DEV, skip_frac=0.1)
+    if T > 1:
+        ids[T // 2] = -1
     x = torch.randn(T, D, device=DEV).bfloat16()
 
     def call():
@@ -146,6 +145,10 @@ def test_masked_decode_path_gpu(rng_seed, scheme, shape, T):
             x, w13, w2, ids, w, scheme=scheme, w13_scale=s13, w2_scale=s2, config={"MASKED": True}
         )
 
+    out = call()
+    assert out.shape == (T, D) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_err(out, ref_moe(x, None, w13_f, w2_f, ids, w, scheme)) < TOL[scheme]
+    assert (out[(ids < 0).all(1)] == 0).all()
     graph, out = capture_graph(call)
     for _ in range(2):
         new_ids, new_w = random_routing(T, K, L, device=DEV, skip_frac=0.1)
