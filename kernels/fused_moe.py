@@ -658,10 +658,9 @@ def _scatter_rows_kernel(
     valid = (e >= 0) & (e < E)
     picked = tl.max(((ids == e) & mask2).to(tl.int32), axis=1)  # [T_POW2]: token picked e
     r = tl.sum(tl.where(offs_t < t, picked, 0), axis=0)
-    mine = tl.sum(
-        tl.where(offs_t == t, 1, 0)[:, None] * tl.where((ids == e) & (offs_k[None, :] < k), 1, 0), axis=1
-    )
-    first = tl.sum(mine, axis=0) == 0  # no earlier slot of this token picked e
+    # first: no earlier slot of this token picked e
+    earlier = (ids == e) & (offs_t[:, None] == t) & (offs_k[None, :] < k)
+    first = tl.sum(tl.sum(earlier.to(tl.int32), axis=1), axis=0) == 0
     tl.store(pos_ptr + s, tl.where(valid, r, -1))
     if valid & first:
         dst = xm_ptr + e.to(tl.int64) * stride_ml + r.to(tl.int64) * stride_mm
@@ -738,9 +737,10 @@ def _fused_moe_masked(a1, a1_scale, w13, w2, w13_scale, w2_scale, topk_ids, topk
     ids = topk_ids.contiguous()
     xm = torch.empty((num_experts, num_tokens, hidden), dtype=a1.dtype, device=dev)
     groups = hidden // GROUP if a1_scale is not None else 0
-    xms = torch.empty((num_experts, num_tokens, max(groups, 1)), dtype=torch.float32, device=dev)
     counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     pos = torch.empty(num_slots, dtype=torch.int32, device=dev)
+    # scale rows follow the token rows for fp8 activations; otherwise a placeholder, never read
+    xms = torch.empty((num_experts, num_tokens, max(groups, 1)), dtype=torch.float32, device=dev)
     xs = a1_scale if a1_scale is not None else counts
     _scatter_rows_kernel[(num_slots,)](
         a1, xs, ids, xm, xms, counts, pos, num_tokens, hidden, groups, a1.stride(0),
@@ -843,9 +843,10 @@ def get_config(
 
 
 def _check_config(config: dict[str, Any], scheme: str) -> None:
-    if isinstance(config, dict) and config.get("MASKED", False) not in (False, True):
-        raise ValueError(f"config['MASKED'] must be true or false, got {config['MASKED']!r}")
-    if isinstance(config, dict) and config.get("MASKED"):
+    masked = config.get("MASKED", False) if isinstance(config, dict) else False
+    if masked not in (False, True):
+        raise ValueError(f"config['MASKED'] must be true or false, got {masked!r}")
+    if masked:
         if scheme not in ("bf16", "fp8_block"):
             raise ValueError(
                 f"config MASKED (the masked decode path) is for 'bf16' and 'fp8_block', not {scheme!r}"

@@ -272,7 +272,7 @@ def _masked_store(acc, acc_up, out_ptr, out_scale_ptr, e, pid_n, offs_m, mask_m,
 # A decode step's expert MLP is two short GEMMs; as two launches each pays its own start, ramp and
 # tail, and the down GEMM cannot start until the last gate_up tile is done. Here a grid of a few
 # programs per SM takes work items from a device-side queue (an atomic ticket): first every gate_up
-# tile (expert-major: expert, m-block, n-block), then every down tile. The item list is built on the
+# tile (in (expert, n-block, m-block) order), then every down tile. The item list is built on the
 # device from counts (no host sync, nothing launched for empty experts or rows). A down tile of
 # expert e waits until all of e's gate_up tiles are done (a per-expert counter, release/acquire);
 # since every gate_up ticket is handed out before any down ticket and gate_up tiles never wait, a
@@ -330,7 +330,6 @@ def _masked_mlp_kernel(
     # meta
     A_MODE: tl.constexpr,
     H_MODE: tl.constexpr,
-    A2_MODE: tl.constexpr,
     B_MODE: tl.constexpr,
     B_SCALE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -345,8 +344,8 @@ def _masked_mlp_kernel(
     """out[e, rows] = down(silu(gate) * up)(x[e, rows]) for the valid rows of every expert, gate_up
     into `h` (bf16, or fp8 + per-token-group scales when H_MODE == OUT_FP8G) and down from it, in
     one launch (see the section comment). sched: int32 [2 + L] (ticket, programs finished, gate_up
-    tiles done per expert), zero on entry and left zero. A2_MODE: how the down GEMM reads h (A_BF16,
-    or A_FP8G after OUT_FP8G)."""
+    tiles done per expert), zero on entry and left zero."""
+    A2_MODE: tl.constexpr = 2 if H_MODE == 1 else 0  # the down GEMM reads h as A_FP8G after OUT_FP8G
     offs_e = tl.arange(0, L_POW2)
     cnt = tl.minimum(tl.load(counts_ptr + offs_e, mask=offs_e < L, other=0), M)
     # experts with more than BLOCK_M rows take BLOCK_M_BIG-row tiles (the same in one-regime configs)
@@ -811,6 +810,12 @@ def _effective_config(cfg: dict[str, int], a_mode: int, b_mode: int, out_mode: i
     return cfg
 
 
+def _optional(t: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """An optional 3-d operand (scales) as a kernel takes it: the tensor and its strides, or a
+    placeholder pointer (never dereferenced: its mode is off) and zero strides."""
+    return (t, t.stride()) if t is not None else (dummy, (0, 0, 0))
+
+
 MLP_KEYS = ("BLOCK_M", "BLOCK_N1", "BLOCK_N2", "num_warps")
 
 
@@ -830,16 +835,13 @@ def _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h, h_scale, out, count
     bn1 = GROUP if h_mode == OUT_FP8G else cfg["BLOCK_N1"]
     programs = 3 if _INTERPRET else int(cfg.get("PROGRAMS_PER_SM", 2)) * sm_count(x.device.index or 0)
     sched = schedule_counters(x.device, 2 + L)
-    dummy = counts
-    xs, gs, hs, ds = (t if t is not None else dummy for t in (x_scale, w13_scale, h_scale, w2_scale))
-    zero3 = (0, 0, 0)
+    (xs, xs_st), (gs, gs_st), (hs, hs_st), (ds, ds_st) = (
+        _optional(t, counts) for t in (x_scale, w13_scale, h_scale, w2_scale)
+    )
     _masked_mlp_kernel[(programs,)](
-        x, xs, w13, gs, h, hs, w2, ds, out, counts, sched, L, M, D, I,
-        *x.stride(), *(x_scale.stride() if x_scale is not None else zero3), *w13.stride(),
-        *(w13_scale.stride() if w13_scale is not None else zero3), *h.stride(),
-        *(h_scale.stride() if h_scale is not None else zero3), *w2.stride(),
-        *(w2_scale.stride() if w2_scale is not None else zero3), *out.stride(),
-        A_MODE=a_mode, H_MODE=h_mode, A2_MODE=A_FP8G if h_mode == OUT_FP8G else A_BF16, B_MODE=b_mode,
+        x, xs, w13, gs, h, hs, w2, ds, out, counts, sched, L, M, D, I, *x.stride(), *xs_st, *w13.stride(),
+        *gs_st, *h.stride(), *hs_st, *w2.stride(), *ds_st, *out.stride(),
+        A_MODE=a_mode, H_MODE=h_mode, B_MODE=b_mode,
         B_SCALE_ROWS=GROUP if b_mode == B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_M_BIG=cfg.get("BLOCK_M_BIG", cfg["BLOCK_M"]), BLOCK_N1=bn1,
         BLOCK_N2=cfg["BLOCK_N2"], BLOCK_K=GROUP, GROUP_K=GROUP, L_POW2=triton.next_power_of_2(L),
@@ -954,12 +956,9 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
             L * n_blocks * split * (2 if gated else 1) * bm * bn, dtype=torch.float32, device=a.device
         )
         counters = arrival_counters(a.device, L * n_blocks)
-    a_s = a_scale if a_scale is not None else dummy
-    b_s = b_scale if b_scale is not None else dummy
-    o_s = out_scale if out_scale is not None else dummy
-    a_s_strides = a_scale.stride() if a_scale is not None else (0, 0, 0)
-    b_s_strides = b_scale.stride() if b_scale is not None else (0, 0, 0)
-    o_s_strides = out_scale.stride() if out_scale is not None else (0, 0, 0)
+    (a_s, a_s_strides), (b_s, b_s_strides), (o_s, o_s_strides) = (
+        _optional(t, dummy) for t in (a_scale, b_scale, out_scale)
+    )
     warps = cfg.get("num_warps", 4)
     grid = (grid_m, n_blocks * split, L)
     if a_mode == A_FP16_QT:

@@ -114,8 +114,6 @@ def for_device(what: str, load: Callable[[str], Mapping[str, Any]], path: str, i
 @functools.lru_cache(maxsize=16)
 def sm_count(index: int) -> int:
     """Streaming multiprocessors of CUDA device `index` (the kernels' grid heuristics)."""
-    import torch
-
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 

@@ -310,7 +310,7 @@ def table_cases():
 def _mlp_case(dev, kind, mlp, a_mode, b_mode):
     """The one-launch MLP of a table entry (`masked_grouped_gemm._launch_mlp`)."""
     fp8 = b_mode == mg.B_FP8_BLOCK
-    ce = dict(A_MODE=a_mode, H_MODE=mg.OUT_FP8G if fp8 else mg.OUT_PLAIN, A2_MODE=mg.A_FP8G if fp8 else mg.A_BF16,
+    ce = dict(A_MODE=a_mode, H_MODE=mg.OUT_FP8G if fp8 else mg.OUT_PLAIN,
               B_MODE=b_mode, B_SCALE_ROWS=mg.GROUP if fp8 else 1, BLOCK_M=mlp["BLOCK_M"],
               BLOCK_M_BIG=mlp.get("BLOCK_M_BIG", mlp["BLOCK_M"]),
               BLOCK_N1=mg.GROUP if fp8 else mlp["BLOCK_N1"], BLOCK_N2=mlp["BLOCK_N2"], BLOCK_K=mg.GROUP,
