@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -158,7 +159,8 @@ def main() -> None:
         print("interrupted: writing what was measured")
     rows_ok = [r for r in rows if "error" not in r]
 
-    cols = ["model", "T", "cublas_us", "auto_us", "triton_heur_us", "serial_heur_us"]
+    cols = ["model", "T", "cublas_us", "auto_us", "loop_cublas_us", "loop_auto_us", "triton_heur_us"]
+    cols += ["serial_heur_us"]
     cols += ["graph_cublas_us", "graph_auto_us", "graph_atomic_heur_us", "graph_serial_heur_us"]
     cols += ["graph_accumulate_heur_us"]
     cols += ["triton_best_us"] if args.tune else []
@@ -169,7 +171,9 @@ def main() -> None:
         "rows": rows,
         "tuned": bool(args.tune),
         "timing": "*_us: eager calls, triton do_bench median (best of two); graph_*_us: per call, CUDA-graph "
-        "replay of 20 back-to-back calls, do_bench median / 20",
+        "replay of 20 back-to-back calls, do_bench median / 20; loop_*_us: wall time per call of 2000 "
+        "back-to-back eager calls without a cache flush (the host's cost per call, or the GPU's time where "
+        "larger), best of three",
     }
     if args.tune:
         path = Path(args.table)
@@ -186,6 +190,7 @@ def main() -> None:
             # re-measure the dispatcher with the new table (the table must never lose to cuBLAS)
             rg.load_table.cache_clear()
             tables.for_device.cache_clear()  # the launchers' per-device lookup: rows below use the new table
+            rg._select.cache_clear()
             try:
                 for row in rows_ok:
                     w = (torch.randn(row["E"], row["D"], device=dev) * 0.02).to(torch.bfloat16)
@@ -242,6 +247,8 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
         auto_us=t_auto,
         triton_heur_us=t_heur,
         serial_heur_us=t_serial,
+        loop_cublas_us=loop_us(lambda: rg.router_gemm(x, w, impl="cublas")),
+        loop_auto_us=loop_us(lambda: rg.router_gemm(x, w, impl="auto")),
     )
     if T <= 64:
         # Launch overhead dominates at ~1 us of HBM time: the same calls replayed from a CUDA graph
@@ -309,6 +316,21 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
         + (f" tuned {best_t:.2f} {best_cfg}" if tune else "")
     )
     return row, bucket
+
+
+def loop_us(fn, calls: int = 2000) -> float:
+    """Wall time per call of `calls` back-to-back eager calls with no flush between them (the host's
+    cost per call, or the GPU's time where that is larger): best of three."""
+    best = float("inf")
+    for _ in range(3):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
 
 
 def _graph_us(fn, replays: int = 20, tries: int = 2, rep: int = 30) -> float:

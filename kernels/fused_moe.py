@@ -35,13 +35,14 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ep_runtime.kernels.launch import FastLaunch
 from ep_runtime.kernels.quant import (
     FP8_DTYPE,
     int4_to_e4m3,
     per_token_group_dequant_fp8,
     per_token_group_quant_fp8,
 )
-from ep_runtime.kernels.tables import for_device, normalise
+from ep_runtime.kernels.tables import cdiv, for_device, next_pow2, normalise
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -61,7 +62,7 @@ def align_buffer_size(num_slots: int, block_m: int, num_experts: int) -> int:
     """Worst-case length of `sorted_token_ids` for `num_slots = T*K` slots: each non-empty expert
     (at most min(E, T*K) of them) pads by at most block_m - 1; rounded up to a multiple of block_m."""
     worst = num_slots + min(num_experts, num_slots) * (block_m - 1)
-    return triton.cdiv(worst, block_m) * block_m
+    return cdiv(worst, block_m) * block_m
 
 
 @triton.jit
@@ -142,6 +143,9 @@ def _moe_align_kernel(
             )
 
 
+_moe_align_launch = FastLaunch(_moe_align_kernel)
+
+
 def _check_align_args(topk_ids, block_m, num_experts, expert_map) -> None:
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
         raise ValueError(
@@ -200,7 +204,8 @@ def moe_align_block_size(
     sorted_ids = torch.empty(size, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(size // block_m, dtype=torch.int32, device=dev)
     num_post = torch.empty(1, dtype=torch.int32, device=dev)
-    _moe_align_kernel[(num_experts,)](
+    _moe_align_launch(
+        (num_experts,),
         ids,
         expert_map if expert_map is not None else ids,
         sorted_ids,
@@ -211,7 +216,7 @@ def moe_align_block_size(
         size,
         HAS_MAP=expert_map is not None,
         BLOCK_M=block_m,
-        NUM_BINS=triton.next_power_of_2(num_experts + 1),
+        NUM_BINS=next_pow2(num_experts + 1),
         # Every program scans all slots twice: wider chunks (and warps) mean fewer dependent steps
         # for prefill-size T*K.
         CHUNK=4096 if num_slots > 4096 else 1024,
@@ -504,6 +509,9 @@ def _fused_moe_gemm_kernel(
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+_fused_moe_gemm_launch = FastLaunch(_fused_moe_gemm_kernel)
+
+
 @triton.jit
 def _gather_rows_kernel(
     src_ptr,
@@ -552,6 +560,9 @@ def _gather_rows_kernel(
             tl.store(dst_s, sc, mask=mg)
 
 
+_gather_rows_launch = FastLaunch(_gather_rows_kernel)
+
+
 def gather_sorted_rows(
     a: torch.Tensor,
     a_scale: torch.Tensor | None,
@@ -568,10 +579,11 @@ def gather_sorted_rows(
     out = torch.empty((size, hidden), dtype=a.dtype, device=a.device)
     groups = a_scale.shape[1] if a_scale is not None else 0
     out_scale = None if a_scale is None else torch.empty((size, groups), dtype=a_scale.dtype, device=a.device)
-    block_d = min(1024, triton.next_power_of_2(hidden))
+    block_d = min(1024, next_pow2(hidden))
     block_r = 16
-    grid = (triton.cdiv(size, block_r), triton.cdiv(hidden, block_d))
-    _gather_rows_kernel[grid](
+    grid = (cdiv(size, block_r), cdiv(hidden, block_d))
+    _gather_rows_launch(
+        grid,
         a,
         a_scale if a_scale is not None else a,
         out,
@@ -590,7 +602,7 @@ def gather_sorted_rows(
         HAS_SCALE=a_scale is not None,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
-        BLOCK_G=triton.next_power_of_2(max(groups, 1)),
+        BLOCK_G=next_pow2(max(groups, 1)),
     )
     return out, out_scale
 
@@ -683,6 +695,9 @@ def _scatter_rows_kernel(
         tl.store(counts_ptr + offs_e, cnt, mask=offs_e < E)
 
 
+_scatter_rows_launch = FastLaunch(_scatter_rows_kernel)
+
+
 @triton.jit
 def _combine_rows_kernel(
     ym_ptr,
@@ -716,6 +731,9 @@ def _combine_rows_kernel(
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
+_combine_rows_launch = FastLaunch(_combine_rows_kernel)
+
+
 MASKED_MAX_SLOTS = 512
 """The masked decode path scans all T*K slot ids per program: at most this many slots."""
 
@@ -742,18 +760,20 @@ def _fused_moe_masked(a1, a1_scale, w13, w2, w13_scale, w2_scale, topk_ids, topk
     # scale rows follow the token rows for fp8 activations; otherwise a placeholder, never read
     xms = torch.empty((num_experts, num_tokens, max(groups, 1)), dtype=torch.float32, device=dev)
     xs = a1_scale if a1_scale is not None else counts
-    _scatter_rows_kernel[(num_slots,)](
+    _scatter_rows_launch(
+        (num_slots,),
         a1, xs, ids, xm, xms, counts, pos, num_tokens, hidden, groups, a1.stride(0),
         a1_scale.stride(0) if a1_scale is not None else 0, xm.stride(0), xm.stride(1), xms.stride(0), xms.stride(1),
-        E=num_experts, K=top_k, T_POW2=triton.next_power_of_2(num_tokens), K_POW2=triton.next_power_of_2(top_k),
-        E_POW2=triton.next_power_of_2(num_experts), BLOCK_D=1024, G_POW2=triton.next_power_of_2(max(groups, 1)),
+        E=num_experts, K=top_k, T_POW2=next_pow2(num_tokens), K_POW2=next_pow2(top_k),
+        E_POW2=next_pow2(num_experts), BLOCK_D=1024, G_POW2=next_pow2(max(groups, 1)),
         HAS_SCALE=a1_scale is not None,
     )  # fmt: skip
     ym = masked_moe(xm, counts, w13, w2, scheme=scheme, x_scale=xms if a1_scale is not None else None,
                     w13_scale=w13_scale, w2_scale=w2_scale, configs=masked_configs)  # fmt: skip
     out = torch.empty((num_tokens, hidden), dtype=out_dtype, device=dev)
     block_d = 1024
-    _combine_rows_kernel[(num_tokens, triton.cdiv(hidden, block_d))](
+    _combine_rows_launch(
+        (num_tokens, cdiv(hidden, block_d)),
         ym, ids, pos, topk_weights.contiguous(), out, hidden, ym.stride(0), ym.stride(1), out.stride(0),
         E=num_experts, K=top_k, BLOCK_D=block_d,
     )  # fmt: skip
@@ -917,7 +937,7 @@ def _launch_gemm(
 ):
     sorted_ids, expert_ids, num_post = align
     num_pid_m = sorted_ids.shape[0] // block_m
-    grid = (num_pid_m * triton.cdiv(n, cfg["BLOCK_N"]),)
+    grid = (num_pid_m * cdiv(n, cfg["BLOCK_N"]),)
     sid = _SCHEME_ID[scheme]
     b_desc = a_desc = None
     if cfg.get("TMA", False):
@@ -934,7 +954,8 @@ def _launch_gemm(
     else:
         s_a = a_scale.stride()
         s_b = b_scale.stride()
-    _fused_moe_gemm_kernel[grid](
+    _fused_moe_gemm_launch(
+        grid,
         a,
         b,
         c,
@@ -1006,7 +1027,7 @@ def _check_weights(name, w, scale, scheme, num_experts, rows, cols, device) -> N
     if scale is None:
         raise ValueError(f"{name}_scale is required for scheme {scheme!r}")
     if scheme == "fp8_block":
-        want = (num_experts, triton.cdiv(rows, GROUP), triton.cdiv(cols, GROUP))
+        want = (num_experts, cdiv(rows, GROUP), cdiv(cols, GROUP))
     else:
         want = (num_experts, rows, cols // GROUP)
     if tuple(scale.shape) != want or scale.dtype != torch.float32:

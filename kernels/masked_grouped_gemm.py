@@ -41,8 +41,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastLaunch
 from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, _scales_empty, e4m3_scale, int4_to_fp16_pair, to_e4m3_grid
-from .tables import arrival_counters, for_device, k_splits, schedule_counters, sm_count, split_k_reduce
+from .tables import (
+    arrival_counters,
+    cdiv,
+    for_device,
+    k_splits,
+    next_pow2,
+    schedule_counters,
+    sm_count,
+    split_k_reduce,
+)
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -166,6 +176,9 @@ def _masked_gemm_kernel(
             mask_m = tl.where(last, mask_m, False)  # (`&` with the scalar trips the interpreter)
         _masked_store(acc, acc_up, out_ptr, out_scale_ptr, e, pid_n, offs_m, mask_m, offs_n, mask_n, stride_ol,
                       stride_om, stride_on, stride_osl, stride_osm, stride_osn, OUT_MODE, GATED, UPCAST)  # fmt: skip
+
+
+_masked_gemm_launch = FastLaunch(_masked_gemm_kernel)
 
 
 @triton.jit
@@ -417,6 +430,9 @@ def _masked_mlp_kernel(
         tl.atomic_xchg(sched_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
+_masked_mlp_launch = FastLaunch(_masked_mlp_kernel)
+
+
 @triton.jit
 def _mlp_gate_up_tile(x_ptr, x_scale_ptr, w13_ptr, w13_scale_ptr, h_ptr, h_scale_ptr, e, pid_m, pid_n, count, D, inter,
                       stride_xl, stride_xm, stride_xk, stride_xsl, stride_xsm, stride_xsk, stride_gl, stride_gn,
@@ -656,6 +672,9 @@ def _masked_w4a8_kernel(
             tl.atomic_max(amax_out_ptr, block_amax, sem="relaxed")
 
 
+_masked_w4a8_launch = FastLaunch(_masked_w4a8_kernel)
+
+
 @triton.jit
 def _masked_tensor_quant_kernel(
     x_ptr,
@@ -692,6 +711,9 @@ def _masked_tensor_quant_kernel(
         tl.store(q_base + offs_m[:, None] * stride_qm + dst[None, :] * stride_qk, q.to(tl.float16), mask=mask)
 
 
+_masked_tensor_quant_launch = FastLaunch(_masked_tensor_quant_kernel)
+
+
 @triton.jit
 def _masked_amax_kernel(
     x_ptr,
@@ -723,6 +745,9 @@ def _masked_amax_kernel(
         v = tl.load(base + offs_m[:, None] * stride_xm, mask=mask, other=0.0)
         run = tl.maximum(run, tl.abs(v.to(tl.float32)))
     tl.atomic_max(amax_ptr, tl.max(tl.max(run, axis=1), axis=0), sem="relaxed")
+
+
+_masked_amax_launch = FastLaunch(_masked_amax_kernel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -838,13 +863,14 @@ def _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h, h_scale, out, count
     (xs, xs_st), (gs, gs_st), (hs, hs_st), (ds, ds_st) = (
         _optional(t, counts) for t in (x_scale, w13_scale, h_scale, w2_scale)
     )
-    _masked_mlp_kernel[(programs,)](
+    _masked_mlp_launch(
+        (programs,),
         x, xs, w13, gs, h, hs, w2, ds, out, counts, sched, L, M, D, I, *x.stride(), *xs_st, *w13.stride(),
         *gs_st, *h.stride(), *hs_st, *w2.stride(), *ds_st, *out.stride(),
         A_MODE=a_mode, H_MODE=h_mode, B_MODE=b_mode,
         B_SCALE_ROWS=GROUP if b_mode == B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_M_BIG=cfg.get("BLOCK_M_BIG", cfg["BLOCK_M"]), BLOCK_N1=bn1,
-        BLOCK_N2=cfg["BLOCK_N2"], BLOCK_K=GROUP, GROUP_K=GROUP, L_POW2=triton.next_power_of_2(L),
+        BLOCK_N2=cfg["BLOCK_N2"], BLOCK_K=GROUP, GROUP_K=GROUP, L_POW2=next_pow2(L),
         UPCAST=_INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )  # fmt: skip
 
@@ -918,11 +944,11 @@ def _split_plan(cfg: dict[str, Any], K: int, rows: int, tiles: int, num_sms: int
     (96-192 tiles, but only 16 K blocks) 15-20%. At most one split per K block; empty splits dropped. An
     explicit SPLIT_K > 1 on a launch of more rows than BLOCK_M is an error."""
     block_k = cfg["BLOCK_K"]
-    k_tiles = triton.cdiv(K, block_k)
+    k_tiles = cdiv(K, block_k)
     if "SPLIT_K" in cfg:
         split = int(cfg["SPLIT_K"])
     elif rows <= cfg["BLOCK_M"] and tiles < num_sms:
-        split = min(triton.cdiv(SPLIT_TARGET_CTAS * num_sms, max(tiles, 1)), k_tiles // SPLIT_MIN_TILES)
+        split = min(cdiv(SPLIT_TARGET_CTAS * num_sms, max(tiles, 1)), k_tiles // SPLIT_MIN_TILES)
     else:
         split = 1
     split = max(1, min(split, k_tiles))
@@ -938,15 +964,15 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
                 up_offset, amax_in, amax_out, cfg, min_rows, max_rows) -> None:  # fmt: skip
     L, M = a.shape[0], a.shape[1]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    n_blocks = triton.cdiv(N, bn)
+    n_blocks = cdiv(N, bn)
     num_sms = sm_count(a.device.index or 0) if a.is_cuda else 8
     # m-lanes per (expert, n-block): lanes past the valid blocks exit at once, but each still
     # costs a CTA launch; GRID_M in the config caps them (1 = one lane walks all valid blocks)
-    lanes = cfg.get("GRID_M") or max(4, triton.cdiv(2 * num_sms, max(L * n_blocks, 1)))
+    lanes = cfg.get("GRID_M") or max(4, cdiv(2 * num_sms, max(L * n_blocks, 1)))
     # a launch whose experts have at most BLOCK_M rows (a SMALL tile's launch, or a capacity within
     # one block) has one m-block per expert: a second lane could only exit (H200, Qwen3-30B-A3B decode:
     # an empty gate_up launch pair cost 4.9 us, mostly programs that exit at once)
-    grid_m = 1 if min(M, max_rows) <= bm else min(triton.cdiv(M, bm), lanes)
+    grid_m = 1 if min(M, max_rows) <= bm else min(cdiv(M, bm), lanes)
     dummy = counts  # placeholder pointer for unused operands (never dereferenced)
     split, split_tiles = _split_plan(cfg, K, min(M, max_rows), L * n_blocks, num_sms)
     ws = counters = dummy
@@ -962,7 +988,8 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
     warps = cfg.get("num_warps", 4)
     grid = (grid_m, n_blocks * split, L)
     if a_mode == A_FP16_QT:
-        _masked_w4a8_kernel[grid](
+        _masked_w4a8_launch(
+            grid,
             a, b, b_scale, out, counts, amax_in, amax_out if amax_out is not None else dummy, ws, counters,
             M, N, K, up_offset, min_rows, max_rows, split_tiles, *a.stride(), *b.stride(), *b_scale.stride(),
             *out.stride(), OUT_MODE=out_mode, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, WARPS=warps,
@@ -970,7 +997,8 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
             num_stages=cfg.get("num_stages", 3),
         )  # fmt: skip
         return
-    _masked_gemm_kernel[grid](
+    _masked_gemm_launch(
+        grid,
         a, a_s, b, b_s, out, o_s, counts, ws, counters, M, N, K, up_offset, min_rows, max_rows, split_tiles,
         *a.stride(), *a_s_strides, *b.stride(), *b_s_strides, *out.stride(), *o_s_strides,
         A_MODE=a_mode, B_MODE=b_mode, OUT_MODE=out_mode, GATED=gated,
@@ -1026,6 +1054,9 @@ def _masked_group_quant_kernel(
         tl.store(s_base + offs_m * stride_sm, scale, mask=mask)
 
 
+_masked_group_quant_launch = FastLaunch(_masked_group_quant_kernel)
+
+
 def _masked_group_quant(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 x [L, M, D] -> (e4m3 [L, M, D], fp32 scales [L, M, D/128] column-major, as DeepEP's
     low-latency FP8 dispatch delivers them), valid rows only (the rest is left unwritten).
@@ -1038,7 +1069,8 @@ def _masked_group_quant(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Te
     q = torch.empty((L, M, D), dtype=FP8_DTYPE, device=x.device)
     scales = _scales_empty((L, M), D // GROUP, True, x.device)  # column-major, as DeepEP delivers
     if L and M and D:
-        _masked_group_quant_kernel[(D // GROUP, L)](
+        _masked_group_quant_launch(
+            (D // GROUP, L),
             x, q, scales, counts, M, *x.stride(), *q.stride(), *scales.stride(),
             EPS=SCALE_EPS, FMAX=FP8_MAX, BLOCK_M=32, GROUP_SIZE=GROUP, num_warps=4,
         )  # fmt: skip
@@ -1055,8 +1087,8 @@ def _masked_tensor_quant(x: torch.Tensor, counts: torch.Tensor, amax: torch.Tens
     L, M, K = x.shape
     q = torch.empty((L, M, K), dtype=torch.float16, device=x.device)
     if L and M and K:
-        _masked_tensor_quant_kernel[(K // GROUP, L)](
-            x, q, counts, amax, M, *x.stride(), *q.stride(), BLOCK_M=32, num_warps=4
+        _masked_tensor_quant_launch(
+            (K // GROUP, L), x, q, counts, amax, M, *x.stride(), *q.stride(), BLOCK_M=32, num_warps=4
         )
     return q
 
@@ -1066,8 +1098,8 @@ def _masked_amax(x: torch.Tensor, counts: torch.Tensor, amax: torch.Tensor) -> N
     if L == 0 or M == 0 or D == 0:
         return
     bm, bd = 8, 512
-    grid = (triton.cdiv(D, bd), L, min(triton.cdiv(M, bm), 4))
-    _masked_amax_kernel[grid](x, counts, amax, M, D, *x.stride(), BLOCK_M=bm, BLOCK_D=bd, num_warps=4)
+    grid = (cdiv(D, bd), L, min(cdiv(M, bm), 4))
+    _masked_amax_launch(grid, x, counts, amax, M, D, *x.stride(), BLOCK_M=bm, BLOCK_D=bd, num_warps=4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1157,7 +1189,7 @@ def masked_grouped_gemm(
     if a.dtype == FP8_DTYPE:
         _check_group_scale("a_scale", a_scale, (L, M, K // GROUP))
     if b.dtype == FP8_DTYPE:
-        _check_group_scale("b_scale", b_scale, (L, triton.cdiv(N, GROUP), K // GROUP))
+        _check_group_scale("b_scale", b_scale, (L, cdiv(N, GROUP), K // GROUP))
     if a.dtype != FP8_DTYPE and b.dtype == FP8_DTYPE:
         a, a_scale = _masked_group_quant(a, counts)  # bf16 a for fp8 b: quantised per token group first
     if a.dtype == FP8_DTYPE:

@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastLaunch
+from .tables import next_pow2
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 """Largest finite float8_e4m3fn value."""
@@ -177,6 +180,9 @@ def _per_token_group_quant_fp8_kernel(
     tl.store(scale_ptr + outer * stride_s_outer + inner * stride_s_row + group * stride_s_group, scale)
 
 
+_per_token_group_quant_fp8_launch = FastLaunch(_per_token_group_quant_fp8_kernel)
+
+
 def _scales_empty(lead: tuple[int, ...], num_groups: int, column_major: bool, device) -> torch.Tensor:
     if column_major:
         shape_t = (*lead[:-1], num_groups, lead[-1])
@@ -206,7 +212,8 @@ def _per_token_group_quant_fp8_triton(
     else:
         stride_outer, stride_row, stride_group = s3.stride()
     grid = (num_rows, num_groups)
-    _per_token_group_quant_fp8_kernel[grid](
+    _per_token_group_quant_fp8_launch(
+        grid,
         x,
         x_q,
         scales,
@@ -216,7 +223,7 @@ def _per_token_group_quant_fp8_triton(
         stride_row,
         stride_group,
         GROUP_SIZE=group_size,
-        BLOCK=triton.next_power_of_2(group_size),
+        BLOCK=next_pow2(group_size),
         EPS=SCALE_EPS,
         FMAX=FP8_MAX,
     )

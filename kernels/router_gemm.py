@@ -35,8 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastLaunch
 from .tables import (
     arrival_counters,
+    cdiv,
     for_device,
     k_splits,
     sm_count,
@@ -175,6 +177,9 @@ def _router_gemv_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_e[None, :])
 
 
+_GEMV = FastLaunch(_router_gemv_kernel)
+_SPLITK = FastLaunch(_router_gemm_kernel)
+
 # --------------------------------------------------------------------------------------------------
 # Config selection
 # --------------------------------------------------------------------------------------------------
@@ -196,8 +201,8 @@ def heuristic_config(T: int, D: int, E: int, num_sms: int = 132) -> dict[str, in
     block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
     block_e = 32 if E >= 32 else 16
     block_k = 256 if D >= 2048 else 128
-    k_tiles = triton.cdiv(D, block_k)
-    tiles = triton.cdiv(E, block_e) * triton.cdiv(max(T, 1), block_t)
+    k_tiles = cdiv(D, block_k)
+    tiles = cdiv(E, block_e) * cdiv(max(T, 1), block_t)
     split_k = max(1, min(k_tiles, (2 * num_sms) // max(tiles, 1)))
     return {
         "BLOCK_T": block_t,
@@ -210,8 +215,29 @@ def heuristic_config(T: int, D: int, E: int, num_sms: int = 132) -> dict[str, in
 
 
 def select(T: int, D: int, E: int, device: torch.device) -> tuple[str, dict[str, int] | None]:
-    """Pick `("triton", config)` or `("cublas", None)` for this shape on this CUDA device."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    """Pick `("triton", config)` or `("cublas", None)` for this shape on this CUDA device (the
+    returned config is shared: read it, do not change it)."""
+    return _select(T, D, E, device.index if device.index is not None else torch.cuda.current_device())[:2]
+
+
+def eager_config(D: int, config: dict[str, int]) -> dict[str, int]:
+    """The config an eager call (outside CUDA-graph capture) runs for a table `config`: the same
+    tiles, with an atomic split-K reduction ("atomic", the default) turned into the one-launch
+    "accumulate" one. The atomic reduction needs the output zeroed by a second launch first; the
+    tables pick it by CUDA-graph replay time, where that launch is cheap, but an eager call pays
+    the host's cost of a whole launch for it (about 8 us on the H200 machine's host)."""
+    if config.get("KERNEL", "splitk") == "splitk" and _split_plan(D, config)[2] == REDUCES["atomic"]:
+        return dict(config, REDUCE="accumulate")
+    return config
+
+
+@functools.lru_cache(maxsize=4096)
+def _select(T: int, D: int, E: int, index: int) -> tuple[str, dict[str, int] | None, dict[str, int] | None]:
+    impl, config = _select_table(T, D, E, index)
+    return impl, config, (eager_config(D, config) if config is not None else None)
+
+
+def _select_table(T: int, D: int, E: int, index: int) -> tuple[str, dict[str, int] | None]:
     buckets = for_device("router GEMM", load_table, str(CONFIG_PATH), index).get(f"{D},{E}")
     if buckets:
         for b in buckets:
@@ -235,7 +261,7 @@ def _split_plan(D: int, config: dict[str, int]) -> tuple[int, int, int]:
     """(K splits, K tiles per split, reduce mode) of the split-K kernel for `config`: the splits
     asked for, at most one per K tile, empty splits dropped; reduce 0 = none (one split), else
     `REDUCES[config["REDUCE"]]` (default "atomic")."""
-    split_k, tiles_per_split = k_splits(triton.cdiv(D, config["BLOCK_K"]), config["SPLIT_K"])
+    split_k, tiles_per_split = k_splits(cdiv(D, config["BLOCK_K"]), config["SPLIT_K"])
     reduce = config.get("REDUCE", "atomic")
     if reduce not in REDUCES:
         raise ValueError(f"config REDUCE must be one of {tuple(REDUCES)}, got {reduce!r}")
@@ -255,7 +281,8 @@ def _router_gemm_triton(
         out = torch.empty((T, E), dtype=out_dtype, device=x.device)
         if T == 0 or E == 0:
             return out
-        _router_gemv_kernel[(triton.cdiv(E, be), triton.cdiv(T, bt))](
+        _GEMV(
+            (cdiv(E, be), cdiv(T, bt)),
             x,
             weight,
             out,
@@ -280,7 +307,7 @@ def _router_gemm_triton(
     out = (torch.zeros if reduce_mode == 1 else torch.empty)((T, E), dtype=acc_dtype, device=x.device)
     if T == 0 or E == 0:
         return out.to(out_dtype)
-    grid = (triton.cdiv(E, be), triton.cdiv(T, bt), split_k)
+    grid = (cdiv(E, be), cdiv(T, bt), split_k)
     if reduce_mode == 2:
         ws = torch.empty(grid[0] * grid[1] * split_k * bt * be, dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, grid[0] * grid[1])
@@ -289,7 +316,8 @@ def _router_gemm_triton(
         counters = arrival_counters(x.device, grid[0] * grid[1])
     else:
         ws = counters = out  # unused
-    _router_gemm_kernel[grid](
+    _SPLITK(
+        grid,
         x,
         weight,
         out,
@@ -339,7 +367,8 @@ def router_gemm(
         x: `[T, D]` bfloat16 hidden states (T may be 0).
         weight: `[E, D]` bfloat16 router weight, on x's device.
         out_dtype: float32 (default; written directly by the kernel) or bfloat16.
-        impl: `auto` (selection table on CUDA, torch on CPU), `cublas`
+        impl: `auto` (selection table on CUDA, torch on CPU; eager calls run a table's atomic
+            split-K as the one-launch "accumulate" reduction, see `eager_config`), `cublas`
             (`torch.mm(..., out_dtype=float32)`), `triton` (the split-K/tiled kernel; also runs
             under TRITON_INTERPRET), or `torch` (`x.float() @ weight.float().t()`).
         config: Triton block config override (keys BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps,
@@ -375,8 +404,9 @@ def router_gemm(
         if not x.is_cuda:
             impl = "torch"
         else:
-            impl, table_config = select(T, D, E, x.device)
-            config = config or table_config
+            index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            impl, graph_config, eager = _select(T, D, E, index)
+            config = config or (graph_config if torch.cuda.is_current_stream_capturing() else eager)
     if impl == "torch":
         return (x.float() @ weight.float().t()).to(out_dtype)
     if impl == "cublas":

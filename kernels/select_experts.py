@@ -33,6 +33,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .launch import FastLaunch
+from .tables import cdiv, next_pow2
+
 MAX_EXPERTS = 1024
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """The interpreter has no libdevice: it takes `tl.exp` (numpy's), accurate as well."""
@@ -139,6 +142,9 @@ def _select_experts_kernel(
     tl.store(weights_ptr + out_offs, weights, mask=is_out)
 
 
+_select_experts_launch = FastLaunch(_select_experts_kernel)
+
+
 def _block_t(num_experts: int) -> int:
     """Tokens per program: a `[BLOCK_T, E]` fp32 tile of at most 4096 values (16 KB of registers
     across a 4-warp program), at least one token."""
@@ -200,7 +206,8 @@ def select_experts_sigmoid(
         return ids, weights
     bias = correction_bias.contiguous() if correction_bias is not None else logits  # dummy pointer
     block_t = _block_t(E)
-    _select_experts_kernel[(triton.cdiv(T, block_t),)](
+    _select_experts_launch(
+        (cdiv(T, block_t),),
         logits,
         bias,
         ids,
@@ -216,7 +223,7 @@ def select_experts_sigmoid(
         HAS_BIAS=correction_bias is not None,
         RENORM=norm_topk_prob,
         LIBDEVICE_EXP=not _INTERPRETED,
-        K_POW2=triton.next_power_of_2(top_k),
+        K_POW2=next_pow2(top_k),
         BLOCK_T=block_t,
         num_warps=4,
     )

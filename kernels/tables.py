@@ -117,11 +117,22 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b) for launchers (plain Python: `triton.cdiv` is a constexpr function
+    in later Triton, several microseconds per call from the host)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Host-side smallest power of two >= n (1 for n <= 1), like `triton.next_power_of_2`."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def k_splits(k_tiles: int, wanted: int) -> tuple[int, int]:
     """(splits, K blocks per split) for `wanted` splits of `k_tiles` K blocks: at most one split per
     block, at least one, empty splits dropped (the last split may be shorter)."""
-    per = triton.cdiv(k_tiles, max(1, min(int(wanted), k_tiles)))
-    return triton.cdiv(k_tiles, per), per
+    per = cdiv(k_tiles, max(1, min(int(wanted), k_tiles)))
+    return cdiv(k_tiles, per), per
 
 
 @triton.jit

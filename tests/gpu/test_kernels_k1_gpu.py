@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ep_runtime.kernels import router_gemm as rg
 from ep_runtime.kernels.masked_grouped_gemm import masked_grouped_gemm, masked_moe, masked_moe_reference
 from ep_runtime.kernels.quant import (
     _per_token_group_quant_fp8_torch,
@@ -94,6 +95,60 @@ def test_router_gemm_gpu(rng_seed, shape, T, impl):
     ref = x.double() @ w.double().t()
     mag = x.double().abs() @ w.double().abs().t()
     assert bool(((out.double() - ref).abs() <= 1e-3 * mag + 1e-5).all())
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "atomic", "accumulate"])
+def test_router_gemm_direct_launches_follow_the_specialisation(rng_seed, kernel):
+    """Repeated calls launch the compiled kernel directly (`kernels.launch.FastLaunch`): a call whose
+    arguments Triton would specialise differently (an x address off 16-byte alignment, T = 1 or a
+    multiple of 16) must get its own compiled kernel, and every call must be right on fresh data."""
+    D, E = 2048, 128
+    w = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
+    launcher = rg._GEMV if kernel == "gemv" else rg._SPLITK
+    launcher.cache.clear()
+    seen = []
+    for T, offset in [(16, 0), (16, 0), (16, 1), (16, 1), (1, 0), (5, 0), (5, 0), (5, 1)]:
+        if kernel == "gemv":
+            config = dict(BLOCK_T=16, BLOCK_E=2, BLOCK_K=2048, SPLIT_K=1, KERNEL="gemv", num_warps=8)
+        else:
+            config = dict(heuristic_config(16, D, E), REDUCE=kernel)
+        buf = torch.randn(T * D + 1, device="cuda").to(torch.bfloat16)
+        x = buf[offset : offset + T * D].view(T, D)
+        with _NoSync():
+            out = router_gemm(x, w, impl="triton", config=config)
+        ref = x.double() @ w.double().t()
+        mag = x.double().abs() @ w.double().abs().t()
+        assert bool(((out.double() - ref).abs() <= 1e-3 * mag + 1e-5).all()), (T, offset)
+        seen.append(len(launcher.cache))
+    # a new entry exactly where the specialisation changed: (16, aligned), (16, off), (1, ...),
+    # (5, aligned), (5, off); repeats reuse theirs
+    assert seen == [1, 1, 2, 2, 3, 4, 4, 5], seen
+
+
+@pytest.mark.parametrize("shape", [(7168, 256), (2048, 128)])
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_router_gemm_auto_eager_and_in_a_cuda_graph(rng_seed, shape, T):
+    """`auto` takes the table's config inside a CUDA-graph capture and `eager_config`'s outside it:
+    both right, the captured one on every replay with new inputs."""
+    D, E = shape
+    w = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
+    x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
+
+    def check(out):
+        ref = x.double() @ w.double().t()
+        mag = x.double().abs() @ w.double().abs().t()
+        assert bool(((out.double() - ref).abs() <= 1e-3 * mag + 1e-5).all())
+
+    check(router_gemm(x, w))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = router_gemm(x, w)
+    for _ in range(2):
+        x.copy_(torch.randn(T, D, device="cuda").to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out)
+        check(router_gemm(x, w))
 
 
 @pytest.mark.parametrize("reduce", ["serial", "accumulate"])
