@@ -217,27 +217,11 @@ def heuristic_config(T: int, D: int, E: int, num_sms: int = 132) -> dict[str, in
 def select(T: int, D: int, E: int, device: torch.device) -> tuple[str, dict[str, int] | None]:
     """Pick `("triton", config)` or `("cublas", None)` for this shape on this CUDA device (the
     returned config is shared: read it, do not change it)."""
-    return _select(T, D, E, device.index if device.index is not None else torch.cuda.current_device())[:2]
-
-
-def eager_config(D: int, config: dict[str, int]) -> dict[str, int]:
-    """The config an eager call (outside CUDA-graph capture) runs for a table `config`: the same
-    tiles, with an atomic split-K reduction ("atomic", the default) turned into the one-launch
-    "accumulate" one. The atomic reduction needs the output zeroed by a second launch first; the
-    tables pick it by CUDA-graph replay time, where that launch is cheap, but an eager call pays
-    the host's cost of a whole launch for it (about 8 us on the H200 machine's host)."""
-    if config.get("KERNEL", "splitk") == "splitk" and _split_plan(D, config)[2] == REDUCES["atomic"]:
-        return dict(config, REDUCE="accumulate")
-    return config
+    return _select(T, D, E, device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=4096)
-def _select(T: int, D: int, E: int, index: int) -> tuple[str, dict[str, int] | None, dict[str, int] | None]:
-    impl, config = _select_table(T, D, E, index)
-    return impl, config, (eager_config(D, config) if config is not None else None)
-
-
-def _select_table(T: int, D: int, E: int, index: int) -> tuple[str, dict[str, int] | None]:
+def _select(T: int, D: int, E: int, index: int) -> tuple[str, dict[str, int] | None]:
     buckets = for_device("router GEMM", load_table, str(CONFIG_PATH), index).get(f"{D},{E}")
     if buckets:
         for b in buckets:
@@ -367,8 +351,7 @@ def router_gemm(
         x: `[T, D]` bfloat16 hidden states (T may be 0).
         weight: `[E, D]` bfloat16 router weight, on x's device.
         out_dtype: float32 (default; written directly by the kernel) or bfloat16.
-        impl: `auto` (selection table on CUDA, torch on CPU; eager calls run a table's atomic
-            split-K as the one-launch "accumulate" reduction, see `eager_config`), `cublas`
+        impl: `auto` (selection table on CUDA, torch on CPU), `cublas`
             (`torch.mm(..., out_dtype=float32)`), `triton` (the split-K/tiled kernel; also runs
             under TRITON_INTERPRET), or `torch` (`x.float() @ weight.float().t()`).
         config: Triton block config override (keys BLOCK_T, BLOCK_E, BLOCK_K, SPLIT_K, num_warps,
@@ -404,9 +387,8 @@ def router_gemm(
         if not x.is_cuda:
             impl = "torch"
         else:
-            index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-            impl, graph_config, eager = _select(T, D, E, index)
-            config = config or (graph_config if torch.cuda.is_current_stream_capturing() else eager)
+            impl, table_config = select(T, D, E, x.device)
+            config = config or table_config
     if impl == "torch":
         return (x.float() @ weight.float().t()).to(out_dtype)
     if impl == "cublas":

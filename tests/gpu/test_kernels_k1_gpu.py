@@ -128,8 +128,8 @@ def test_router_gemm_direct_launches_follow_the_specialisation(rng_seed, kernel)
 @pytest.mark.parametrize("shape", [(7168, 256), (2048, 128)])
 @pytest.mark.parametrize("T", [1, 8, 64])
 def test_router_gemm_auto_eager_and_in_a_cuda_graph(rng_seed, shape, T):
-    """`auto` takes the table's config inside a CUDA-graph capture and `eager_config`'s outside it:
-    both right, the captured one on every replay with new inputs."""
+    """`auto` eagerly and replayed from a CUDA graph (the fast launch path inside a capture): right
+    on every replay with new inputs."""
     D, E = shape
     w = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
     x = torch.randn(T, D, device="cuda").to(torch.bfloat16)

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from ep_runtime.kernels.router_gemm import eager_config, heuristic_config, router_gemm, select
+from ep_runtime.kernels.router_gemm import heuristic_config, router_gemm, select
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,18 +103,3 @@ def test_select_fallback_for_unseen_shape():
     impl, cfg = select(8, 1234, 7, torch.device("cuda"))
     assert impl == "triton" and cfg is not None
     assert select(100000, 1234, 7, torch.device("cuda"))[0] == "cublas"
-
-
-def test_eager_config_turns_only_a_split_atomic_reduction_into_accumulate():
-    atomic = dict(SPLIT, REDUCE="atomic")
-    assert eager_config(256, atomic) == dict(SPLIT, REDUCE="accumulate")
-    assert eager_config(256, SPLIT) == dict(SPLIT, REDUCE="accumulate")  # atomic is the default
-    assert atomic["REDUCE"] == "atomic"  # the table's config is not changed
-    for same in (
-        dict(SPLIT, REDUCE="serial"),
-        dict(SPLIT, REDUCE="accumulate"),
-        dict(SPLIT, SPLIT_K=1),  # one split: no reduction, no zero-fill
-        dict(SPLIT, BLOCK_K=256),  # D = 256 is one K tile: one split whatever SPLIT_K asks
-        {"BLOCK_T": 1, "BLOCK_E": 2, "BLOCK_K": 256, "SPLIT_K": 1, "KERNEL": "gemv"},
-    ):
-        assert eager_config(256, same) is same
