@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     bench_us,
     graph_us,
+    loop_us,
     measure_copy_bandwidth,
     print_table,
     write_results,
@@ -316,21 +316,6 @@ def _measure(model, D, E, T, w, bw, num_sms, tune, dev) -> tuple[dict, dict | No
         + (f" tuned {best_t:.2f} {best_cfg}" if tune else "")
     )
     return row, bucket
-
-
-def loop_us(fn, calls: int = 2000) -> float:
-    """Wall time per call of `calls` back-to-back eager calls with no flush between them (the host's
-    cost per call, or the GPU's time where that is larger): best of three."""
-    best = float("inf")
-    for _ in range(3):
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-    return best
 
 
 def _graph_us(fn, replays: int = 20, tries: int = 2, rep: int = 30) -> float:

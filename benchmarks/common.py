@@ -70,6 +70,23 @@ def bench_us(fn, warmup: int = 10, rep: int = 50) -> float:
     return times[len(times) // 2] * 1e6
 
 
+def loop_us(fn, calls: int = 2000, tries: int = 3) -> float:
+    """Wall time per call of `calls` back-to-back eager calls with no cache flush between them (the
+    host's cost per call, or the GPU's time where that is larger), best of `tries`, in microseconds."""
+    import time
+
+    best = float("inf")
+    for _ in range(tries):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
 def capture_graph(fn, replays: int = 1):
     """Run `fn` once eagerly and once on a side stream (compilation, allocator warm-up), then
     capture `replays` back-to-back calls in a CUDA graph. Returns `(graph, output of the last

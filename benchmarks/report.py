@@ -42,6 +42,7 @@ REPRODUCE = {
     "   # or: ep-launch bench layer (2 GPUs)",
     "step": "python benchmarks/bench_step.py                  # or: ep-launch bench step (all GPUs; --quick)",
     "sustained": "python benchmarks/bench_sustained.py            # (1 GPU)",
+    "launch": "python benchmarks/bench_launch.py               # or: ep-launch bench kernels (1 GPU)",
 }
 
 
@@ -200,9 +201,37 @@ def _router_gemm(doc: dict, out: Path, suffix: str = "") -> Section:
                 ("T", "T"),
                 ("runtime us", "auto_us"),
                 ("cuBLAS us", "cublas_us"),
+                ("graph us", "graph_auto_us"),
+                ("graph cuBLAS us", "graph_cublas_us"),
+                ("loop us", "loop_auto_us"),
+                ("loop cuBLAS us", "loop_cublas_us"),
                 ("roofline us", "roofline_us"),
                 ("x cuBLAS", "speedup_auto_vs_cublas"),
                 ("frac roofline", "frac_roofline_auto"),
+            ],
+        )
+    )
+    s.md.append(
+        "\n`runtime`/`cuBLAS`: eager do_bench medians (an L2 flush before each call); `graph`: per call "
+        "replayed from a CUDA graph (20 calls per graph); `loop`: wall time per call of back-to-back eager "
+        "calls, which is the host's cost where it exceeds the GPU's.\n"
+    )
+    return s
+
+
+def _launch(doc: dict, out: Path, suffix: str = "") -> Section:
+    s = Section("launch", doc)
+    s.md.append(
+        _table(
+            doc["rows"],
+            [
+                ("case", "case"),
+                ("loop us, JIT path", "loop_jit_us"),
+                ("loop us, direct", "loop_fast_us"),
+                ("host us saved", "host_saved_us"),
+                ("eager us, JIT path", "eager_jit_us"),
+                ("eager us, direct", "eager_fast_us"),
+                ("same output", "identical"),
             ],
         )
     )
@@ -803,6 +832,7 @@ BUILDERS = {
     "dispatch": _dispatch,
     "step": _step,
     "sustained": _sustained,
+    "launch": _launch,
 }
 
 
@@ -822,6 +852,7 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
         "masked_gemm",
         "router_gemm",
         "router_topk",
+        "launch",
     ):
         if kind not in by_kind:
             notes.append(f"no `{kind}` results yet")
@@ -897,8 +928,11 @@ time, so the switches lose there and stay off by default; the 2-GPU (NVLink) mea
 Eager columns (`*_us` without `graph`) on these machines measure the host as much as the GPU: on the
 H100 machine's host, enqueueing one `torch.mm` took 22-30 us, one Triton launch through its Python
 launcher 27-31 us (8-9 us through the compiled kernel's own `run`), and one `torch.empty` 7 us, so any
-kernel shorter than that is host-bound when launched eagerly. The CUDA-graph columns are the kernels'
-own times, and with DeepEP the runtime's decode step is replayed from a graph by default.
+kernel shorter than that is host-bound when launched eagerly. Since then every kernel of the runtime
+launches through `kernels.launch.FastLaunch`, which goes straight to the compiled kernel after the
+first call of each specialisation (section "Kernel launch cost on the host"). The CUDA-graph columns
+are the kernels' own times, and with DeepEP the runtime's decode step is replayed from a graph by
+default.
 """
 
 
@@ -913,6 +947,7 @@ def write_doc(sections: list[Section], notes: list[str], doc_path: Path, link_ba
         "router_gemm": "Router GEMM",
         "router_topk": "Expert selection (router top-k)",
         "sustained": "Sustained rates under the power cap",
+        "launch": "Kernel launch cost on the host",
     }
     for s in sections:
         lines.append(f"## {titles.get(s.kind, s.kind)}\n")

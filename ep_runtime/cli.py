@@ -227,7 +227,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 BENCH_SUITES = {
-    "kernels": ("kernels", "router_gemm", "router_topk", "fused_moe", "masked_gemm"),
+    "kernels": ("kernels", "router_gemm", "router_topk", "fused_moe", "masked_gemm", "launch"),
     "dispatch": ("dispatch",),
     "layer": ("layer",),
 }
