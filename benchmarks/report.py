@@ -232,6 +232,8 @@ def _launch(doc: dict, out: Path, suffix: str = "") -> Section:
                 ("eager us, JIT path", "eager_jit_us"),
                 ("eager us, direct", "eager_fast_us"),
                 ("same output", "identical"),
+                ("max diff", "max_abs_diff"),
+                ("max diff, JIT path twice", "jit_rerun_max_abs_diff"),
             ],
         )
     )
