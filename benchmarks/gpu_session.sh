@@ -43,10 +43,11 @@ cfg=deploy/configs
 case "$group" in
   k1)  # one GPU: kernels, the single-GPU DeepEP checks, the main job with DeepEP low-latency
     step 240 python -m pytest -q -m gpu tests/gpu/test_kernels_k1_gpu.py tests/gpu/test_fused_moe_gpu.py \
-      tests/kernels/test_router_gemm.py tests/unit/test_resources.py
+      tests/kernels/test_router_gemm.py tests/kernels/test_launch.py tests/unit/test_resources.py
     step 120 python -m pytest -q -m gpu -rA tests/gpu/test_deepep_single_gpu.py
     step 120 python -m ep_runtime.cli run --config $cfg/h200x1-deepep-ll.yaml --report "$RES/results/run-h200x1-deepep-ll.json"
     step 60 python benchmarks/bench_router_topk.py --out-dir "$RES/results"
+    step 60 python benchmarks/bench_launch.py --out-dir "$RES/results"
     ;;
   k1-tune)  # one GPU: re-tune the kernel tables for this device (w4a8 also tries INT4_MAGIC)
     step 150 python benchmarks/bench_router_gemm.py --tune --quick --out-dir "$RES/results"
