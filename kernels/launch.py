@@ -114,35 +114,40 @@ class FastLaunch:
             raise TypeError(f"{self.name}: unknown constexpr arguments {extra}")
         return tuple(out)
 
+    def _key(self, args: tuple, consts: tuple, num_warps: int, num_stages: int) -> tuple | None:
+        """The cache key of a call (see the module docstring); None for an argument type it does
+        not cover."""
+        try:
+            spec = tuple([a if a.__class__ is int else arg_key(a) for a in args])  # ints inline
+        except _Unkeyed:
+            return None
+        if self._device is None:
+            self._bind_driver()
+        return (self._device(), num_warps, num_stages, consts, spec)
+
     def __call__(
         self, grid: tuple[int, ...], *args: Any, num_warps: int = 4, num_stages: int = 3, **meta: Any
     ):
         if len(args) != self.num_args:
             raise TypeError(f"{self.name}: {self.num_args} runtime arguments expected, got {len(args)}")
-        # the common case inline (callers pass every constexpr, in order; ints are their own key);
+        # the common case inline (callers pass every constexpr, in order);
         # checked on every path, so calls under the interpreter are held to the same convention
         consts = tuple(meta.values()) if tuple(meta) == self.const_names else self._consts(meta)
-        if not self.enabled or _hooks_installed():
-            self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **meta)
-            return
-        try:
-            spec = tuple([a if a.__class__ is int else arg_key(a) for a in args])
-        except _Unkeyed:
-            self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **meta)
-            return
-        if self._device is None:
-            self._bind_driver()
-        device = self._device()
-        key = (device, num_warps, num_stages, consts, spec)
-        compiled = self.cache.get(key)
+        key = (
+            self._key(args, consts, num_warps, num_stages)
+            if self.enabled and not _hooks_installed()
+            else None
+        )
+        compiled = self.cache.get(key) if key is not None else None
         if compiled is None:
+            # Triton's JIT path: every call where no key applies, and the first of each key
             compiled = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **meta)
-            if getattr(compiled, "function", None) is not None:
+            if key is not None and getattr(compiled, "function", None) is not None:
                 if len(self.cache) >= MAX_ENTRIES:
                     self.cache.clear()
                 self.cache[key] = compiled
             return
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
-        compiled.run(grid[0], g1, g2, self._stream(device), compiled.function, compiled.packed_metadata,
+        compiled.run(grid[0], g1, g2, self._stream(key[0]), compiled.function, compiled.packed_metadata,
                      None, None, None, *args, *consts)  # fmt: skip

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .launch import FastLaunch
-from .tables import next_pow2
+from .tables import cdiv, next_pow2
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -365,7 +365,7 @@ def dequantize_fp8_block(
     if w_q.dtype != FP8_DTYPE:
         raise ValueError(f"w_q.dtype must be float8_e4m3fn, got {w_q.dtype}")
     n, k = w_q.shape[-2:]
-    expect = (*w_q.shape[:-2], -(-n // block), -(-k // block))
+    expect = (*w_q.shape[:-2], cdiv(n, block), cdiv(k, block))
     if tuple(scale.shape) != expect:
         raise ValueError(f"scale shape must be {expect} for w_q {tuple(w_q.shape)}, got {tuple(scale.shape)}")
     s = scale.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :n, :k]

@@ -177,8 +177,8 @@ def _router_gemv_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_e[None, :])
 
 
-_GEMV = FastLaunch(_router_gemv_kernel)
-_SPLITK = FastLaunch(_router_gemm_kernel)
+_router_gemv_launch = FastLaunch(_router_gemv_kernel)
+_router_gemm_launch = FastLaunch(_router_gemm_kernel)
 
 # --------------------------------------------------------------------------------------------------
 # Config selection
@@ -265,7 +265,7 @@ def _router_gemm_triton(
         out = torch.empty((T, E), dtype=out_dtype, device=x.device)
         if T == 0 or E == 0:
             return out
-        _GEMV(
+        _router_gemv_launch(
             (cdiv(E, be), cdiv(T, bt)),
             x,
             weight,
@@ -300,7 +300,7 @@ def _router_gemm_triton(
         counters = arrival_counters(x.device, grid[0] * grid[1])
     else:
         ws = counters = out  # unused
-    _SPLITK(
+    _router_gemm_launch(
         grid,
         x,
         weight,

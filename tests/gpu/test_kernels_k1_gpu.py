@@ -104,7 +104,7 @@ def test_router_gemm_direct_launches_follow_the_specialisation(rng_seed, kernel)
     multiple of 16) must get its own compiled kernel, and every call must be right on fresh data."""
     D, E = 2048, 128
     w = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
-    launcher = rg._GEMV if kernel == "gemv" else rg._SPLITK
+    launcher = rg._router_gemv_launch if kernel == "gemv" else rg._router_gemm_launch
     launcher.cache.clear()
     seen = []
     for T, offset in [(16, 0), (16, 0), (16, 1), (16, 1), (1, 0), (5, 0), (5, 0), (5, 1)]:
