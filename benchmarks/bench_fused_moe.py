@@ -125,21 +125,27 @@ def candidates(rows_per_expert: float, scheme: str):
 
 def _block_candidates(rows_per_expert: float, scheme: str):
 
-    def c(bn, bk, w, s, g=8, m=False, tma=False):
+    def c(bn, bk, w, s, g=8, m=False, tma=False, split=1):
         d = dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)
         if m:
             d["MERGE_GU"] = True
         if tma:
             d["TMA"] = True
+        if split > 1:
+            d["SPLIT_K"] = split
         return d
 
     fp8 = scheme != "bf16"
     if rows_per_expert <= 12:
-        gu = [c(64, 128, 4, 4, 1), c(32, 128, 4, 4, 1)]
+        # Decode: one 16-row block per touched expert, so the grid is (experts hit) x N blocks and
+        # can leave SMs idle or run a ragged last wave. Narrow gate_up tiles and a split-K down GEMM
+        # (its partial sums added atomically) put more programs on the weight stream.
+        gu = [c(64, 128, 4, 4, 1), c(32, 128, 4, 4, 1), c(16, 128, 4, 4, 1), c(32, 128, 4, 6, 1)]
         dn = [c(64, 128, 4, 4, 1), c(128, 128, 4, 4, 1)]
+        dn += [c(bn, 128, 4, 4, 1, split=sp) for sp in (2, 4) for bn in (64, 128)]
         if not fp8:
-            gu.append(c(64, 256, 4, 3, 1))
-            dn.append(c(64, 256, 4, 3, 1))
+            gu += [c(64, 256, 4, 3, 1), c(32, 256, 4, 3, 1), c(16, 256, 4, 4, 1)]
+            dn += [c(64, 256, 4, 3, 1), c(64, 256, 4, 3, 1, split=2)]
         return [(16, gu, dn)]
     if rows_per_expert <= 96:
         gu = [c(64, 128, 4, 4), c(128, 64, 8, 4)] if not fp8 else [c(64, 128, 4, 4), c(64, 128, 4, 3)]
@@ -205,15 +211,27 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
         a2, a2s = (act, None) if scheme == "bf16" else per_token_group_quant_fp8(act)
         atomic = K > 2
         # fused top-k sum: fp32 [T, D] accumulated atomically; unfused: one bf16 row per slot [T*K, D]
+        # (fp32, added atomically, for a split-K down config: as fused_moe runs them)
         acc = (
             torch.zeros(T, D, device=x.device, dtype=torch.float32)
             if atomic
             else torch.zeros(T * K, D, device=x.device, dtype=torch.bfloat16)
         )
+        acc_split = acc if atomic else torch.zeros(T * K, D, device=x.device, dtype=torch.float32)
 
         def time_one(
-            cfg, gate_up, bm=bm, align=align, act_out=act_out, acc=acc, atomic=atomic, a2=a2, a2s=a2s
+            cfg,
+            gate_up,
+            bm=bm,
+            align=align,
+            act_out=act_out,
+            acc=acc,
+            acc_split=acc_split,
+            atomic=atomic,
+            a2=a2,
+            a2s=a2s,
         ):
+            split = cfg.get("SPLIT_K", 1) > 1
             if gate_up:
                 fn = functools.partial(
                     fm._launch_gemm,
@@ -241,7 +259,7 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
                     fm._launch_gemm,
                     a2,
                     w2,
-                    acc,
+                    acc_split if split else acc,
                     a2s,
                     s2,
                     flat_w,
@@ -249,12 +267,12 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
                     n=D,
                     k=inter,
                     num_slots=T * K,
-                    top_k=K,
+                    top_k=K if atomic else 1,
                     up_offset=0,
                     scheme=scheme,
                     gate_up=False,
                     mul_weight=True,
-                    atomic=atomic,
+                    atomic=atomic or split,
                     block_m=bm,
                     cfg=cfg,
                 )
@@ -320,6 +338,9 @@ def main(argv=None) -> int:
         help="also time decode (T <= 32) through the masked layout and make it the bucket's entry where it wins",
     )
     ap.add_argument("--ts", default=None, help="comma-separated T values (overrides the per-shape lists)")
+    ap.add_argument(
+        "--tune-all", action="store_true", help="with --tune: sweep every T of the run, not only TUNE_AT's"
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU + interpreter dry run of the script")
     args = ap.parse_args(argv)
     # CUDA-graph replay timing on GPU; the CPU smoke run times the call itself
@@ -413,7 +434,7 @@ def main(argv=None) -> int:
                     ws = q[scheme]
                 skey = fm.shape_key(L, inter, D, scheme)
                 bucket = str(fm.t_bucket(T))
-                want_tune = args.smoke or T in TUNE_AT.get((sname, scheme), ())
+                want_tune = args.smoke or args.tune_all or T in TUNE_AT.get((sname, scheme), ())
                 if args.tune and want_tune and fused is None and time.time() < tune_deadline:
                     cfg, lg = tune_bucket(x, ws[0], ws[1], ws[2], ws[3], ids, w, scheme, tune_deadline)
                     tuned.setdefault(skey, {})[bucket] = cfg

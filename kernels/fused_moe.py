@@ -42,7 +42,7 @@ from ep_runtime.kernels.quant import (
     per_token_group_dequant_fp8,
     per_token_group_quant_fp8,
 )
-from ep_runtime.kernels.tables import cdiv, for_device, next_pow2, normalise
+from ep_runtime.kernels.tables import cdiv, for_device, k_splits, next_pow2, normalise
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -305,7 +305,7 @@ def _scale_tile(a_s, b_s, SCALAR: tl.constexpr):
         return a_s[:, None] * b_s[None, :]
 
 
-@triton.jit(do_not_specialize=["num_slots", "top_k"])
+@triton.jit(do_not_specialize=["num_slots", "top_k", "k_tiles_per_split"])
 def _fused_moe_gemm_kernel(
     # pointers
     a_ptr,
@@ -326,6 +326,7 @@ def _fused_moe_gemm_kernel(
     top_k,
     up_offset,
     rows_per_expert,
+    k_tiles_per_split,
     # strides (elements)
     stride_am,
     stride_ak,
@@ -377,8 +378,13 @@ def _fused_moe_gemm_kernel(
     TMA_A (A_SORTED only): the activation row block through `a_desc` ([S, K], block [BLOCK_M, BLOCK_K]).
     fp8_block with BLOCK_N <= 128 and no merged tile: every column of a weight tile shares one block
     scale, so the per-K-step rescale is one multiply-add per accumulator element (row scale * scalar).
+    Split-K (down with ATOMIC only): grid axis 1 splits the K tiles, `k_tiles_per_split` each; every
+    split scales its partial sum by the top-k weight and adds it atomically (a sum of linear parts), so
+    decode sizes, where the M blocks are few, still put every SM on the weight stream.
     """
     pid = tl.program_id(0)
+    kb_lo = tl.program_id(1) * k_tiles_per_split
+    kb_hi = tl.minimum(kb_lo + k_tiles_per_split, tl.cdiv(K, BLOCK_K))
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_m = tl.num_programs(0) // num_pid_n
     group = GROUP_M * num_pid_n
@@ -405,7 +411,7 @@ def _fused_moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_bn = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + (kb_lo * BLOCK_K + offs_k)[None, :] * stride_ak
     if SCHEME == 2:
         offs_kb = tl.arange(0, BLOCK_K // 2)
     else:
@@ -447,7 +453,10 @@ def _fused_moe_gemm_kernel(
         b_step = (BLOCK_K // 2) * stride_bk
     else:
         b_step = BLOCK_K * stride_bk
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    b_ptrs += kb_lo * b_step
+    if SPLIT_UP:
+        b_up_ptrs += kb_lo * b_step
+    for kb in range(kb_lo, kb_hi):
         k_rem = K - kb * BLOCK_K
         # Padding rows read row 0 (a_row was clamped) or unwritten rows of a sorted operand; either
         # way they are dropped at the store: no row mask.
@@ -846,6 +855,8 @@ def get_config(
     through Hopper TMA descriptors, see `_descriptor`; for gate_up the token rows are first gathered
     into position order by `gather_sorted_rows`;
     MERGE_GU, gate_up only, default False: one merged gate|up weight tile per K step;
+    SPLIT_K, down only, default 1: the down GEMM's K tiles split over that many programs per output
+    tile, each adding its part atomically in fp32 (decode: more programs streaming the weights);
     INT4_MAGIC, w4a8 only, default 0: how int4 weights become e4m3, see `quant.int4_to_e4m3`).
     """
     path = str(path or CONFIG_DIR / "fused_moe.json")
@@ -887,6 +898,14 @@ def _check_config(config: dict[str, Any], scheme: str) -> None:
         if scheme != "bf16" and g["BLOCK_K"] != GROUP:
             raise ValueError(
                 f"config[{name!r}]['BLOCK_K'] must be {GROUP} for scheme {scheme!r}, got {g['BLOCK_K']}"
+            )
+        split = g.get("SPLIT_K", 1)
+        if not isinstance(split, int) or isinstance(split, bool) or split < 1:
+            raise ValueError(f"config[{name!r}]['SPLIT_K'] must be an int >= 1, got {split!r}")
+        if name == "gate_up" and split != 1:
+            raise ValueError(
+                "config['gate_up']['SPLIT_K'] must be 1: silu(gate) * up needs the whole K sum; "
+                f"split K in config['down'] only, got {split!r}"
             )
         if g.get("TMA", False) not in (False, True):
             raise ValueError(f"config[{name!r}]['TMA'] must be true or false, got {g['TMA']!r}")
@@ -937,7 +956,9 @@ def _launch_gemm(
 ):
     sorted_ids, expert_ids, num_post = align
     num_pid_m = sorted_ids.shape[0] // block_m
-    grid = (num_pid_m * cdiv(n, cfg["BLOCK_N"]),)
+    k_tiles = cdiv(k, cfg["BLOCK_K"])
+    split_k, tiles_per_split = k_splits(k_tiles, cfg.get("SPLIT_K", 1)) if atomic else (1, k_tiles)
+    grid = (num_pid_m * cdiv(n, cfg["BLOCK_N"]), split_k)
     sid = _SCHEME_ID[scheme]
     b_desc = a_desc = None
     if cfg.get("TMA", False):
@@ -973,6 +994,7 @@ def _launch_gemm(
         top_k,
         up_offset,
         b.shape[1],
+        tiles_per_split,
         a.stride(0),
         a.stride(1),
         b.stride(0),
@@ -1068,7 +1090,9 @@ def fused_moe(
         fused_topk_sum: True: the down GEMM atomically adds each slot's weighted output into an fp32
             `[T, D]` accumulator (one rounding to out_dtype at the end; summation order is not
             deterministic). False: per-slot outputs are rounded to out_dtype in `[T*K, D]`, then summed
-            over K in fp32 and rounded once more. None: fused when K > 2.
+            over K in fp32 and rounded once more (with a split-K down config, `config["down"]
+            ["SPLIT_K"] > 1`, the per-slot outputs are summed atomically in fp32 instead, and rounded
+            once after the sum over K). None: fused when K > 2.
         out_dtype: bfloat16 | float16 | float32.
         config: block config (see `get_config`); None = tuned table / heuristic. `{"MASKED": true}`
             (optionally `"masked": [gate_up config, down config]` for `masked_moe`): decode through
@@ -1193,11 +1217,14 @@ def fused_moe(
         a2, a2_scale = per_token_group_quant_fp8(act, GROUP)
 
     flat_w = topk_weights.reshape(-1)
+    # A split-K down GEMM adds its partial sums atomically: into the fp32 [T, D] accumulator when the
+    # top-k sum is fused, else into a zeroed fp32 [T*K, D] (one row per slot, summed over K below).
+    split_down = config["down"].get("SPLIT_K", 1) > 1
     if fused_topk_sum:
         acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=dev)
         c = acc
     else:
-        c = torch.zeros((num_slots, hidden), dtype=out_dtype, device=dev)
+        c = torch.zeros((num_slots, hidden), dtype=torch.float32 if split_down else out_dtype, device=dev)
     _launch_gemm(
         a2,
         w2,
@@ -1209,17 +1236,17 @@ def fused_moe(
         n=hidden,
         k=inter,
         num_slots=num_slots,
-        top_k=top_k,
+        top_k=top_k if fused_topk_sum else 1,  # the atomic epilogue's output row is slot // top_k
         up_offset=0,
         scheme=scheme,
         gate_up=False,
         mul_weight=True,
-        atomic=fused_topk_sum,
+        atomic=fused_topk_sum or split_down,
         block_m=block_m,
         cfg=config["down"],
     )
     if fused_topk_sum:
         return acc if out_dtype == torch.float32 else acc.to(out_dtype)
     if top_k == 1:
-        return c
+        return c.to(out_dtype)
     return c.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(out_dtype)

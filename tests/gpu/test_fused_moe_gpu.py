@@ -73,19 +73,44 @@ def test_qwen_decode_and_small(T):
     _case(T=T, K=8, L=128, D=2048, inter=768, scheme="bf16")
 
 
+@pytest.mark.parametrize("scheme", ["bf16", "fp8_block", "w4a8"])
+@pytest.mark.parametrize("shape, K, fused", [((32, 7168, 2048), 8, None), ((8, 4096, 1792), 2, None),
+                                             ((128, 2048, 768), 8, False)])  # fmt: skip
+@pytest.mark.parametrize("split", [2, 4, 7])
+def test_split_k_down_decode(scheme, shape, K, fused, split):
+    """Compiled split-K down GEMM at decode sizes (fused and unfused top-k sums, narrow gate_up
+    tiles): matches the reference, and the one-split result up to fp32 summation order."""
+    L, D, inter = shape
+    one = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    cfg = dict(BLOCK_M=16, gate_up=dict(one, BLOCK_N=16), down=dict(one, SPLIT_K=split))
+    outs = []
+    for c in (cfg, dict(cfg, down=one)):
+        torch.manual_seed(6)
+        outs.append(_case(T=3, K=K, L=L, D=D, inter=inter, scheme=scheme, fused=fused, config=c).float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2 * outs[1].abs().max().item())
+
+
 def test_bf16_odd_sizes():
     torch.manual_seed(4)
     _case(T=33, K=3, L=5, D=1000, inter=300, scheme="bf16")
     _case(T=700, K=2, L=6, D=520, inter=200, scheme="bf16")
 
 
-def test_cuda_graph_capture_no_host_sync():
+_SPLIT_DECODE = dict(
+    BLOCK_M=16,
+    gate_up=dict(BLOCK_N=16, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+    down=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4, SPLIT_K=4),
+)
+
+
+@pytest.mark.parametrize("config, K", [(None, 8), (_SPLIT_DECODE, 8), (_SPLIT_DECODE, 2)])
+def test_cuda_graph_capture_no_host_sync(config, K):
     torch.manual_seed(5)
-    L, D, inter, T, K = 8, 1024, 512, 64, 8
+    L, D, inter, T = 8, 1024, 512, 64
     w13, _, w2, _, _, _ = make_weights(L, inter, D, "bf16", device=DEV, std=0.02)
     ids, w = random_routing(T, K, L, device=DEV, skip_frac=0.1)
     x = torch.randn(T, D, device=DEV).bfloat16()
-    fn = lambda: fm.fused_moe(x, w13, w2, ids, w)  # noqa: E731
+    fn = lambda: fm.fused_moe(x, w13, w2, ids, w, config=config)  # noqa: E731
     eager = fn()
     g, out = capture_graph(fn)
     g.replay()

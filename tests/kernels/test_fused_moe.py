@@ -293,6 +293,48 @@ def test_merged_gate_up_tile(rng_seed, scheme, D, inter, block_n):
     run_case(T=7, K=3, L=3, D=D, inter=inter, scheme=scheme, config=cfg)
 
 
+@pytest.mark.parametrize(
+    "scheme, D, inter, K, fused, split",
+    [
+        ("bf16", 72, 104, 3, True, 3),  # 4 K tiles of 32 (the last one partial) over 3 splits
+        ("bf16", 72, 104, 2, None, 2),  # K = 2: the unfused sum, per-slot rows accumulated in fp32
+        ("bf16", 64, 40, 3, True, 8),  # more splits asked for than K tiles: empty splits dropped
+        ("fp8_block", 256, 384, 3, True, 2),  # 3 K blocks of 128 with their own block scales
+        ("w4a8", 256, 256, 3, False, 2),
+    ],
+)
+def test_split_k_down(rng_seed, scheme, D, inter, K, fused, split):
+    """SPLIT_K on the down GEMM: every split adds its weighted part atomically. Same result as one
+    split (fp32 summation order aside), and the unfused top-k sum keeps one fp32 row per slot."""
+    cfg = tiny_config(scheme)
+    cfg["down"]["SPLIT_K"] = split
+    out, ref = run_case(T=7, K=K, L=3, D=D, inter=inter, scheme=scheme, fused=fused, config=cfg)
+    w13, s13, w2, s2, _, _ = make_weights(3, inter, D, scheme)
+    ids, w = random_routing(5, K, 3)
+    x = torch.randn(5, D).bfloat16()
+    kw = dict(scheme=scheme, w13_scale=s13, w2_scale=s2, fused_topk_sum=fused, out_dtype=torch.float32)
+    one = fm.fused_moe(x, w13, w2, ids, w, config=tiny_config(scheme), **kw)
+    many = fm.fused_moe(x, w13, w2, ids, w, config=cfg, **kw)
+    # the unfused one-split path rounds each slot's output to out_dtype (fp32 here): same sums
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+
+
+def test_split_k_config_errors():
+    L, inter, D, T, K = 4, 32, 64, 3, 3
+    w13, _, w2, _, _, _ = make_weights(L, inter, D, "bf16")
+    x = torch.randn(T, D).bfloat16()
+    ids, w = random_routing(T, K, L)
+    cfg = tiny_config("bf16")
+    cfg["gate_up"]["SPLIT_K"] = 2
+    with pytest.raises(ValueError, match=r"config\['gate_up'\]\['SPLIT_K'\] must be 1"):
+        fm.fused_moe(x, w13, w2, ids, w, config=cfg)
+    for bad in (0, 1.5, True):
+        cfg = tiny_config("bf16")
+        cfg["down"]["SPLIT_K"] = bad
+        with pytest.raises(ValueError, match=r"config\['down'\]\['SPLIT_K'\] must be an int >= 1"):
+            fm.fused_moe(x, w13, w2, ids, w, config=cfg)
+
+
 def test_gate_up_writes_every_valid_row(rng_seed):
     """Launch the gate_up GEMM alone into a NaN-poisoned buffer: the row of every position that holds
     a valid slot is written (act is in sorted-position order), padding and tail rows stay untouched."""
