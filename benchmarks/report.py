@@ -282,6 +282,12 @@ def _router_topk(doc: dict, out: Path, suffix: str = "") -> Section:
     return s
 
 
+def _down_split(row: dict) -> int | None:
+    """The down GEMM's SPLIT_K of a sorted-layout row's config (None for the masked layout)."""
+    cfg = row.get("config") or {}
+    return None if cfg.get("MASKED") or "down" not in cfg else cfg["down"].get("SPLIT_K", 1)
+
+
 def _fused_moe(doc: dict, out: Path, suffix: str = "") -> Section:
     s = Section("fused_moe", doc)
     rows = [r for r in doc["rows"] if "us" in r and "scheme" in r]
@@ -345,6 +351,31 @@ def _fused_moe(doc: dict, out: Path, suffix: str = "") -> Section:
             ],
         )
     )
+    decode = sorted(
+        (dict(r, split_k=_down_split(r)) for r in rows if r["T"] <= 32),
+        key=lambda r: (r["shape"], r["scheme"], r["T"], r.get("path", "")),
+    )
+    if decode:
+        s.md.append(
+            "\nDecode (T <= 32), every shape: the sorted layout (`path` sorted, with the tuned block "
+            "config) and the masked layout side by side; `frac HBM` is the weight bytes touched over the "
+            "measured copy bandwidth.\n"
+        )
+        s.md.append(
+            _table(
+                decode,
+                [
+                    ("shape", "shape"),
+                    ("scheme", "scheme"),
+                    ("T", "T"),
+                    ("path", "path"),
+                    ("top-k sum", "topk_sum"),
+                    ("us", "us"),
+                    ("frac HBM", "frac_copy_bw"),
+                    ("down SPLIT_K", "split_k"),
+                ],
+            )
+        )
     return s
 
 
