@@ -305,7 +305,7 @@ def _scale_tile(a_s, b_s, SCALAR: tl.constexpr):
         return a_s[:, None] * b_s[None, :]
 
 
-@triton.jit(do_not_specialize=["num_slots", "top_k", "k_tiles_per_split"])
+@triton.jit(do_not_specialize=["num_slots", "top_k", "k_tiles_per_split", "zero_numel", "zero_chunk"])
 def _fused_moe_gemm_kernel(
     # pointers
     a_ptr,
@@ -319,6 +319,7 @@ def _fused_moe_gemm_kernel(
     num_post_ptr,
     a_desc,
     b_desc,
+    zero_ptr,
     # sizes
     N,
     K,
@@ -327,6 +328,8 @@ def _fused_moe_gemm_kernel(
     up_offset,
     rows_per_expert,
     k_tiles_per_split,
+    zero_numel,
+    zero_chunk,
     # strides (elements)
     stride_am,
     stride_ak,
@@ -356,6 +359,8 @@ def _fused_moe_gemm_kernel(
     TMA_A: tl.constexpr,
     TMA_B: tl.constexpr,
     A_SORTED: tl.constexpr,
+    ZERO: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
 ):
     """One program = one M-block of one expert x one N-block.
 
@@ -381,8 +386,19 @@ def _fused_moe_gemm_kernel(
     Split-K (down with ATOMIC only): grid axis 1 splits the K tiles, `k_tiles_per_split` each; every
     split scales its partial sum by the top-k weight and adds it atomically (a sum of linear parts), so
     decode sizes, where the M blocks are few, still put every SM on the weight stream.
+    ZERO: first, every program (those that exit early too) zero-fills its `zero_chunk` elements of
+    `zero_ptr` (`zero_numel` in all): the gate_up launch clears the down GEMM's output, which saves
+    the separate fill launch (decode) and overlaps the fill with the GEMM (prefill).
     """
     pid = tl.program_id(0)
+    if ZERO:
+        z_lo = pid.to(tl.int64) * zero_chunk
+        z_hi = tl.minimum(z_lo + zero_chunk, zero_numel)
+        for z in range(z_lo, z_hi, ZERO_BLOCK):
+            offs_z = z + tl.arange(0, ZERO_BLOCK)
+            tl.store(
+                zero_ptr + offs_z, tl.zeros((ZERO_BLOCK,), zero_ptr.dtype.element_ty), mask=offs_z < z_hi
+            )
     kb_lo = tl.program_id(1) * k_tiles_per_split
     kb_hi = tl.minimum(kb_lo + k_tiles_per_split, tl.cdiv(K, BLOCK_K))
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -620,6 +636,11 @@ def gather_sorted_rows(
 # Block configs: tuned table with a heuristic fallback
 # --------------------------------------------------------------------------------------------------
 
+_ZERO_BLOCK = 1024
+"""Elements per store step of the gate_up launch's zero-fill of the down GEMM's output."""
+_ZERO_IN_GATE_UP = True
+"""fused_moe zero-fills the down GEMM's output inside the gate_up launch (False: torch zero_ first,
+a launch of its own; kept for A/B timing)."""
 _GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 T_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -953,12 +974,17 @@ def _launch_gemm(
     atomic,
     block_m,
     cfg,
+    zero=None,
 ):
+    """One grouped GEMM launch (gate_up or down) over the aligned slots; `zero`: a contiguous
+    tensor the launch's programs zero-fill before their GEMM work (see the kernel's ZERO)."""
     sorted_ids, expert_ids, num_post = align
     num_pid_m = sorted_ids.shape[0] // block_m
     k_tiles = cdiv(k, cfg["BLOCK_K"])
     split_k, tiles_per_split = k_splits(k_tiles, cfg.get("SPLIT_K", 1)) if atomic else (1, k_tiles)
     grid = (num_pid_m * cdiv(n, cfg["BLOCK_N"]), split_k)
+    zero_numel = 0 if zero is None else zero.numel()
+    zero_chunk = cdiv(cdiv(zero_numel, grid[0]), _ZERO_BLOCK) * _ZERO_BLOCK
     sid = _SCHEME_ID[scheme]
     b_desc = a_desc = None
     if cfg.get("TMA", False):
@@ -988,6 +1014,7 @@ def _launch_gemm(
         num_post,
         a_desc,
         b_desc,
+        zero if zero is not None else c,
         n,
         k,
         num_slots,
@@ -995,6 +1022,8 @@ def _launch_gemm(
         up_offset,
         b.shape[1],
         tiles_per_split,
+        zero_numel,
+        zero_chunk,
         a.stride(0),
         a.stride(1),
         b.stride(0),
@@ -1022,6 +1051,8 @@ def _launch_gemm(
         TMA_A=a_desc is not None,
         TMA_B=b_desc is not None,
         A_SORTED=bool(a_sorted),
+        ZERO=zero_numel > 0,
+        ZERO_BLOCK=_ZERO_BLOCK,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -1184,8 +1215,20 @@ def fused_moe(
         return _fused_moe_masked(a1, a1_scale, w13, w2, w13_scale, w2_scale, topk_ids, topk_weights, scheme,
                                  out_dtype, tuple(config.get("masked", (None, None))))  # fmt: skip
 
-    block_m = int(config["BLOCK_M"])
+    # The down GEMM's output. A split-K down GEMM adds its partial sums atomically: into the fp32
+    # [T, D] accumulator when the top-k sum is fused, else into fp32 [T*K, D] (one row per slot, summed
+    # over K below). Both start at zero (slots of other ranks' experts add or store nothing): the
+    # gate_up launch zero-fills it (`zero=`), one launch fewer than torch.zeros.
+    split_down = config["down"].get("SPLIT_K", 1) > 1
     num_slots = num_tokens * top_k
+    if fused_topk_sum:
+        c = torch.empty((num_tokens, hidden), dtype=torch.float32, device=dev)
+    else:
+        c = torch.empty((num_slots, hidden), dtype=torch.float32 if split_down else out_dtype, device=dev)
+    if not _ZERO_IN_GATE_UP:
+        c.zero_()
+
+    block_m = int(config["BLOCK_M"])
     align = moe_align_block_size(topk_ids, block_m, num_experts)
 
     # One row per position of sorted_token_ids (slots grouped by expert, padding rows left unwritten),
@@ -1210,6 +1253,7 @@ def fused_moe(
         atomic=False,
         block_m=block_m,
         cfg=config["gate_up"],
+        zero=c if _ZERO_IN_GATE_UP else None,
     )
     if scheme == "bf16":
         a2, a2_scale = act, None
@@ -1217,14 +1261,6 @@ def fused_moe(
         a2, a2_scale = per_token_group_quant_fp8(act, GROUP)
 
     flat_w = topk_weights.reshape(-1)
-    # A split-K down GEMM adds its partial sums atomically: into the fp32 [T, D] accumulator when the
-    # top-k sum is fused, else into a zeroed fp32 [T*K, D] (one row per slot, summed over K below).
-    split_down = config["down"].get("SPLIT_K", 1) > 1
-    if fused_topk_sum:
-        acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=dev)
-        c = acc
-    else:
-        c = torch.zeros((num_slots, hidden), dtype=torch.float32 if split_down else out_dtype, device=dev)
     _launch_gemm(
         a2,
         w2,
@@ -1246,7 +1282,7 @@ def fused_moe(
         cfg=config["down"],
     )
     if fused_topk_sum:
-        return acc if out_dtype == torch.float32 else acc.to(out_dtype)
+        return c if out_dtype == torch.float32 else c.to(out_dtype)
     if top_k == 1:
         return c.to(out_dtype)
     return c.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(out_dtype)

@@ -132,7 +132,7 @@ def fused_ptrs(scheme: int, gate_up: bool) -> dict[str, str]:
     b = {0: "*bf16", 2: "*u8"}[scheme]
     return dict(a_ptr=a, b_ptr=b, c_ptr="*bf16" if gate_up else "*fp32", a_scale_ptr="*fp32",
                 b_scale_ptr="*fp32", topk_w_ptr="*fp32", sorted_ids_ptr="*i32", expert_ids_ptr="*i32",
-                num_post_ptr="*i32")  # fmt: skip
+                num_post_ptr="*i32", zero_ptr="*fp32")  # fmt: skip
 
 
 def fused_ce(**ce) -> dict:
@@ -140,6 +140,8 @@ def fused_ce(**ce) -> dict:
     off) is the constexpr None; a used one is an argument, typed by `tma_ptrs`."""
     out = dict(dict(TMA_A=False, TMA_B=False), **ce)
     out.setdefault("A_SORTED", not out["GATE_UP"] or out["TMA_B"])  # as `_launch_gemm` sets it
+    out.setdefault("ZERO", out["GATE_UP"])  # fused_moe's gate_up launch zero-fills the down output
+    out.setdefault("ZERO_BLOCK", 1024)
     out.update({name: None for name, on in (("a_desc", out["TMA_A"]), ("b_desc", out["TMA_B"])) if not on})
     return out
 

@@ -335,10 +335,15 @@ def test_split_k_config_errors():
             fm.fused_moe(x, w13, w2, ids, w, config=cfg)
 
 
-def test_gate_up_writes_every_valid_row(rng_seed):
+@pytest.mark.parametrize("numel, dtype", [(20000, torch.float32), (37, torch.bfloat16), (0, torch.float32)])
+def test_gate_up_writes_every_valid_row(rng_seed, numel, dtype):
     """Launch the gate_up GEMM alone into a NaN-poisoned buffer: the row of every position that holds
-    a valid slot is written (act is in sorted-position order), padding and tail rows stay untouched."""
+    a valid slot is written (act is in sorted-position order), padding and tail rows stay untouched.
+    Its zero-fill of the down GEMM's output (`zero=`) clears the whole NaN-poisoned buffer, whether
+    it spans several store steps per program (20000 elements over this grid's 8 programs) or fewer
+    elements than one step; with no buffer it writes nothing else."""
     L, inter, D, T, K = 3, 40, 72, 7, 2
+    zero = torch.full((numel,), float("nan"), dtype=dtype)
     w13, _, _, _, w13_f, _ = make_weights(L, inter, D, "bf16")
     ids, _ = random_routing(T, K, L, skip_frac=0.3)
     x = torch.randn(T, D).bfloat16()
@@ -365,7 +370,11 @@ def test_gate_up_writes_every_valid_row(rng_seed):
         atomic=False,
         block_m=cfg["BLOCK_M"],
         cfg=cfg["gate_up"],
+        zero=zero if numel else None,
     )
+    assert (zero == 0).all() and zero.dtype == dtype
+    programs = sorted_ids.shape[0] // cfg["BLOCK_M"] * -(-inter // cfg["gate_up"]["BLOCK_N"])
+    assert programs == 8 and (numel < 20000 or numel > 2 * programs * fm._ZERO_BLOCK)
     pos = sorted_ids < T * K
     assert int(pos.sum()) == int((ids >= 0).sum())
     assert torch.isfinite(act[pos]).all()
