@@ -68,6 +68,17 @@ def test_align_t0_and_t1(rng_seed, impl):
     assert check_align(torch.empty(0, 8, dtype=torch.long), 16, 5, impl=impl) == 0
     check_align(torch.tensor([[4, 0, -1]]), 4, 5, impl=impl)
     check_align(torch.tensor([[-1, -1]]), 4, 5, impl=impl)
+    check_align(torch.randperm(128)[:8].view(1, 8), 16, 128, impl=impl)  # decode: 8 slots, 128 experts
+
+
+def test_align_chunk_follows_the_slots():
+    """The scan step is the slots rounded up to a power of two (32..1024), 4096 past 4096 slots:
+    each size class above runs through its own chunk width."""
+    from ep_runtime.kernels.fused_moe import _align_chunk
+
+    assert [_align_chunk(n) for n in (1, 8, 33, 69, 1024, 1025, 4096, 4097)] == [
+        32, 32, 64, 128, 1024, 1024, 1024, 4096
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
