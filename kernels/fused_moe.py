@@ -5,11 +5,14 @@ Pipeline of `fused_moe` (no host synchronisation anywhere; CUDA-graph capturable
 
     topk_ids [T, K] --moe_align_block_size--> sorted_token_ids (slots grouped by expert, padded to BLOCK_M)
     x [T, D] --gate_up grouped GEMM (rows gathered by slot // K), SiLU(gate) * up in the epilogue-->
-        act [S, I] (row p = slot sorted_token_ids[p]; padding rows unwritten)
+        act [S, I] (row p = slot sorted_token_ids[p]; padding rows unwritten); the same launch
+        zero-fills the down GEMM's output (no fill launch of its own)
     (fp8 schemes: act quantised per token per 128-channel group)
     act --down grouped GEMM (contiguous row blocks), * topk_weight in the epilogue--> either
         fused top-k sum:  fp32 acc [T, D] += (tl.atomic_add at row slot // K), then one cast to out_dtype
-        unfused:          tmp [T*K, D] out_dtype, then tmp.view(T, K, D).sum(1) (fp32 accumulation)
+        unfused:          tmp [T*K, D] out_dtype, then one launch sums each token's K rows in fp32
+    A decode config may split the down GEMM's K (`SPLIT_K`): its partial sums are then added
+    atomically in fp32 (into acc, or into an fp32 tmp on the unfused path).
 
 Schemes (see `SCHEMES`): "bf16" (bf16 weights; fp8 input is dequantised first), "fp8_block" (e4m3
 weights with 128x128 block scales, fp8 activations with per-token-group-128 scales, fp8 tl.dot with
