@@ -62,6 +62,8 @@ TUNE_AT = {
     ("mixtral", "fp8_block"): (2048, 8192),
 }
 """(shape, scheme) -> T values swept under --tune (other T use the nearest tuned bucket)."""
+STEP_MAX_T = 32
+"""Rows up to this T also get the step timing (`--step-layers`)."""
 SMOKE = {"tiny": dict(L=8, D=256, I=128, K=8, Ts=[2, 64])}
 """--smoke: CPU under TRITON_INTERPRET=1, tiny shape, dummy ceilings: checks the script, not speed."""
 
@@ -386,6 +388,13 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--tune-all", action="store_true", help="with --tune: sweep every T of the run, not only TUNE_AT's"
     )
+    ap.add_argument(
+        "--step-layers",
+        type=int,
+        default=4,
+        help="bf16 decode rows (T <= 32) also timed as a graph of this many consecutive calls, each on its "
+        "own weight copy (fewer where GPU memory is short; 0 = off)",
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU + interpreter dry run of the script")
     args = ap.parse_args(argv)
     # CUDA-graph replay timing on GPU; the CPU smoke run times the call itself
@@ -442,6 +451,17 @@ def main(argv=None) -> int:
             continue
         w13, w2 = make_bf16_weights(L, D, inter, dev)
         q = {"bf16": (w13, None, w2, None)}
+        # decode rows are also timed as a step: one graph of consecutive calls, each on its own copy of
+        # the bf16 weights (a layer each), so every call reads cold weights and no call pays a graph
+        # launch of its own (as in a captured decode step of many MoE layers)
+        layers = [] if args.smoke or not args.step_layers else [(w13, w2)]
+        if layers and min(sh["Ts"] if not args.ts else [int(t) for t in args.ts.split(",")]) <= STEP_MAX_T:
+            free, _ = torch.cuda.mem_get_info()
+            per_layer = (w13.numel() + w2.numel()) * w13.element_size()
+            n = min(args.step_layers, int(0.5 * free // per_layer) + 1)
+            layers += [(w13.clone(), w2.clone()) for _ in range(n - 1)]
+        if len(layers) < 2:
+            layers = []
         if "fp8_block" in schemes:
             a, b = quantize_per_expert(quantize_fp8_block, w13)
             c, d = quantize_per_expert(quantize_fp8_block, w2)
@@ -520,6 +540,13 @@ def main(argv=None) -> int:
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                     t_us = time_graph(fn)
                     t_eager = bench_us(fn, warmup=3, rep=20) if T <= 128 else None
+                    t_step = None
+                    if layers and scheme == "bf16" and T <= STEP_MAX_T:
+                        calls = [
+                            functools.partial(fn.func, x, a, b, *fn.args[3:], **fn.keywords)
+                            for a, b in layers
+                        ]
+                        t_step = graph_us(lambda calls=calls: [c() for c in calls]) / len(calls)
                 except Exception as exc:
                     rows.append(
                         dict(shape=sname, T=T, scheme=scheme, error=f"{type(exc).__name__}: {exc}"[:300])
@@ -553,6 +580,12 @@ def main(argv=None) -> int:
                         config=cfg,
                     )
                 )
+                if t_step is not None:
+                    rows[-1].update(
+                        step_us=round(t_step, 2),
+                        step_layers=len(layers),
+                        frac_copy_bw_step=round(touched / copy_bw * 1e6 / t_step, 3),
+                    )
                 r = rows[-1]
                 if path == "sorted" and fused is None:
                     sorted_us[scheme] = (t_us, cfg)
@@ -570,7 +603,7 @@ def main(argv=None) -> int:
                     flush=True,
                 )
             flush()
-        del w13, w2, q
+        del w13, w2, q, layers
         if not args.smoke:
             torch.cuda.empty_cache()
     flush()

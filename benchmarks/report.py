@@ -359,7 +359,10 @@ def _fused_moe(doc: dict, out: Path, suffix: str = "") -> Section:
         s.md.append(
             "\nDecode (T <= 32), every shape: the sorted layout (`path` sorted, with the tuned block "
             "config) and the masked layout side by side; `frac HBM` is the weight bytes touched over the "
-            "measured copy bandwidth.\n"
+            "measured copy bandwidth. `us` is one call replayed from a graph of its own (each replay also "
+            "pays the graph's launch); `step us` is per call of a graph of consecutive calls, each on its "
+            "own copy of the weights (a layer each: cold weights, launch shared, as in a captured decode "
+            "step).\n"
         )
         s.md.append(
             _table(
@@ -372,6 +375,8 @@ def _fused_moe(doc: dict, out: Path, suffix: str = "") -> Section:
                     ("top-k sum", "topk_sum"),
                     ("us", "us"),
                     ("frac HBM", "frac_copy_bw"),
+                    ("step us", "step_us"),
+                    ("frac HBM (step)", "frac_copy_bw_step"),
                     ("down SPLIT_K", "split_k"),
                 ],
             )
