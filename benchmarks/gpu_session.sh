@@ -4,7 +4,7 @@
 # the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
 # project installed, and `deep_ep` importable for the DeepEP steps):
 #
-#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-tune | x2-comm | x2-layer | x2-step | x2-run
+#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-tune | k1-decode | x2-comm | x2-layer | x2-step | x2-run
 #
 # Every command runs under its own `timeout`, its output goes to <dir>/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
@@ -56,6 +56,12 @@ case "$group" in
     step 60 python benchmarks/bench_sustained.py --out-dir "$RES/results"
     mkdir -p "$RES/configs" && cp kernels/configs/*.json "$RES/configs/"
     ;;
+  k1-decode)  # one GPU: fused MoE decode buckets (T 1-32, bf16) re-tuned on whole graph-replayed calls,
+    # each row also timed as a step (consecutive calls on per-layer weight copies), both layouts
+    step 300 python benchmarks/bench_fused_moe.py --tune --tune-all --masked-decode --no-fp8 --ts 1,2,4,8,16,32 \
+      --budget-s 250 --tune-budget-s 200 --out "$RES/results"
+    mkdir -p "$RES/configs" && cp "$RES/results/fused_moe.json" "$RES/configs/"
+    ;;
   x2-comm)  # issue 4: DeepEP vs the torch backend, then raw DeepEP vs the runtime
     need_deep_ep
     step 230 env EP_GPU_TEST_TIMEOUT=200 python -m pytest -q -s -m gpu tests/gpu/test_deepep_gpu.py
@@ -81,7 +87,7 @@ case "$group" in
       --config $cfg/h200x2-deepep.yaml --report "$RES/results/run-h200x2-deepep-allvisible.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh k1|k1-tune|x2-comm|x2-layer|x2-step|x2-run" >&2
+    echo "usage: bash benchmarks/gpu_session.sh k1|k1-tune|k1-decode|x2-comm|x2-layer|x2-step|x2-run" >&2
     exit 2
     ;;
 esac
