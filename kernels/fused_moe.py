@@ -795,7 +795,7 @@ def _sum_slots(c: torch.Tensor, num_tokens: int, top_k: int, out_dtype: torch.dt
     launch (torch's sum then cast is two, 4.7 us at decode on an H100); plain torch on the CPU."""
     hidden = c.shape[1]
     if not (c.is_cuda or _INTERPRET):
-        return _sum_slots(c, num_tokens, top_k, out_dtype)
+        return c.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(out_dtype)
     out = torch.empty((num_tokens, hidden), dtype=out_dtype, device=c.device)
     block_d = min(1024, next_pow2(hidden))
     _sum_slots_launch((num_tokens, cdiv(hidden, block_d)), c, out, hidden, K=top_k, BLOCK_D=block_d,
@@ -1324,4 +1324,4 @@ def fused_moe(
         return c if out_dtype == torch.float32 else c.to(out_dtype)
     if top_k == 1:
         return c.to(out_dtype)
-    return c.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(out_dtype)
+    return _sum_slots(c, num_tokens, top_k, out_dtype)

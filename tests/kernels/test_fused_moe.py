@@ -319,6 +319,23 @@ def test_split_k_down(rng_seed, scheme, D, inter, K, fused, split):
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "K, D, dtype", [(2, 1500, torch.bfloat16), (3, 64, torch.float32), (8, 72, torch.float16)]
+)
+def test_sum_slots_one_launch(rng_seed, K, D, dtype):
+    """The unfused top-k sum (one Triton launch): each token's K rows summed in fp32, rounded once;
+    D spans two 1024-wide blocks (the second partial) or is not a power of two."""
+    T = 5
+    c = torch.randn(T * K, D).to(dtype)
+    with poisoned_empty():
+        out = fm._sum_slots(c, T, K, dtype)
+    ref = c.view(T, K, D).double().sum(dim=1)
+    assert out.dtype == dtype and out.shape == (T, D)
+    # fp32 sum, one rounding: within torch's default tolerance for the dtype (about one unit in the
+    # last place; the interpreter's fp32 -> bf16 cast does not round to nearest)
+    torch.testing.assert_close(out, ref.to(dtype))
+
+
 def test_split_k_config_errors():
     L, inter, D, T, K = 4, 32, 64, 3, 3
     w13, _, w2, _, _, _ = make_weights(L, inter, D, "bf16")
