@@ -419,11 +419,11 @@ def _fused_moe_gemm_kernel(
     pid_m = first_m + (pid % group) % group_size
     pid_n = (pid % group) // group_size
 
+    # Both loads before the branch: one memory round trip, not two, before the weight stream starts
+    # (a decode launch is one or two waves of short programs, so this latency shows).
     num_post = tl.load(num_post_ptr)
-    if pid_m * BLOCK_M >= num_post:
-        return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if expert < 0:
+    if (pid_m * BLOCK_M >= num_post) | (expert < 0):
         return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
