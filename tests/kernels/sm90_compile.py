@@ -209,6 +209,15 @@ def cases():
         yield f"fused-masked-scatter-{'fp8' if fp8 else 'bf16'}", fm._scatter_rows_kernel, ptrs, ce, 4, 1
     ptrs = dict(ym_ptr="*bf16", ids_ptr="*i64", pos_ptr="*i32", w_ptr="*fp32", out_ptr="*bf16")
     yield "fused-masked-combine", fm._combine_rows_kernel, ptrs, dict(E=256, K=8, BLOCK_D=1024), 4, 1
+    # the unfused top-k sum (Mixtral-class K=2, bf16 rows)
+    yield (
+        "fused-sum-slots",
+        fm._sum_slots_kernel,
+        dict(c_ptr="*bf16", out_ptr="*bf16"),
+        dict(K=2, BLOCK_D=1024),
+        4,
+        1,
+    )
     select_ptrs = dict(
         logits_ptr="*fp32", bias_ptr="*fp32", ids_ptr="*i64", weights_ptr="*fp32", scaling="fp32"
     )
