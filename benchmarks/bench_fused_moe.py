@@ -250,35 +250,15 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
     flat_w = w.reshape(-1)
     best = None
     log = []
+    fused = K > 2  # fused top-k sum, as fused_moe's default
     for bm, gus, dns in candidates(T * K / L, scheme):
         align = fm.moe_align_block_size(ids, bm, L)
         # the intermediate has one row per sorted position (as fused_moe allocates it)
         act_out = torch.empty(align[0].shape[0], inter, device=x.device, dtype=torch.bfloat16)
         act = torch.randn(align[0].shape[0], inter, device=x.device, dtype=torch.bfloat16)
         a2, a2s = (act, None) if scheme == "bf16" else per_token_group_quant_fp8(act)
-        atomic = K > 2
-        # fused top-k sum: fp32 [T, D] accumulated atomically; unfused: one bf16 row per slot [T*K, D]
-        # (fp32, added atomically, for a split-K down config: as fused_moe runs them)
-        acc = (
-            torch.zeros(T, D, device=x.device, dtype=torch.float32)
-            if atomic
-            else torch.zeros(T * K, D, device=x.device, dtype=torch.bfloat16)
-        )
-        acc_split = acc if atomic else torch.zeros(T * K, D, device=x.device, dtype=torch.float32)
 
-        def time_one(
-            cfg,
-            gate_up,
-            bm=bm,
-            align=align,
-            act_out=act_out,
-            acc=acc,
-            acc_split=acc_split,
-            atomic=atomic,
-            a2=a2,
-            a2s=a2s,
-        ):
-            split = cfg.get("SPLIT_K", 1) > 1
+        def time_one(cfg, gate_up, bm=bm, align=align, act_out=act_out, a2=a2, a2s=a2s):
             if gate_up:
                 fn = functools.partial(
                     fm._launch_gemm,
@@ -302,11 +282,14 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
                     cfg=cfg,
                 )
             else:
+                # the down output as fused_moe allocates and writes it for this config
+                out, atomic, row_div = fm.down_output(T, K, D, fused, cfg, torch.bfloat16, x.device)
+                out.zero_()
                 fn = functools.partial(
                     fm._launch_gemm,
                     a2,
                     w2,
-                    acc_split if split else acc,
+                    out,
                     a2s,
                     s2,
                     flat_w,
@@ -314,12 +297,12 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
                     n=D,
                     k=inter,
                     num_slots=T * K,
-                    top_k=K if atomic else 1,
+                    top_k=row_div,
                     up_offset=0,
                     scheme=scheme,
                     gate_up=False,
                     mul_weight=True,
-                    atomic=atomic or split,
+                    atomic=atomic,
                     block_m=bm,
                     cfg=cfg,
                 )
@@ -455,7 +438,7 @@ def main(argv=None) -> int:
         # the bf16 weights (a layer each), so every call reads cold weights and no call pays a graph
         # launch of its own (as in a captured decode step of many MoE layers)
         layers = [] if args.smoke or not args.step_layers else [(w13, w2)]
-        if layers and min(sh["Ts"] if not args.ts else [int(t) for t in args.ts.split(",")]) <= STEP_MAX_T:
+        if layers and min(Ts) <= STEP_MAX_T:
             free, _ = torch.cuda.mem_get_info()
             per_layer = (w13.numel() + w2.numel()) * w13.element_size()
             n = min(args.step_layers, int(0.5 * free // per_layer) + 1)

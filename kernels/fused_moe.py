@@ -648,9 +648,6 @@ def gather_sorted_rows(
 
 _ZERO_BLOCK = 1024
 """Elements per store step of the gate_up launch's zero-fill of the down GEMM's output."""
-_ZERO_IN_GATE_UP = True
-"""fused_moe zero-fills the down GEMM's output inside the gate_up launch (False: torch zero_ first,
-a launch of its own; kept for A/B timing)."""
 _GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 T_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -1097,6 +1094,19 @@ def _launch_gemm(
     )
 
 
+def down_output(num_tokens, top_k, hidden, fused_topk_sum, down_cfg, out_dtype, device):
+    """The down GEMM's output buffer (uninitialised) and how the launch writes it: `(c, atomic, row_div)`,
+    the output row of a slot being `slot // row_div`.
+    Fused top-k sum: fp32 `[T, D]`, atomic adds, row_div = K. Unfused: `[T*K, D]`, one row per slot
+    (row_div = 1), stored in out_dtype, or, for a split-K down config (`SPLIT_K` > 1), fp32 with the
+    splits' partial sums added atomically."""
+    if fused_topk_sum:
+        return torch.empty((num_tokens, hidden), dtype=torch.float32, device=device), True, top_k
+    split = down_cfg.get("SPLIT_K", 1) > 1
+    dtype = torch.float32 if split else out_dtype
+    return torch.empty((num_tokens * top_k, hidden), dtype=dtype, device=device), split, 1
+
+
 def _check_weights(name, w, scale, scheme, num_experts, rows, cols, device) -> None:
     if not isinstance(w, torch.Tensor) or w.dim() != 3:
         raise ValueError(f"{name} must be a [L, N, K] tensor, got {getattr(w, 'shape', type(w))}")
@@ -1254,18 +1264,12 @@ def fused_moe(
         return _fused_moe_masked(a1, a1_scale, w13, w2, w13_scale, w2_scale, topk_ids, topk_weights, scheme,
                                  out_dtype, tuple(config.get("masked", (None, None))))  # fmt: skip
 
-    # The down GEMM's output. A split-K down GEMM adds its partial sums atomically: into the fp32
-    # [T, D] accumulator when the top-k sum is fused, else into fp32 [T*K, D] (one row per slot, summed
-    # over K below). Both start at zero (slots of other ranks' experts add or store nothing): the
+    # The down GEMM's output starts at zero (slots of other ranks' experts add or store nothing): the
     # gate_up launch zero-fills it (`zero=`), one launch fewer than torch.zeros.
-    split_down = config["down"].get("SPLIT_K", 1) > 1
     num_slots = num_tokens * top_k
-    if fused_topk_sum:
-        c = torch.empty((num_tokens, hidden), dtype=torch.float32, device=dev)
-    else:
-        c = torch.empty((num_slots, hidden), dtype=torch.float32 if split_down else out_dtype, device=dev)
-    if not _ZERO_IN_GATE_UP:
-        c.zero_()
+    c, atomic, row_div = down_output(
+        num_tokens, top_k, hidden, fused_topk_sum, config["down"], out_dtype, dev
+    )
 
     block_m = int(config["BLOCK_M"])
     align = moe_align_block_size(topk_ids, block_m, num_experts)
@@ -1292,7 +1296,7 @@ def fused_moe(
         atomic=False,
         block_m=block_m,
         cfg=config["gate_up"],
-        zero=c if _ZERO_IN_GATE_UP else None,
+        zero=c,
     )
     if scheme == "bf16":
         a2, a2_scale = act, None
@@ -1311,12 +1315,12 @@ def fused_moe(
         n=hidden,
         k=inter,
         num_slots=num_slots,
-        top_k=top_k if fused_topk_sum else 1,  # the atomic epilogue's output row is slot // top_k
+        top_k=row_div,
         up_offset=0,
         scheme=scheme,
         gate_up=False,
         mul_weight=True,
-        atomic=fused_topk_sum or split_down,
+        atomic=atomic,
         block_m=block_m,
         cfg=config["down"],
     )
