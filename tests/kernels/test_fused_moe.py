@@ -319,6 +319,80 @@ def test_split_k_down(rng_seed, scheme, D, inter, K, fused, split):
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
 
 
+def direct_config(scheme, split=1, block_n=32):
+    cfg = tiny_config(scheme, block_n=block_n)
+    cfg["DIRECT"] = True
+    cfg["down"]["SPLIT_K"] = split
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "scheme, T, K, L, fused, split",
+    [
+        ("bf16", 1, 8, 10, None, 1),  # decode: 8 distinct experts, one row each
+        ("bf16", 4, 4, 5, True, 2),  # 16 slots on 5 experts: 5 row blocks; split-K into the workspace
+        ("bf16", 5, 3, 4, False, 1),  # 15 slots, unfused top-k sum (per-slot rows, then the sum launch)
+        ("bf16", 8, 2, 8, None, 3),  # 16 slots (Mixtral-like K = 2: unfused), split-K per-slot fp32 rows
+        ("fp8_block", 2, 4, 5, True, 1),
+        ("w4a8", 1, 4, 6, True, 2),
+    ],
+)
+def test_direct_decode(rng_seed, scheme, T, K, L, fused, split):
+    """Config DIRECT (T*K <= 16): no alignment launch, each row block finds its expert in topk_ids; the
+    fused top-k sum goes through the self-cleaning workspace and the last contribution to each tile
+    writes out. Against the reference (-1 slots, a token with no local expert) and the aligned path."""
+    D, inter = (256, 256) if scheme != "bf16" else (72, 104)
+    out, ref = run_case(T=T, K=K, L=L, D=D, inter=inter, scheme=scheme, fused=fused,
+                        config=direct_config(scheme, split))  # fmt: skip
+    w13, s13, w2, s2, _, _ = make_weights(L, inter, D, scheme)
+    ids, w = random_routing(T, K, L, skip_frac=0.2)
+    x = torch.randn(T, D).bfloat16()
+    kw = dict(scheme=scheme, w13_scale=s13, w2_scale=s2, fused_topk_sum=fused, out_dtype=torch.float32)
+    aligned = fm.fused_moe(x, w13, w2, ids, w, config=tiny_config(scheme), **kw)
+    direct = fm.fused_moe(x, w13, w2, ids, w, config=direct_config(scheme, split), **kw)
+    torch.testing.assert_close(direct, aligned, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_decode_duplicates_dead_token_and_self_cleaning(rng_seed):
+    """DIRECT with a token listing one expert twice (both weights count), a token with no local
+    expert (exactly 0), all of one token on one expert; repeated calls give the same result and
+    leave the workspace and arrival counters at zero; past 16 slots the aligned path serves."""
+    from ep_runtime.kernels.tables import arrival_counters, zeroed_workspace
+
+    L, inter, D = 4, 32, 64
+    w13, _, w2, _, w13_f, w2_f = make_weights(L, inter, D, "bf16")
+    ids = torch.tensor([[2, 0, 2, -1], [-1, -1, -1, -1], [3, 3, 3, 1]])
+    w = torch.rand(3, 4) + 0.1
+    x = torch.randn(3, D).bfloat16()
+    ref = ref_moe(x, None, w13_f, w2_f, ids, w, "bf16")
+    for split in (1, 2):
+        cfg = direct_config("bf16", split)
+        with poisoned_empty():
+            first = fm.fused_moe(x, w13, w2, ids, w, config=cfg)
+        second = fm.fused_moe(x, w13, w2, ids, w, config=cfg)
+        assert rel_err(first, ref) < TOL["bf16"]
+        assert (first[1] == 0).all()
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+        assert (arrival_counters(x.device, 64) == 0).all()
+        assert (zeroed_workspace(x.device, 3 * D) == 0).all()
+    # 5 tokens x 4 slots = 20 > DIRECT_MAX_SLOTS: the config's aligned path
+    ids5, w5 = random_routing(5, 4, L)
+    x5 = torch.randn(5, D).bfloat16()
+    out5 = fm.fused_moe(x5, w13, w2, ids5, w5, config=direct_config("bf16"))
+    assert rel_err(out5, ref_moe(x5, None, w13_f, w2_f, ids5, w5, "bf16")) < TOL["bf16"]
+
+
+def test_direct_config_errors():
+    cfg = direct_config("bf16")
+    cfg["DIRECT"] = "yes"
+    with pytest.raises(ValueError, match=r"config\['DIRECT'\] must be true or false"):
+        fm._check_config(cfg, "bf16")
+    cfg = direct_config("bf16")
+    cfg["down"]["TMA"] = True
+    with pytest.raises(ValueError, match=r"DIRECT .* cannot use TMA"):
+        fm._check_config(cfg, "bf16")
+
+
 @pytest.mark.parametrize(
     "K, D, dtype", [(2, 1500, torch.bfloat16), (3, 64, torch.float32), (8, 72, torch.float16)]
 )
