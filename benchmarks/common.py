@@ -100,7 +100,9 @@ def capture_graph(fn, replays: int = 1):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     out = None
-    with torch.cuda.graph(graph):
+    # captured on the warm-up stream, whose self-cleaning kernel workspaces (`kernels.tables._zeroed`,
+    # per stream) exist already: no zero-fill of a fresh one lands in the graph
+    with torch.cuda.graph(graph, stream=side):
         for _ in range(replays):
             out = fn()
     return graph, out

@@ -342,7 +342,9 @@ class DecodeGraphRunner:
             torch.cuda.synchronize()
             slot.out = None
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            # captured on the warm-up stream: per-stream self-cleaning kernel workspaces
+            # (`kernels.tables._zeroed`) exist already, so no zero-fill lands in the graph
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                 self._body(slot)
             if self._pool is None:
                 self._pool = graph.pool()

@@ -198,7 +198,9 @@ def _zeroed(what: str, device: torch.device, numel: int, dtype: torch.dtype, min
     """A per-(purpose, device, stream) buffer of at least `numel` zeros that every launch using it
     leaves zero again. Calls on one stream are ordered, so they can share; concurrent streams get
     their own. A buffer outgrown by a larger launch is kept alive, not freed: a CUDA graph
-    captured with it still points at it."""
+    captured with it still points at it. A buffer first made inside a CUDA-graph capture is zeroed
+    by a fill node of that graph (correct, one node more per replay): capture on a stream that has
+    run the calls before (the warm-up stream) to keep it out."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (what, str(device), stream)
     buf = _ZEROED.get(key)
