@@ -355,6 +355,22 @@ def nearest(entries, T):
     return entries[min(entries, key=lambda b: abs(math.log2(int(b)) - math.log2(max(T, 1))))]
 
 
+def same_traffic_copy_us(touched: int, layers: int) -> tuple[float, float | None]:
+    """A device-to-device copy of `touched // 2` bytes (so `touched` bytes of HBM traffic, as the copy
+    bandwidth counts it) replayed from a CUDA graph: `(one copy us, us per copy of a graph of `layers`
+    copies from separate buffers)` (the second None when they do not fit in half the free memory or
+    layers < 2). Small transfers pay a launch, a ramp and a tail the bandwidth figure does not show."""
+    src = torch.empty(touched // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    one = graph_us(lambda: dst.copy_(src), tries=3)
+    step = None
+    if layers >= 2 and touched * layers < 0.5 * torch.cuda.mem_get_info()[0]:
+        n = touched // 2
+        pairs = [tuple(torch.empty(n, dtype=torch.uint8, device="cuda") for _ in "sd") for _ in range(layers)]
+        step = graph_us(lambda: [d.copy_(s) for s, d in pairs], tries=3) / layers
+    return one, step
+
+
 def bytes_per_expert(D, inter, scheme):
     n = 3 * D * inter
     if scheme == "bf16":
@@ -485,7 +501,7 @@ def main(argv=None) -> int:
                 variants.append(("w4a8", None))
             if args.masked_decode and T * K <= fm.MASKED_MAX_SLOTS and T <= 32:
                 variants += [(s, "masked") for s in schemes]
-            sorted_us = {}
+            sorted_us, same_copy = {}, {}
             for scheme, fused in variants:
                 if scheme == "w4a8":
                     a, b = quantize_per_expert(quantize_w4a8, w13)
@@ -550,6 +566,8 @@ def main(argv=None) -> int:
                     print(rows[-1])
                     continue
                 touched = n_touched * bytes_per_expert(D, inter, scheme)
+                if T <= STEP_MAX_T and not args.smoke and touched not in same_copy:
+                    same_copy[touched] = same_traffic_copy_us(touched, len(layers))
                 rate = mm_bf16 if scheme == "bf16" else mm_fp8
                 floor_us = max(touched / copy_bw, flops / rate) * 1e6
                 rows.append(
@@ -576,6 +594,15 @@ def main(argv=None) -> int:
                         config=cfg,
                     )
                 )
+                if touched in same_copy:
+                    # the copy of the same traffic (touched/2 bytes read + written) from a graph, as
+                    # one call and as a step of per-layer copies: the ceiling at this transfer size
+                    c1, cs = same_copy[touched]
+                    rows[-1].update(copy_same_us=round(c1, 2), frac_same_copy=round(c1 / t_us, 3))
+                    if cs is not None and t_step is not None:
+                        rows[-1].update(
+                            copy_same_step_us=round(cs, 2), frac_same_copy_step=round(cs / t_step, 3)
+                        )
                 if t_step is not None:
                     rows[-1].update(
                         step_us=round(t_step, 2),
