@@ -324,22 +324,28 @@ def _scale_tile(a_s, b_s, SCALAR: tl.constexpr):
 
 
 @triton.jit
-def _direct_rows(ids_ptr, group, num_slots, num_experts, top_k, SLOTS: tl.constexpr):
-    """Decode without an alignment pass (`DIRECT`, all T*K <= SLOTS slots in one row block): the
-    expert of row block `group` is the group-th distinct local expert in slot order, and its rows are
-    that expert's slots in slot order. Returns `(expert or -1 when there are fewer distinct experts,
-    slot [SLOTS] (num_slots past the expert's rows), row_ok [SLOTS], n_valid [SLOTS])`, n_valid being
-    how many of each row's token's slots have a local expert."""
+def _direct_rows(ids_ptr, group, num_slots, num_experts, top_k, BLOCK_M: tl.constexpr, SLOTS: tl.constexpr):
+    """Decode without an alignment pass (`DIRECT`, at most SLOTS slots): row block `group` is the
+    group-th (expert, chunk) pair, the local experts taken in order of first appearance among the slots
+    and each expert's slots (in slot order) cut into chunks of BLOCK_M rows. Pairs number at most
+    min(T*K, E) + ceil(T*K / BLOCK_M). Returns `(expert, or -1 past the last pair; slot [BLOCK_M]
+    (num_slots past the chunk's rows); row_ok [BLOCK_M]; n_valid [BLOCK_M])`, n_valid being how many
+    of each row's token's slots have a local expert."""
     s = tl.arange(0, SLOTS)
     ids, ok = _local_ids(ids_ptr, ids_ptr, s, num_slots, num_experts, False)
     ids = tl.where(ok, ids, -1).to(tl.int32)
-    seen_before = (ids[:, None] == ids[None, :]) & (s[None, :] < s[:, None])
-    first = ok & (tl.sum(seen_before.to(tl.int32), axis=1) == 0)
-    rank = tl.cumsum(first.to(tl.int32), axis=0) - 1
-    expert = tl.max(tl.where(first & (rank == group), ids, -1), axis=0)
+    same = (ids[:, None] == ids[None, :]) & ok[:, None]
+    seen_before = tl.sum((same & (s[None, :] < s[:, None])).to(tl.int32), axis=1)
+    count = tl.sum(same.to(tl.int32), axis=1)  # slots on this slot's expert
+    chunks = tl.where(ok & (seen_before == 0), tl.cdiv(count, BLOCK_M), 0)  # at the first slot only
+    ends = tl.cumsum(chunks, axis=0)
+    owner = (group < ends) & (group >= ends - chunks)  # the first slot of this pair's expert
+    expert = tl.max(tl.where(owner, ids, -1), axis=0)
+    chunk = group - tl.sum(tl.where(owner, ends - chunks, 0), axis=0)
     match = ok & (ids == expert)
     pos = tl.cumsum(match.to(tl.int32), axis=0) - 1
-    sel = match[None, :] & (pos[None, :] == s[:, None])  # [row, slot]
+    r = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+    sel = match[None, :] & (pos[None, :] == r[:, None])  # [row, slot]
     row_ok = tl.sum(sel.to(tl.int32), axis=1) > 0
     slot = tl.where(row_ok, tl.sum(tl.where(sel, s[None, :], 0), axis=1), num_slots)
     same_token = (s[None, :] // top_k) == (slot // top_k)[:, None]
@@ -411,6 +417,7 @@ def _fused_moe_gemm_kernel(
     ZERO_BLOCK: tl.constexpr,
     DIRECT: tl.constexpr,
     FINISH: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
     """One program = one M-block of one expert x one N-block.
 
@@ -461,7 +468,9 @@ def _fused_moe_gemm_kernel(
 
     if DIRECT:
         # no alignment pass: this program's expert and rows come from topk_ids themselves
-        expert, slot, row_ok, n_valid = _direct_rows(ids_ptr, pid_m, num_slots, num_experts, top_k, BLOCK_M)
+        expert, slot, row_ok, n_valid = _direct_rows(
+            ids_ptr, pid_m, num_slots, num_experts, top_k, BLOCK_M, SLOTS
+        )
         if expert < 0:
             return
         expert = expert.to(tl.int64)
@@ -871,9 +880,11 @@ def _sum_slots(c: torch.Tensor, num_tokens: int, top_k: int, out_dtype: torch.dt
     return out
 
 
-DIRECT_MAX_SLOTS = 16
+DIRECT_MAX_SLOTS = 64
 """Config `DIRECT` (decode without the alignment launch) serves calls of at most this many slots
-(T*K): they all fit one 16-row block, whatever the routing."""
+(T*K; each program compares all slot ids pairwise); larger calls take the aligned path."""
+DIRECT_BLOCK_M = 16
+"""Rows per block of a DIRECT call (its config's BLOCK_M is not used)."""
 
 MASKED_MAX_SLOTS = 512
 """The masked decode path scans all T*K slot ids per program: at most this many slots."""
@@ -990,6 +1001,9 @@ def get_config(
     SPLIT_K, down only, default 1: the down GEMM's K tiles split over that many programs per output
     tile, each adding its part atomically in fp32 (decode: more programs streaming the weights);
     INT4_MAGIC, w4a8 only, default 0: how int4 weights become e4m3, see `quant.int4_to_e4m3`).
+    A decode entry may also hold `"DIRECT": true`: calls of at most `DIRECT_MAX_SLOTS` slots (T*K)
+    skip the alignment launch (each 16-row block finds its expert and rows in topk_ids), and with the
+    fused top-k sum the down GEMM writes the output itself (no cast launch); no TMA with it.
     """
     path = str(path or CONFIG_DIR / "fused_moe.json")
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
@@ -1186,6 +1200,7 @@ def _launch_gemm(
         ZERO_BLOCK=_ZERO_BLOCK,
         DIRECT=direct is not None,
         FINISH=finish is not None,
+        SLOTS=max(DIRECT_BLOCK_M, next_pow2(num_slots)) if direct is not None else 1,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -1366,12 +1381,14 @@ def fused_moe(
     num_slots = num_tokens * top_k
     finish = direct = align = None
     if config.get("DIRECT", False) and num_slots <= DIRECT_MAX_SLOTS:
-        # Decode without the alignment launch: each row block finds its expert in topk_ids, act has
+        # Decode without the alignment launch: each row block finds its expert (and its chunk of
+        # that expert's slots) in topk_ids, act has
         # one row per slot. Fused top-k sum: the down GEMM adds into a self-cleaning fp32 workspace
         # and the last contribution to each tile writes out (no cast launch); the gate_up launch
         # zero-fills out for tokens none of whose slots is local.
-        block_m = DIRECT_MAX_SLOTS
-        direct = (topk_ids.contiguous().view(-1), min(num_slots, num_experts))
+        block_m = DIRECT_BLOCK_M
+        # (expert, chunk of 16 rows) pairs: at most one per distinct expert plus the extra chunks
+        direct = (topk_ids.contiguous().view(-1), min(num_slots, num_experts) + cdiv(num_slots, block_m))
         act = torch.empty((num_slots, inter), dtype=torch.bfloat16, device=dev)
         if fused_topk_sum:
             out = torch.empty((num_tokens, hidden), dtype=out_dtype, device=dev)

@@ -124,7 +124,8 @@ _DIRECT = dict(_SPLIT_DECODE, DIRECT=True)
 @pytest.mark.parametrize("scheme", ["bf16", "fp8_block", "w4a8"])
 @pytest.mark.parametrize("shape, T, K, fused", [((128, 2048, 768), 1, 8, None), ((128, 2048, 768), 2, 8, None),
                                                 ((32, 7168, 2048), 2, 8, None), ((8, 4096, 1792), 8, 2, None),
-                                                ((128, 2048, 768), 2, 8, False)])  # fmt: skip
+                                                ((128, 2048, 768), 2, 8, False), ((128, 2048, 768), 8, 8, None),
+                                                ((8, 4096, 1792), 32, 2, None)])  # fmt: skip
 def test_direct_decode_gpu(scheme, shape, T, K, fused):
     """Config DIRECT (no alignment launch; the fused top-k sum finished by the down GEMM through the
     self-cleaning workspace) at real decode shapes: matches the reference, and the aligned path up to

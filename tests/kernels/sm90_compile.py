@@ -144,6 +144,7 @@ def fused_ce(**ce) -> dict:
     out.setdefault("ZERO_BLOCK", 1024)
     out.setdefault("DIRECT", False)  # decode without the alignment launch (config DIRECT)
     out.setdefault("FINISH", out["DIRECT"] and not out["GATE_UP"])  # ... its down GEMM writes out itself
+    out.setdefault("SLOTS", 64 if out["DIRECT"] else 1)  # DIRECT: slot ids compared pairwise (at most 64)
     out.update({name: None for name, on in (("a_desc", out["TMA_A"]), ("b_desc", out["TMA_B"])) if not on})
     return out
 

@@ -333,12 +333,14 @@ def direct_config(scheme, split=1, block_n=32):
         ("bf16", 4, 4, 5, True, 2),  # 16 slots on 5 experts: 5 row blocks; split-K into the workspace
         ("bf16", 5, 3, 4, False, 1),  # 15 slots, unfused top-k sum (per-slot rows, then the sum launch)
         ("bf16", 8, 2, 8, None, 3),  # 16 slots (Mixtral-like K = 2: unfused), split-K per-slot fp32 rows
+        ("bf16", 20, 3, 3, True, 1),  # 60 slots on 3 experts: 16-row chunks, 2 per expert
+        ("bf16", 16, 4, 6, None, 2),  # 64 slots, the most DIRECT takes
         ("fp8_block", 2, 4, 5, True, 1),
         ("w4a8", 1, 4, 6, True, 2),
     ],
 )
 def test_direct_decode(rng_seed, scheme, T, K, L, fused, split):
-    """Config DIRECT (T*K <= 16): no alignment launch, each row block finds its expert in topk_ids; the
+    """Config DIRECT (T*K <= 64): no alignment launch, each row block finds its expert in topk_ids; the
     fused top-k sum goes through the self-cleaning workspace and the last contribution to each tile
     writes out. Against the reference (-1 slots, a token with no local expert) and the aligned path."""
     D, inter = (256, 256) if scheme != "bf16" else (72, 104)
@@ -356,7 +358,8 @@ def test_direct_decode(rng_seed, scheme, T, K, L, fused, split):
 def test_direct_decode_duplicates_dead_token_and_self_cleaning(rng_seed):
     """DIRECT with a token listing one expert twice (both weights count), a token with no local
     expert (exactly 0), all of one token on one expert; repeated calls give the same result and
-    leave the workspace and arrival counters at zero; past 16 slots the aligned path serves."""
+    leave the workspace and arrival counters at zero; 40 slots on one expert (3 chunks of rows); past
+    DIRECT_MAX_SLOTS the aligned path serves."""
     from ep_runtime.kernels.tables import arrival_counters, zeroed_workspace
 
     L, inter, D = 4, 32, 64
@@ -375,9 +378,17 @@ def test_direct_decode_duplicates_dead_token_and_self_cleaning(rng_seed):
         torch.testing.assert_close(second, first, rtol=0, atol=0)
         assert (arrival_counters(x.device, 64) == 0).all()
         assert (zeroed_workspace(x.device, 3 * D) == 0).all()
-    # 5 tokens x 4 slots = 20 > DIRECT_MAX_SLOTS: the config's aligned path
-    ids5, w5 = random_routing(5, 4, L)
-    x5 = torch.randn(5, D).bfloat16()
+    # 20 tokens listing expert 1 twice: 40 rows of one expert
+    ids1 = torch.ones(20, 2, dtype=torch.long)
+    w1 = torch.rand(20, 2) + 0.1
+    x1 = torch.randn(20, D).bfloat16()
+    with poisoned_empty():
+        out1 = fm.fused_moe(x1, w13, w2, ids1, w1, fused_topk_sum=True, config=direct_config("bf16", 2))
+    assert rel_err(out1, ref_moe(x1, None, w13_f, w2_f, ids1, w1, "bf16")) < TOL["bf16"]
+    # 17 tokens x 4 slots = 68 > DIRECT_MAX_SLOTS: the config's aligned path
+    assert 17 * 4 > fm.DIRECT_MAX_SLOTS
+    ids5, w5 = random_routing(17, 4, L)
+    x5 = torch.randn(17, D).bfloat16()
     out5 = fm.fused_moe(x5, w13, w2, ids5, w5, config=direct_config("bf16"))
     assert rel_err(out5, ref_moe(x5, None, w13_f, w2_f, ids5, w5, "bf16")) < TOL["bf16"]
 
