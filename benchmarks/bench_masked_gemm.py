@@ -126,8 +126,13 @@ def _mlp(n1: int, n2: int, warps: int, stages: int, per_sm: int = 2) -> dict:
 
 MLP_CANDIDATES = {
     "bf16": [_mlp(32, 64, 4, 4), _mlp(64, 64, 4, 4), _mlp(64, 128, 8, 3), _mlp(32, 64, 4, 4, per_sm=4)],
-    # gate_up columns are one 128-group (the intermediate is requantised per group)
-    "fp8_block": [_mlp(128, 128, 8, 3)],
+    # gate_up columns are one 128-group (the intermediate is requantised per group), or, with H_BF16,
+    # narrow tiles of a bf16 intermediate that the down GEMM quantises per group as it loads it
+    "fp8_block": [
+        _mlp(128, 128, 8, 3),
+        dict(_mlp(32, 64, 4, 4), H_BF16=True),
+        dict(_mlp(64, 128, 4, 4), H_BF16=True),
+    ],
 }
 """Configs of the one-launch expert MLP (`masked_grouped_gemm._masked_mlp_kernel`) the tuner tries
 as the gated kind's `MLP` entry."""

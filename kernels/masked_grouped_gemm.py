@@ -63,7 +63,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # A modes (retired: 3, bf16 x for fp8 weights, now quantised by `_masked_group_quant` first; 4, bf16
 # x quantised per tensor inside the GEMM's K loop, now `_masked_tensor_quant` + mode 5; the numbers
 # stay, the tuned tables' kind names carry them)
-A_BF16, A_FP8G_DEQ, A_FP8G, A_FP16_QT = 0, 1, 2, 5
+A_BF16, A_FP8G_DEQ, A_FP8G, A_FP16_QT, A_BF16_QG = 0, 1, 2, 5, 6
+# (A_BF16_QG: bf16 A quantised per row per 128-group as it is loaded, then the fp8 dot; the one-launch
+# MLP's down GEMM reads a bf16 intermediate this way, so its gate_up tiles need not span a group)
 # B modes
 B_BF16, B_FP8_BLOCK, B_INT4 = 0, 1, 2
 # epilogue modes
@@ -233,6 +235,10 @@ def _masked_acc(a_base, a_scale_ptr, b_base, b_scale_ptr, e, offs_m, mask_m, off
                 a_s = tl.load(a_s_ptrs, mask=mask_m, other=0.0)
         if A_MODE == 1:
             a = (a.to(tl.float32) * a_s[:, None]).to(tl.bfloat16)
+        if A_MODE == 6:  # per-row group scale of this K block (BLOCK_K == GROUP_K), as OUT_FP8G makes it
+            af = a.to(tl.float32)
+            a_s = e4m3_scale(tl.max(tl.abs(af), axis=1), 1e-10, 448.0)
+            a = _quant_fp8(af, a_s[:, None], UPCAST)
         if UPCAST and (A_MODE == 0 or A_MODE == 1):
             a = a.to(tl.float32)
             b0 = b0.to(tl.float32)
@@ -358,7 +364,8 @@ def _masked_mlp_kernel(
     into `h` (bf16, or fp8 + per-token-group scales when H_MODE == OUT_FP8G) and down from it, in
     one launch (see the section comment). sched: int32 [2 + L] (ticket, programs finished, gate_up
     tiles done per expert), zero on entry and left zero."""
-    A2_MODE: tl.constexpr = 2 if H_MODE == 1 else 0  # the down GEMM reads h as A_FP8G after OUT_FP8G
+    # the down GEMM reads h as A_FP8G after OUT_FP8G; a bf16 h for fp8 weights is quantised as loaded
+    A2_MODE: tl.constexpr = 2 if H_MODE == 1 else (6 if B_MODE == 1 else 0)
     offs_e = tl.arange(0, L_POW2)
     cnt = tl.minimum(tl.load(counts_ptr + offs_e, mask=offs_e < L, other=0), M)
     # experts with more than BLOCK_M rows take BLOCK_M_BIG-row tiles (the same in one-regime configs)
@@ -849,10 +856,14 @@ def _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h, h_scale, out, count
     """The expert MLP in one launch (`_masked_mlp_kernel`) with the fused config `cfg` (the gate_up
     entry's `MLP`: BLOCK_M, BLOCK_N1 (gate_up columns; 128 when h is requantised per group),
     BLOCK_N2 (down columns), num_warps, optional num_stages, PROGRAMS_PER_SM and BLOCK_M_BIG (the
-    row tile of experts with more than BLOCK_M rows; default BLOCK_M))."""
+    row tile of experts with more than BLOCK_M rows; default BLOCK_M); fp8_block: H_BF16 (default
+    false): h stays bf16 and the down GEMM quantises it per 128-group as it loads it, so BLOCK_N1
+    need not be one group (decode: more gate_up tiles on the weight stream))."""
     missing = [k for k in MLP_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"MLP config needs keys {MLP_KEYS}; missing {missing}")
+    if cfg.get("H_BF16", False) not in (False, True):
+        raise ValueError(f"MLP config H_BF16 must be true or false, got {cfg['H_BF16']!r}")
     L, M, D = x.shape
     I = w2.shape[2]  # noqa: E741
     if L == 0 or M == 0:
@@ -1326,8 +1337,13 @@ def masked_moe(
             x, x_scale = _masked_group_quant(x, counts)  # as DeepEP's FP8 dispatch would have delivered it
         mlp = _pick_config(A_FP8G, B_FP8_BLOCK, True, M, x.device, cfg1, I, D).get("MLP")
         if mlp is not None:
-            _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h_q, h_s, out, counts, a_mode=A_FP8G,
-                        b_mode=B_FP8_BLOCK, h_mode=OUT_FP8G, cfg=mlp)  # fmt: skip
+            if mlp.get("H_BF16", False):
+                h = torch.empty((L, M, I), dtype=torch.bfloat16, device=x.device)
+                _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h, None, out, counts, a_mode=A_FP8G,
+                            b_mode=B_FP8_BLOCK, h_mode=OUT_PLAIN, cfg=mlp)  # fmt: skip
+            else:
+                _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h_q, h_s, out, counts, a_mode=A_FP8G,
+                            b_mode=B_FP8_BLOCK, h_mode=OUT_FP8G, cfg=mlp)  # fmt: skip
             return out
         _launch(x, x_scale, w13, w13_scale, h_q, h_s, counts, N=I, K=D,
                 a_mode=A_FP8G, b_mode=B_FP8_BLOCK, out_mode=OUT_FP8G, gated=True, up_offset=I, config=cfg1)  # fmt: skip

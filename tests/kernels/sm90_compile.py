@@ -215,6 +215,8 @@ def cases():
     # the one-launch masked MLP: a bf16 decode tile and an fp8_block one (gate_up = one 128-group)
     yield _mlp_case("any", "bf16", dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=32, BLOCK_N2=64, num_warps=4,
                                         num_stages=4), mg.A_BF16, mg.B_BF16)  # fmt: skip
+    yield _mlp_case("any", "fp8-hbf16", dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=32, BLOCK_N2=64, num_warps=4,
+                                            num_stages=4, H_BF16=True), mg.A_FP8G, mg.B_FP8_BLOCK)  # fmt: skip
     yield _mlp_case("any", "fp8", dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=128, BLOCK_N2=128, num_warps=8,
                                        num_stages=3), mg.A_FP8G, mg.B_FP8_BLOCK)  # fmt: skip
     # fused_moe's masked decode path: the row scatter (bf16 rows; fp8 rows with their group scales) and
@@ -338,15 +340,16 @@ def table_cases():
 def _mlp_case(dev, kind, mlp, a_mode, b_mode):
     """The one-launch MLP of a table entry (`masked_grouped_gemm._launch_mlp`)."""
     fp8 = b_mode == mg.B_FP8_BLOCK
-    ce = dict(A_MODE=a_mode, H_MODE=mg.OUT_FP8G if fp8 else mg.OUT_PLAIN,
+    requant = fp8 and not mlp.get("H_BF16", False)  # else h stays bf16 (quantised as the down GEMM loads it)
+    ce = dict(A_MODE=a_mode, H_MODE=mg.OUT_FP8G if requant else mg.OUT_PLAIN,
               B_MODE=b_mode, B_SCALE_ROWS=mg.GROUP if fp8 else 1, BLOCK_M=mlp["BLOCK_M"],
               BLOCK_M_BIG=mlp.get("BLOCK_M_BIG", mlp["BLOCK_M"]),
-              BLOCK_N1=mg.GROUP if fp8 else mlp["BLOCK_N1"], BLOCK_N2=mlp["BLOCK_N2"], BLOCK_K=mg.GROUP,
+              BLOCK_N1=mg.GROUP if requant else mlp["BLOCK_N1"], BLOCK_N2=mlp["BLOCK_N2"], BLOCK_K=mg.GROUP,
               GROUP_K=mg.GROUP, L_POW2=32, UPCAST=False)  # fmt: skip
     w = "*fp8e4nv" if fp8 else "*bf16"
     ptrs = dict(x_ptr="*fp8e4nv" if a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G) else "*bf16", x_scale_ptr="*fp32",
-                w13_ptr=w, w13_scale_ptr="*fp32", h_ptr=w, h_scale_ptr="*fp32", w2_ptr=w, w2_scale_ptr="*fp32",
-                out_ptr="*bf16", counts_ptr="*i32", sched_ptr="*i32")  # fmt: skip
+                w13_ptr=w, w13_scale_ptr="*fp32", h_ptr=w if requant else "*bf16", h_scale_ptr="*fp32",
+                w2_ptr=w, w2_scale_ptr="*fp32", out_ptr="*bf16", counts_ptr="*i32", sched_ptr="*i32")  # fmt: skip
     warps = mlp["num_warps"]
     return f"table-mlp-{dev}-{kind}", mg._masked_mlp_kernel, ptrs, ce, warps, mlp.get("num_stages", 3)
 

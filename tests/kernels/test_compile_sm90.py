@@ -101,7 +101,7 @@ def test_select_experts_compiles_without_spills(compiled):
         assert r["ops"].get("STL", 0) == 0 and r["ops"].get("LDL", 0) == 0, (name, r["ops"])
 
 
-@pytest.mark.parametrize("kernel", ["table-mlp-any-bf16", "table-mlp-any-fp8"])
+@pytest.mark.parametrize("kernel", ["table-mlp-any-bf16", "table-mlp-any-fp8", "table-mlp-any-fp8-hbf16"])
 def test_one_launch_mlp_pipelines_its_k_loops_without_spills(compiled, kernel):
     """The persistent MLP's K loops sit inside its work-queue loop and a branch: they must still be
     software-pipelined (asynchronous copies) and the tile must fit in registers."""

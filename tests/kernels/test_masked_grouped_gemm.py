@@ -133,6 +133,9 @@ MLP = {
     "two-regimes": {
         "MLP": dict(BLOCK_M=8, BLOCK_M_BIG=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=2)
     },
+    # fp8_block: h kept bf16, 32 gate_up columns per tile, the down GEMM quantising h per group as it
+    # loads it (bf16: h is bf16 anyway)
+    "h-bf16": {"MLP": dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=2, H_BF16=True)},
 }
 """The one-launch expert MLP (`_masked_mlp_kernel`): 16-row blocks, so the full expert (24 rows) has
 two m-blocks; or 8-row blocks for experts of at most 8 rows (the 5- and 7-row experts) and 16-row
@@ -161,7 +164,10 @@ def test_masked_moe_one_launch_mlp(rng_seed, poisoned_empty, scheme, x_fp8, mlp)
         x = _poison_rows(x, counts)
         out = masked_moe(x, counts, w13, w2, configs=(MLP[mlp], None), **kw)
         ref = masked_moe_reference(x, counts, w13, w2, round_bf16=backend_bf16, **kw)
-        _close(out, ref, counts.cpu(), 2e-2)
+        # H_BF16 quantises h after its bf16 rounding, the reference quantises the fp32 h: elements
+        # near an e4m3 rounding boundary land one step apart. Against the unquantised h both are off
+        # by the same ~2.5 % (normwise); against each other, up to ~2-4 % of the largest output.
+        _close(out, ref, counts.cpu(), 5e-2 if scheme == "fp8_block" and mlp == "h-bf16" else 2e-2)
         _assert_not_written(out, counts.cpu())
 
 
@@ -172,6 +178,9 @@ def test_masked_mlp_config_errors(rng_seed):
     counts = torch.tensor([3, 1], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="MLP config needs keys .*missing \\['BLOCK_N2'\\]"):
         masked_moe(x, counts, w13, w2, configs=({"MLP": dict(BLOCK_M=16, BLOCK_N1=32, num_warps=4)}, None))
+    bad = dict(MLP["h-bf16"]["MLP"], H_BF16="yes")
+    with pytest.raises(ValueError, match="MLP config H_BF16 must be true or false"):
+        masked_moe(x, counts, w13, w2, configs=({"MLP": bad}, None))
 
 
 # w4a8 tiles (token rows BLOCK_M x weight rows BLOCK_N, warps): the default (16-row SMALL tile for the
