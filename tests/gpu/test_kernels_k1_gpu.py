@@ -218,7 +218,9 @@ def test_masked_moe_gpu(rng_seed, poisoned_empty, scheme, model):
                 with _NoSync():
                     out = masked_moe(xp, c, w13, w2, configs=({"MLP": mlp}, None), **kw)
                 ref_c = masked_moe_reference(xp, c, w13, w2, **kw)
-                _close(out, ref_c, c.cpu(), TOL[scheme])
+                # H_BF16 quantises the bf16-rounded intermediate, the reference the fp32 one (see
+                # tests/kernels/test_masked_grouped_gemm.py): elements one e4m3 step apart
+                _close(out, ref_c, c.cpu(), max(TOL[scheme], 5e-2) if mlp.get("H_BF16") else TOL[scheme])
                 _assert_not_written(out, c.cpu())
     if scheme == "w4a8":
         # Other tiles of the w4a8 kernel (compiled: inline-PTX unpack, wgmma with the weights in
@@ -239,6 +241,7 @@ MLP_TILES = {
     "fp8_block": (
         dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=128, BLOCK_N2=128, num_warps=8, num_stages=3),
         dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=1),
+        dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=32, BLOCK_N2=64, num_warps=4, num_stages=4, H_BF16=True),
     ),
 }
 
