@@ -1377,9 +1377,12 @@ def masked_moe_reference(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     round_bf16: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    h_bf16: bool = False,
 ) -> torch.Tensor:
     """Plain-torch float32 reference with the same activation-quantisation semantics as `masked_moe`
     (host-side loop over experts; for tests and benchmarks only). Rows >= counts[e] are zero.
+    `h_bf16` (fp8_block): the intermediate is rounded to bf16 before its group quantisation, as the
+    one-launch MLP with `H_BF16` does.
 
     `round_bf16`: how the kernel's backend rounds float32 to bfloat16 where the kernel does (the
     dequantised fp8 input of the bf16 scheme, the bf16 intermediate); default torch's round to
@@ -1436,6 +1439,8 @@ def masked_moe_reference(
         gu = xe.float() @ w13f[e].t()
         h = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
         if scheme == "fp8_block":
+            if h_bf16:
+                h = round_bf16(h).float()
             hq, hs_ = per_token_group_quant_fp8(h, GROUP)
             h = per_token_group_dequant_fp8(hq, hs_, GROUP, torch.float32)
         else:
