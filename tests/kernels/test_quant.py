@@ -65,8 +65,10 @@ def test_per_token_group_quant_matches_float64(rng_seed, dtype, shape):
     ref_q = ref_q.reshape(shape).to(FP8_DTYPE).float()
     # float64 quotient vs the fp32 quotient: a double rounding can move a value that sits within
     # an fp32 ulp of an e4m3 midpoint, so allow a handful
-    mismatch = (x_q.cpu().float() != ref_q).float().mean().item()
-    assert mismatch <= 0.002, f"{mismatch:.4f} of values differ from the float64 reference"
+    # (a count, not only a share: one such value in the 384 of a small case is 0.26 %)
+    mismatch = int((x_q.cpu().float() != ref_q).sum().item())
+    allowed = max(2, int(0.002 * x_q.numel()))
+    assert mismatch <= allowed, f"{mismatch} of {x_q.numel()} values differ from the float64 reference"
     _assert_fp8_close(x.cpu(), x_q.cpu(), scales.cpu(), 128)
     # the group max maps to +-448 exactly
     assert x_q.float().abs().amax().item() == FP8_MAX
