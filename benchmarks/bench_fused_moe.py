@@ -210,14 +210,10 @@ def tune_decode_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline, time_call,
         gus, dns = gus[:limit], dns[:limit]
     cur = start if start and start.get("BLOCK_M") == bm and not start.get("MASKED") else None
     gu, dn = (cur["gate_up"], cur["down"]) if cur else (gus[0], dns[0])
-    # DIRECT (no alignment launch; the down GEMM writes out itself) where every slot fits one block
-    can_direct = T * K <= fm.DIRECT_MAX_SLOTS
-    direct = bool(cur and cur.get("DIRECT")) and can_direct
     log = []
 
-    def run(g, d, direct_on=None):
-        on = direct if direct_on is None else direct_on
-        cfg = dict(BLOCK_M=bm, gate_up=g, down=d, **({"DIRECT": True} if on else {}))
+    def run(g, d):
+        cfg = dict(BLOCK_M=bm, gate_up=g, down=d)
         fn = functools.partial(
             fm.fused_moe, x, w13, w2, ids, w, scheme=scheme, w13_scale=s13, w2_scale=s2, config=cfg
         )
@@ -242,17 +238,8 @@ def tune_decode_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline, time_call,
             if t < best:
                 best = t
                 gu, dn = (c, dn) if name == "gate_up" else (gu, c)
-    if can_direct and time.time() < deadline:
-        t = run(gu, dn, not direct)
-        if t < best:
-            best, direct = t, not direct
-            for c in dns:  # the down GEMM's split interacts with how the output is finished
-                if time.time() > deadline:
-                    break
-                if c != dn and (t := run(gu, c)) < best:
-                    best, dn = t, c
-    log.append(f"BM={bm} DIRECT={direct}: call {best:.1f} us")
-    return dict(BLOCK_M=bm, gate_up=gu, down=dn, **({"DIRECT": True} if direct else {})), log
+    log.append(f"BM={bm}: call {best:.1f} us")
+    return dict(BLOCK_M=bm, gate_up=gu, down=dn), log
 
 
 def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):

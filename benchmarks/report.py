@@ -352,11 +352,7 @@ def _fused_moe(doc: dict, out: Path, suffix: str = "") -> Section:
         )
     )
     decode = sorted(
-        (
-            dict(r, split_k=_down_split(r), direct="yes" if (r.get("config") or {}).get("DIRECT") else "-")
-            for r in rows
-            if r["T"] <= 32
-        ),
+        (dict(r, split_k=_down_split(r)) for r in rows if r["T"] <= 32),
         key=lambda r: (r["shape"], r["scheme"], r["T"], r.get("path", "")),
     )
     if decode:
@@ -368,8 +364,7 @@ def _fused_moe(doc: dict, out: Path, suffix: str = "") -> Section:
             "own copy of the weights (a layer each: cold weights, launch shared, as in a captured decode "
             "step). `vs same copy` (where measured): the time of a copy with the same HBM traffic as the "
             "weight bytes touched, from a graph the same way (one copy; per copy of a step of copies), over "
-            "ours: the ceiling at this transfer size, launch, ramp and tail included. `DIRECT`: the call "
-            "skips the alignment launch and its down GEMM writes the output itself.\n"
+            "ours: the ceiling at this transfer size, launch, ramp and tail included.\n"
         )
         s.md.append(
             _table(
@@ -387,7 +382,6 @@ def _fused_moe(doc: dict, out: Path, suffix: str = "") -> Section:
                     ("vs same copy", "frac_same_copy"),
                     ("vs same copy (step)", "frac_same_copy_step"),
                     ("down SPLIT_K", "split_k"),
-                    ("DIRECT", "direct"),
                 ],
             )
         )

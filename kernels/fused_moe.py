@@ -45,15 +45,7 @@ from ep_runtime.kernels.quant import (
     per_token_group_dequant_fp8,
     per_token_group_quant_fp8,
 )
-from ep_runtime.kernels.tables import (
-    arrival_counters,
-    cdiv,
-    for_device,
-    k_splits,
-    next_pow2,
-    normalise,
-    zeroed_workspace,
-)
+from ep_runtime.kernels.tables import cdiv, for_device, k_splits, next_pow2, normalise
 
 SCHEMES = ("bf16", "fp8_block", "w4a8")
 GROUP = 128
@@ -323,39 +315,7 @@ def _scale_tile(a_s, b_s, SCALAR: tl.constexpr):
         return a_s[:, None] * b_s[None, :]
 
 
-@triton.jit
-def _direct_rows(ids_ptr, group, num_slots, num_experts, top_k, BLOCK_M: tl.constexpr, SLOTS: tl.constexpr):
-    """Decode without an alignment pass (`DIRECT`, at most SLOTS slots): row block `group` is the
-    group-th (expert, chunk) pair, the local experts taken in order of first appearance among the slots
-    and each expert's slots (in slot order) cut into chunks of BLOCK_M rows. Pairs number at most
-    min(T*K, E) + ceil(T*K / BLOCK_M). Returns `(expert, or -1 past the last pair; slot [BLOCK_M]
-    (num_slots past the chunk's rows); row_ok [BLOCK_M]; n_valid [BLOCK_M])`, n_valid being how many
-    of each row's token's slots have a local expert."""
-    s = tl.arange(0, SLOTS)
-    ids, ok = _local_ids(ids_ptr, ids_ptr, s, num_slots, num_experts, False)
-    ids = tl.where(ok, ids, -1).to(tl.int32)
-    same = (ids[:, None] == ids[None, :]) & ok[:, None]
-    seen_before = tl.sum((same & (s[None, :] < s[:, None])).to(tl.int32), axis=1)
-    count = tl.sum(same.to(tl.int32), axis=1)  # slots on this slot's expert
-    chunks = tl.where(ok & (seen_before == 0), tl.cdiv(count, BLOCK_M), 0)  # at the first slot only
-    ends = tl.cumsum(chunks, axis=0)
-    owner = (group < ends) & (group >= ends - chunks)  # the first slot of this pair's expert
-    expert = tl.max(tl.where(owner, ids, -1), axis=0)
-    chunk = group - tl.sum(tl.where(owner, ends - chunks, 0), axis=0)
-    match = ok & (ids == expert)
-    pos = tl.cumsum(match.to(tl.int32), axis=0) - 1
-    r = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
-    sel = match[None, :] & (pos[None, :] == r[:, None])  # [row, slot]
-    row_ok = tl.sum(sel.to(tl.int32), axis=1) > 0
-    slot = tl.where(row_ok, tl.sum(tl.where(sel, s[None, :], 0), axis=1), num_slots)
-    same_token = (s[None, :] // top_k) == (slot // top_k)[:, None]
-    n_valid = tl.sum((same_token & ok[None, :]).to(tl.int32), axis=1)
-    return expert, slot, row_ok, n_valid
-
-
-@triton.jit(
-    do_not_specialize=["num_slots", "top_k", "num_experts", "k_tiles_per_split", "zero_numel", "zero_chunk"]
-)
+@triton.jit(do_not_specialize=["num_slots", "top_k", "k_tiles_per_split", "zero_numel", "zero_chunk"])
 def _fused_moe_gemm_kernel(
     # pointers
     a_ptr,
@@ -370,15 +330,11 @@ def _fused_moe_gemm_kernel(
     a_desc,
     b_desc,
     zero_ptr,
-    ids_ptr,
-    out_ptr,
-    counter_ptr,
     # sizes
     N,
     K,
     num_slots,
     top_k,
-    num_experts,
     up_offset,
     rows_per_expert,
     k_tiles_per_split,
@@ -415,9 +371,6 @@ def _fused_moe_gemm_kernel(
     A_SORTED: tl.constexpr,
     ZERO: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
-    DIRECT: tl.constexpr,
-    FINISH: tl.constexpr,
-    SLOTS: tl.constexpr,
 ):
     """One program = one M-block of one expert x one N-block.
 
@@ -466,34 +419,20 @@ def _fused_moe_gemm_kernel(
     pid_m = first_m + (pid % group) % group_size
     pid_n = (pid % group) // group_size
 
-    if DIRECT:
-        # no alignment pass: this program's expert and rows come from topk_ids themselves
-        expert, slot, row_ok, n_valid = _direct_rows(
-            ids_ptr, pid_m, num_slots, num_experts, top_k, BLOCK_M, SLOTS
-        )
-        if expert < 0:
-            return
-        expert = expert.to(tl.int64)
-        offs_m = slot  # rows of act are slots
-        if GATE_UP:
-            a_row = tl.where(row_ok, slot // top_k, 0).to(tl.int64)
-        else:
-            a_row = tl.where(row_ok, slot, 0).to(tl.int64)
-    else:
-        # Both loads before the branch: one memory round trip, not two, before the weight stream
-        # starts (a decode launch is one or two waves of short programs, so this latency shows).
-        num_post = tl.load(num_post_ptr)
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        if (pid_m * BLOCK_M >= num_post) | (expert < 0):
-            return
+    # Both loads before the branch: one memory round trip, not two, before the weight stream starts
+    # (a decode launch is one or two waves of short programs, so this latency shows).
+    num_post = tl.load(num_post_ptr)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if (pid_m * BLOCK_M >= num_post) | (expert < 0):
+        return
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        slot = tl.load(sorted_ids_ptr + offs_m)
-        row_ok = slot < num_slots
-        if A_SORTED:
-            a_row = offs_m.to(tl.int64)
-        else:
-            a_row = tl.where(row_ok, slot // top_k, 0).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = slot < num_slots
+    if A_SORTED:
+        a_row = offs_m.to(tl.int64)
+    else:
+        a_row = tl.where(row_ok, slot // top_k, 0).to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_bn = (offs_n % N).to(tl.int64)
@@ -600,25 +539,6 @@ def _fused_moe_gemm_kernel(
             c_row = (slot // top_k).to(tl.int64)
             c_ptrs = c_ptr + c_row[:, None] * stride_cm + offs_n[None, :] * stride_cn
             tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
-            if FINISH:
-                # c is a self-cleaning fp32 workspace: the last contribution to arrive at a (token,
-                # n-block) tile (each valid slot of the token, once per K split) stores the sum to
-                # out, zeroes the workspace tile and resets its counter (no fill, no cast launch)
-                tl.debug_barrier()  # every thread's adds are issued before the release below
-                cnt_ptrs = counter_ptr + c_row * num_pid_n + pid_n
-                arrived = tl.atomic_add(cnt_ptrs, tl.full((BLOCK_M,), 1, tl.int32), mask=row_ok, sem="acq_rel",
-                                        scope="gpu")  # fmt: skip
-                last = row_ok & (arrived == n_valid * tl.num_programs(1) - 1)
-                lmask = last[:, None] & n_ok[None, :]
-                total = tl.load(c_ptrs, mask=lmask, other=0.0, cache_modifier=".cg")
-                o_ptrs = out_ptr + c_row[:, None] * stride_cm + offs_n[None, :] * stride_cn
-                tl.store(o_ptrs, total.to(out_ptr.dtype.element_ty), mask=lmask)
-                tl.store(
-                    c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=lmask, cache_modifier=".cg"
-                )
-                tl.atomic_xchg(
-                    cnt_ptrs, tl.zeros((BLOCK_M,), dtype=tl.int32), mask=last, sem="relaxed", scope="gpu"
-                )
         else:
             c_ptrs = c_ptr + slot.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
@@ -880,12 +800,6 @@ def _sum_slots(c: torch.Tensor, num_tokens: int, top_k: int, out_dtype: torch.dt
     return out
 
 
-DIRECT_MAX_SLOTS = 64
-"""Config `DIRECT` (decode without the alignment launch) serves calls of at most this many slots
-(T*K; each program compares all slot ids pairwise); larger calls take the aligned path."""
-DIRECT_BLOCK_M = 16
-"""Rows per block of a DIRECT call (its config's BLOCK_M is not used)."""
-
 MASKED_MAX_SLOTS = 512
 """The masked decode path scans all T*K slot ids per program: at most this many slots."""
 
@@ -1001,9 +915,6 @@ def get_config(
     SPLIT_K, down only, default 1: the down GEMM's K tiles split over that many programs per output
     tile, each adding its part atomically in fp32 (decode: more programs streaming the weights);
     INT4_MAGIC, w4a8 only, default 0: how int4 weights become e4m3, see `quant.int4_to_e4m3`).
-    A decode entry may also hold `"DIRECT": true`: calls of at most `DIRECT_MAX_SLOTS` slots (T*K)
-    skip the alignment launch (each 16-row block finds its expert and rows in topk_ids), and with the
-    fused top-k sum the down GEMM writes the output itself (no cast launch); no TMA with it.
     """
     path = str(path or CONFIG_DIR / "fused_moe.json")
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
@@ -1036,15 +947,8 @@ def _check_config(config: dict[str, Any], scheme: str) -> None:
         or "down" not in config
     ):
         raise ValueError(f"config must be {{'BLOCK_M', 'gate_up': {{...}}, 'down': {{...}}}}, got {config!r}")
-    direct = config.get("DIRECT", False)
-    if direct not in (False, True):
-        raise ValueError(f"config['DIRECT'] must be true or false, got {direct!r}")
     for name in ("gate_up", "down"):
         g = config[name]
-        if direct and g.get("TMA", False):
-            raise ValueError(
-                f"config DIRECT (no alignment pass) cannot use TMA; config[{name!r}]['TMA'] is set"
-            )
         missing = [k for k in _GEMM_KEYS if k not in g]
         if missing:
             raise ValueError(f"config[{name!r}] misses {missing}")
@@ -1107,20 +1011,11 @@ def _launch_gemm(
     block_m,
     cfg,
     zero=None,
-    direct=None,
-    finish=None,
 ):
     """One grouped GEMM launch (gate_up or down) over the aligned slots; `zero`: a contiguous
-    tensor the launch's programs zero-fill before their GEMM work (see the kernel's ZERO).
-    `direct` = `(topk_ids, row blocks)`: no alignment (`align` None), each row block finds its expert
-    and slots in topk_ids (see `_direct_rows`). `finish` = `(out, counters)` (down, direct, atomic):
-    c is a self-cleaning workspace and the last contribution to each output tile stores it to out."""
-    if direct is not None:
-        ids, num_pid_m = direct
-        sorted_ids = expert_ids = num_post = ids  # unused
-    else:
-        sorted_ids, expert_ids, num_post = align
-        num_pid_m = sorted_ids.shape[0] // block_m
+    tensor the launch's programs zero-fill before their GEMM work (see the kernel's ZERO)."""
+    sorted_ids, expert_ids, num_post = align
+    num_pid_m = sorted_ids.shape[0] // block_m
     k_tiles = cdiv(k, cfg["BLOCK_K"])
     split_k, tiles_per_split = k_splits(k_tiles, cfg.get("SPLIT_K", 1)) if atomic else (1, k_tiles)
     grid = (num_pid_m * cdiv(n, cfg["BLOCK_N"]), split_k)
@@ -1156,14 +1051,10 @@ def _launch_gemm(
         a_desc,
         b_desc,
         zero if zero is not None else c,
-        direct[0] if direct is not None else sorted_ids,
-        finish[0] if finish is not None else c,
-        finish[1] if finish is not None else sorted_ids,
         n,
         k,
         num_slots,
         top_k,
-        b.shape[0],
         up_offset,
         b.shape[1],
         tiles_per_split,
@@ -1198,9 +1089,6 @@ def _launch_gemm(
         A_SORTED=bool(a_sorted),
         ZERO=zero_numel > 0,
         ZERO_BLOCK=_ZERO_BLOCK,
-        DIRECT=direct is not None,
-        FINISH=finish is not None,
-        SLOTS=max(DIRECT_BLOCK_M, next_pow2(num_slots)) if direct is not None else 1,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -1379,34 +1267,16 @@ def fused_moe(
     # The down GEMM's output starts at zero (slots of other ranks' experts add or store nothing): the
     # gate_up launch zero-fills it (`zero=`), one launch fewer than torch.zeros.
     num_slots = num_tokens * top_k
-    finish = direct = align = None
-    if config.get("DIRECT", False) and num_slots <= DIRECT_MAX_SLOTS:
-        # Decode without the alignment launch: each row block finds its expert (and its chunk of
-        # that expert's slots) in topk_ids, act has
-        # one row per slot. Fused top-k sum: the down GEMM adds into a self-cleaning fp32 workspace
-        # and the last contribution to each tile writes out (no cast launch); the gate_up launch
-        # zero-fills out for tokens none of whose slots is local.
-        block_m = DIRECT_BLOCK_M
-        # (expert, chunk of 16 rows) pairs: at most one per distinct expert plus the extra chunks
-        direct = (topk_ids.contiguous().view(-1), min(num_slots, num_experts) + cdiv(num_slots, block_m))
-        act = torch.empty((num_slots, inter), dtype=torch.bfloat16, device=dev)
-        if fused_topk_sum:
-            out = torch.empty((num_tokens, hidden), dtype=out_dtype, device=dev)
-            c = zeroed_workspace(dev, num_tokens * hidden)[: num_tokens * hidden].view(num_tokens, hidden)
-            blocks = cdiv(hidden, config["down"]["BLOCK_N"])
-            finish = (out, arrival_counters(dev, num_tokens * blocks))
-            atomic, row_div, zero = True, top_k, out
-    else:
-        block_m = int(config["BLOCK_M"])
-        align = moe_align_block_size(topk_ids, block_m, num_experts)
-        # One row per position of sorted_token_ids (slots grouped by expert, padding rows left
-        # unwritten), so the down GEMM reads contiguous row blocks.
-        act = torch.empty((align[0].shape[0], inter), dtype=torch.bfloat16, device=dev)
-    if finish is None:
-        c, atomic, row_div = down_output(
-            num_tokens, top_k, hidden, fused_topk_sum, config["down"], out_dtype, dev
-        )
-        zero = c
+    c, atomic, row_div = down_output(
+        num_tokens, top_k, hidden, fused_topk_sum, config["down"], out_dtype, dev
+    )
+
+    block_m = int(config["BLOCK_M"])
+    align = moe_align_block_size(topk_ids, block_m, num_experts)
+
+    # One row per position of sorted_token_ids (slots grouped by expert, padding rows left unwritten),
+    # so the down GEMM reads contiguous row blocks.
+    act = torch.empty((align[0].shape[0], inter), dtype=torch.bfloat16, device=dev)
     _launch_gemm(
         a1,
         w13,
@@ -1426,8 +1296,7 @@ def fused_moe(
         atomic=False,
         block_m=block_m,
         cfg=config["gate_up"],
-        zero=zero,
-        direct=direct,
+        zero=c,
     )
     if scheme == "bf16":
         a2, a2_scale = act, None
@@ -1454,11 +1323,7 @@ def fused_moe(
         atomic=atomic,
         block_m=block_m,
         cfg=config["down"],
-        direct=direct,
-        finish=finish,
     )
-    if finish is not None:
-        return finish[0]
     if fused_topk_sum:
         return c if out_dtype == torch.float32 else c.to(out_dtype)
     if top_k == 1:

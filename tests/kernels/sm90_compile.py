@@ -132,7 +132,7 @@ def fused_ptrs(scheme: int, gate_up: bool) -> dict[str, str]:
     b = {0: "*bf16", 2: "*u8"}[scheme]
     return dict(a_ptr=a, b_ptr=b, c_ptr="*bf16" if gate_up else "*fp32", a_scale_ptr="*fp32",
                 b_scale_ptr="*fp32", topk_w_ptr="*fp32", sorted_ids_ptr="*i32", expert_ids_ptr="*i32",
-                num_post_ptr="*i32", zero_ptr="*fp32", ids_ptr="*i64", out_ptr="*bf16", counter_ptr="*i32")  # fmt: skip
+                num_post_ptr="*i32", zero_ptr="*fp32")  # fmt: skip
 
 
 def fused_ce(**ce) -> dict:
@@ -142,9 +142,6 @@ def fused_ce(**ce) -> dict:
     out.setdefault("A_SORTED", not out["GATE_UP"] or out["TMA_B"])  # as `_launch_gemm` sets it
     out.setdefault("ZERO", out["GATE_UP"])  # fused_moe's gate_up launch zero-fills the down output
     out.setdefault("ZERO_BLOCK", 1024)
-    out.setdefault("DIRECT", False)  # decode without the alignment launch (config DIRECT)
-    out.setdefault("FINISH", out["DIRECT"] and not out["GATE_UP"])  # ... its down GEMM writes out itself
-    out.setdefault("SLOTS", 64 if out["DIRECT"] else 1)  # DIRECT: slot ids compared pairwise (at most 64)
     out.update({name: None for name, on in (("a_desc", out["TMA_A"]), ("b_desc", out["TMA_B"])) if not on})
     return out
 
@@ -184,20 +181,6 @@ def cases():
     ce = fused_ce(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SCHEME=0, GATE_UP=True, MUL_WEIGHT=False,
                   ATOMIC=False, UPCAST=False, EVEN_K=True, MERGE_GU=True, INT4_MAGIC=False)  # fmt: skip
     yield "fused-bf16-gate_up", fm._fused_moe_gemm_kernel, fused_ptrs(0, True), ce, 8, 4
-    # decode without the alignment launch (config DIRECT): gate_up and the down GEMM that finishes
-    # the output itself, split-K over the self-cleaning workspace
-    for gate_up, bn in ((True, 16), (False, 64)):
-        ce = fused_ce(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, SCHEME=0, GATE_UP=gate_up,
-                      MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True, MERGE_GU=False,
-                      INT4_MAGIC=False, DIRECT=True)  # fmt: skip
-        yield (
-            f"fused-direct-bf16-{'gate_up' if gate_up else 'down'}",
-            fm._fused_moe_gemm_kernel,
-            fused_ptrs(0, gate_up),
-            ce,
-            4,
-            4,
-        )
     # TMA tiles (weights; the down GEMM's activations too) for both tensor-core schemes
     # (the bench's prefill TMA candidates)
     tma_tiles = ((0, True, 128, 128, 64, 8), (0, False, 128, 256, 64, 8), (1, True, 64, 64, 128, 4),
@@ -276,7 +259,7 @@ def table_cases():
                                   ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
                                   MERGE_GU=bool(gate_up and g.get("MERGE_GU", False)),
                                   INT4_MAGIC=bool(sid == 2 and g.get("INT4_MAGIC", 0)),
-                                  TMA_A=tma, TMA_B=tma, DIRECT=bool(cfg.get("DIRECT", False)))  # fmt: skip
+                                  TMA_A=tma, TMA_B=tma)  # fmt: skip
                     key = ("fused", sid, g["num_warps"], g["num_stages"], tuple(sorted(ce.items())))
                     if key in seen:
                         continue
