@@ -86,6 +86,14 @@ def _quant_fp8(v, scale, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _quant_rows(v, EXACT: tl.constexpr):
+    """Each row of the fp32 tile `v` (one 128-channel group) quantised to e4m3 with its own scale
+    (amax / 448): `(q, scales)`."""
+    scale = e4m3_scale(tl.max(tl.abs(v), axis=1), 1e-10, 448.0)
+    return _quant_fp8(v, scale[:, None], EXACT), scale
+
+
+@triton.jit
 def _masked_gemm_kernel(
     # pointers
     a_ptr,
@@ -236,9 +244,7 @@ def _masked_acc(a_base, a_scale_ptr, b_base, b_scale_ptr, e, offs_m, mask_m, off
         if A_MODE == 1:
             a = (a.to(tl.float32) * a_s[:, None]).to(tl.bfloat16)
         if A_MODE == 6:  # per-row group scale of this K block (BLOCK_K == GROUP_K), as OUT_FP8G makes it
-            af = a.to(tl.float32)
-            a_s = e4m3_scale(tl.max(tl.abs(af), axis=1), 1e-10, 448.0)
-            a = _quant_fp8(af, a_s[:, None], UPCAST)
+            a, a_s = _quant_rows(a.to(tl.float32), UPCAST)
         if UPCAST and (A_MODE == 0 or A_MODE == 1):
             a = a.to(tl.float32)
             b0 = b0.to(tl.float32)
@@ -272,8 +278,7 @@ def _masked_store(acc, acc_up, out_ptr, out_scale_ptr, e, pid_n, offs_m, mask_m,
     )
     if OUT_MODE == 1:
         h = tl.where(mask_n[None, :], h, 0.0)
-        h_s = e4m3_scale(tl.max(tl.abs(h), axis=1), 1e-10, 448.0)
-        q = _quant_fp8(h, h_s[:, None], UPCAST)
+        q, h_s = _quant_rows(h, UPCAST)
         tl.store(out_ptrs, q, mask=mask_o)
         tl.store(
             out_scale_ptr + e.to(tl.int64) * stride_osl + offs_m * stride_osm + pid_n * stride_osn,
@@ -1331,23 +1336,23 @@ def masked_moe(
     if scheme == "fp8_block":
         _check_group_scale("w13_scale", w13_scale, (L, 2 * I // GROUP, D // GROUP))
         _check_group_scale("w2_scale", w2_scale, (L, D // GROUP, I // GROUP))
-        h_q = torch.empty((L, M, I), dtype=FP8_DTYPE, device=x.device)
-        h_s = torch.empty((L, M, I // GROUP), dtype=torch.float32, device=x.device)
         if x.dtype != FP8_DTYPE:
             x, x_scale = _masked_group_quant(x, counts)  # as DeepEP's FP8 dispatch would have delivered it
         mlp = _pick_config(A_FP8G, B_FP8_BLOCK, True, M, x.device, cfg1, I, D).get("MLP")
+        if mlp is not None and mlp.get("H_BF16", False):  # bf16 h, quantised as the down GEMM loads it
+            h = torch.empty((L, M, I), dtype=torch.bfloat16, device=x.device)
+            h_s, h_mode = None, OUT_PLAIN
+        else:  # h requantised per token group by the gate_up epilogue
+            h = torch.empty((L, M, I), dtype=FP8_DTYPE, device=x.device)
+            h_s = torch.empty((L, M, I // GROUP), dtype=torch.float32, device=x.device)
+            h_mode = OUT_FP8G
         if mlp is not None:
-            if mlp.get("H_BF16", False):
-                h = torch.empty((L, M, I), dtype=torch.bfloat16, device=x.device)
-                _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h, None, out, counts, a_mode=A_FP8G,
-                            b_mode=B_FP8_BLOCK, h_mode=OUT_PLAIN, cfg=mlp)  # fmt: skip
-            else:
-                _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h_q, h_s, out, counts, a_mode=A_FP8G,
-                            b_mode=B_FP8_BLOCK, h_mode=OUT_FP8G, cfg=mlp)  # fmt: skip
+            _launch_mlp(x, x_scale, w13, w13_scale, w2, w2_scale, h, h_s, out, counts, a_mode=A_FP8G,
+                        b_mode=B_FP8_BLOCK, h_mode=h_mode, cfg=mlp)  # fmt: skip
             return out
-        _launch(x, x_scale, w13, w13_scale, h_q, h_s, counts, N=I, K=D,
+        _launch(x, x_scale, w13, w13_scale, h, h_s, counts, N=I, K=D,
                 a_mode=A_FP8G, b_mode=B_FP8_BLOCK, out_mode=OUT_FP8G, gated=True, up_offset=I, config=cfg1)  # fmt: skip
-        _launch(h_q, h_s, w2, w2_scale, out, None, counts, N=D, K=I,
+        _launch(h, h_s, w2, w2_scale, out, None, counts, N=D, K=I,
                 a_mode=A_FP8G, b_mode=B_FP8_BLOCK, out_mode=OUT_PLAIN, gated=False, config=cfg2)  # fmt: skip
         return out
 
