@@ -69,3 +69,18 @@ def test_bench_router_topk_smoke(tmp_path):
     assert (plots / "report-router_topk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = md.read_text()
     assert "## Expert selection (router top-k)" in text and "python benchmarks/bench_router_topk.py" in text
+
+
+def test_bench_topk_sum_smoke(tmp_path):
+    """Fused and unfused top-k sum, the sum launch and the intermediate's stores timed per row, the
+    bound computed from them, and both paths agreeing within bf16 rounding."""
+    doc = _smoke("bench_topk_sum.py", "--out-dir", tmp_path, "topk_sum")
+    assert doc["device"] and doc["date"] and doc["smoke"] is True
+    rows = doc["rows"]
+    assert [r["T"] for r in rows] == [4, 16]
+    for r in rows:
+        assert min(r["fused_us"], r["unfused_us"], r["sum_us"], r["store_us"]) > 0
+        assert abs(r["bound"] - (r["sum_us"] + r["store_us"]) / r["unfused_us"]) < 1e-3
+        assert r["target_reachable"] == (r["bound"] >= 0.10)
+        assert r["intermediate_bytes"] == r["T"] * 8 * 256 * 2
+        assert r["rel_diff_fused_vs_unfused"] < 2e-2, r
