@@ -84,3 +84,9 @@ def test_bench_topk_sum_smoke(tmp_path):
         assert r["target_reachable"] == (r["bound"] >= 0.10)
         assert r["intermediate_bytes"] == r["T"] * 8 * 256 * 2
         assert r["rel_diff_fused_vs_unfused"] < 2e-2, r
+
+    # The report builds its section from the writer's own format.
+    plots, md = tmp_path / "plots", tmp_path / "performance.md"
+    assert report.main(["--results", str(tmp_path), "--plots-dir", str(plots), "--doc", str(md)]) == 0
+    text = md.read_text()
+    assert "## Fused vs unfused top-k sum" in text and "python benchmarks/bench_topk_sum.py" in text
