@@ -69,10 +69,12 @@ def test_killed_mpi_rank_ends_the_job(stage):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert f"rank 1 kill at stage '{stage}'" in out
-    # Hydra names the dead process by pid; the launcher's rank map turns that into rank 1.
+    # Hydra names a dead process by pid and the launcher's rank map turns it into a rank. Which one
+    # it names is a race: rank 1 (killed), or rank 0 when Hydra's clean-up SIGKILL of the survivors
+    # is what it notices first (exit code 9 for either).
     dead = re.search(r"PID (\d+) RUNNING AT", out)
     if dead is not None:
-        assert f"rank 1 pid {dead.group(1)} on" in out, out
+        assert re.search(rf"rank [01] pid {dead.group(1)} on", out), out
     else:  # the peer noticed first and aborted the job naming its stage
         assert "failed at stage" in out, out
     assert elapsed < 60, f"took {elapsed:.1f} s"
