@@ -4,7 +4,7 @@
 # the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
 # project installed, and `deep_ep` importable for the DeepEP steps):
 #
-#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-tune | k1-decode | x2-comm | x2-layer | x2-step | x2-run
+#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-tune | k1-decode | x2-comm | x2-layer | x2-step | x2-run
 #
 # Every command runs under its own `timeout`, its output goes to <dir>/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
@@ -49,6 +49,12 @@ case "$group" in
     step 60 python benchmarks/bench_router_topk.py --out-dir "$RES/results"
     step 60 python benchmarks/bench_launch.py --out-dir "$RES/results"
     ;;
+  k1-verify)  # one GPU, no DeepEP needed: the kernels' GPU tests, the runtime's CUDA-graph decode on one
+    # NCCL rank (torch backend), and the fused vs unfused top-k sum with its bound
+    step 300 python -m pytest -q -m gpu tests/gpu/test_kernels_k1_gpu.py tests/gpu/test_fused_moe_gpu.py \
+      "tests/gpu/test_execution_gpu.py::test_execution_torch_backend_one_gpu"
+    step 120 python benchmarks/bench_topk_sum.py --budget-s 90 --out-dir "$RES/results"
+    ;;
   k1-tune)  # one GPU: re-tune the kernel tables for this device (w4a8 also tries INT4_MAGIC)
     step 150 python benchmarks/bench_router_gemm.py --tune --quick --out-dir "$RES/results"
     step 180 python benchmarks/bench_masked_gemm.py --tune --out-dir "$RES/results"
@@ -87,7 +93,7 @@ case "$group" in
       --config $cfg/h200x2-deepep.yaml --report "$RES/results/run-h200x2-deepep-allvisible.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh k1|k1-tune|k1-decode|x2-comm|x2-layer|x2-step|x2-run" >&2
+    echo "usage: bash benchmarks/gpu_session.sh k1|k1-verify|k1-tune|k1-decode|x2-comm|x2-layer|x2-step|x2-run" >&2
     exit 2
     ;;
 esac

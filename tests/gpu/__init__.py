@@ -22,8 +22,8 @@ def require_deep_ep() -> None:
         pytest.fail(f"deep_ep is not importable on this GPU machine: {why}")
 
 
-def small_layer_plan(backend: str, scheme: str, **sections):
-    """The resolved plan of the 2-GPU layer tests' model on `WORLD` ranks: `backend`, auto mode,
+def small_layer_plan(backend: str, scheme: str, world: int = WORLD, **sections):
+    """The resolved plan of the 2-GPU layer tests' model on `world` ranks: `backend`, auto mode,
     capacity `CAPACITY`; `sections` extends the file (`dispatch` entries are merged, any other
     section is set whole, e.g. `execution={...}` or `kernels={...}`)."""
     from ep_runtime.config import parse_config, resolve_plan
@@ -44,7 +44,7 @@ def small_layer_plan(backend: str, scheme: str, **sections):
             "weights": scheme,
             "seed": 3,
         },
-        "parallel": {"ep_size": WORLD, "device": "cuda"},
+        "parallel": {"ep_size": world, "device": "cuda"},
         "dispatch": dispatch,
         **sections,
     }

@@ -1,11 +1,13 @@
 """Execution switches on 2 GPUs (NCCL): CUDA-graph decode, two-batch decode and chunked prefill, each
 against the plain eager path of the same layer (same seed, same weights) and the float32 reference,
 for the torch backend and the DeepEP backend (which fails with the install hint when `deep_ep` is
-not importable).
+not importable). The torch backend also runs on one GPU (one NCCL rank, rank 0's token counts), so
+the graph decode of the runtime is checked on a single-GPU machine too.
 
-Launches its own 2 processes. Per backend, every configuration builds its layer, runs the same
-steps and closes it (one DeepEP buffer per process at a time); the outputs are then compared with
-the plain configuration's. Every mismatch is recorded so one failure still shows the others.
+Launches its own 2 processes (1 for the one-GPU case). Per backend, every configuration builds its
+layer, runs the same steps and closes it (one DeepEP buffer per process at a time); the outputs are
+then compared with the plain configuration's. Every mismatch is recorded so one failure still shows
+the others.
 
 The steps keep the CUDA-graph caller's promise: decode steps have `T <= C` on every rank, prefill
 steps are flagged on every rank. Tolerances: graph replay vs eager and overlapped vs plain must agree
@@ -48,14 +50,17 @@ CONFIGS = {
 }
 
 
-def _run_config(rank: int, backend: str, scheme: str, name: str) -> tuple[list[torch.Tensor], list[str]]:
+def _run_config(
+    rank: int, world: int, backend: str, scheme: str, name: str
+) -> tuple[list[torch.Tensor], list[str]]:
     from ep_runtime.layer import EPMoE
 
     failures: list[str] = []
     outs: list[torch.Tensor] = []
-    layer = EPMoE(small_layer_plan(backend, scheme, execution=CONFIGS[name]), rank=rank)
+    layer = EPMoE(small_layer_plan(backend, scheme, world, execution=CONFIGS[name]), rank=rank)
     try:
-        for step, (tokens, is_prefill) in enumerate(STEPS):
+        for step, (all_tokens, is_prefill) in enumerate(STEPS):
+            tokens = all_tokens[:world]
             g = torch.Generator(device="cuda").manual_seed(100 * step + rank)
             h = torch.randn(tokens[rank], HIDDEN, generator=g, device="cuda").to(torch.bfloat16)
             y = layer(h, is_prefill=is_prefill)
@@ -95,7 +100,7 @@ def _worker(rank: int, world: int, backend: str, schemes: list[str]) -> list[str
         for scheme in schemes:
             results = {}
             for name in CONFIGS:
-                outs, f = _run_config(rank, backend, scheme, name)
+                outs, f = _run_config(rank, world, backend, scheme, name)
                 failures += f
                 results[name] = outs
                 dist.barrier()
@@ -118,8 +123,16 @@ def _worker(rank: int, world: int, backend: str, schemes: list[str]) -> list[str
     return failures
 
 
-def _run(dispatch_backend: str, schemes: list[str]) -> list[str]:
-    return sum(run_ranks(_worker, WORLD, dispatch_backend, schemes, timeout=300, backend="nccl"), [])
+def _run(dispatch_backend: str, schemes: list[str], world: int = WORLD) -> list[str]:
+    return sum(run_ranks(_worker, world, dispatch_backend, schemes, timeout=300, backend="nccl"), [])
+
+
+@pytest.mark.gpu
+def test_execution_torch_backend_one_gpu():
+    """The same configurations on one NCCL rank: graph capture and replay (on the warm-up stream),
+    bucket padding, the zero-token step and normal steps between replays, without a second GPU."""
+    failures = _run("torch", ["bf16", "fp8_block"], world=1)
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.gpu(count=2)
