@@ -242,6 +242,20 @@ def tune_decode_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline, time_call,
     return dict(BLOCK_M=bm, gate_up=gu, down=dn), log
 
 
+BAND_BYTES = 16 << 20
+"""Prefill tuning with the fused top-k sum also tries the down GEMM in N bands (`N_BAND`) whose fp32
+accumulator columns, T x band width x 4 bytes, take about this much L2 (H100/H200: 50 MB)."""
+
+
+def banded(cands, T: int, D: int):
+    """`N_BAND` variants of the down candidates `cands` where the whole fp32 accumulator `T x D` is
+    over twice BAND_BYTES (the banded order then keeps a band's columns in L2 while every slot adds
+    into them, at the price of one more read of the intermediate per band); none otherwise."""
+    if T * D * 4 <= 2 * BAND_BYTES:
+        return []
+    return [dict(c, N_BAND=max(1, BAND_BYTES // (T * 4 * c["BLOCK_N"]))) for c in cands]
+
+
 def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
     T, D = x.shape
     K = ids.shape[1]
@@ -252,6 +266,8 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
     log = []
     fused = K > 2  # fused top-k sum, as fused_moe's default
     for bm, gus, dns in candidates(T * K / L, scheme):
+        if fused and T * K / L > 12:  # prefill buckets only (decode: tune_decode_bucket)
+            dns = dns + banded(dns[:2], T, D)
         align = fm.moe_align_block_size(ids, bm, L)
         # the intermediate has one row per sorted position (as fused_moe allocates it)
         act_out = torch.empty(align[0].shape[0], inter, device=x.device, dtype=torch.bfloat16)

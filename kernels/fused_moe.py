@@ -358,6 +358,7 @@ def _fused_moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    N_BAND: tl.constexpr,
     SCHEME: tl.constexpr,
     GATE_UP: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
@@ -399,6 +400,11 @@ def _fused_moe_gemm_kernel(
     ZERO: first, every program (those that exit early too) zero-fills its `zero_chunk` elements of
     `zero_ptr` (`zero_numel` in all): the gate_up launch clears the down GEMM's output, which saves
     the separate fill launch (decode) and overlaps the fill with the GEMM (prefill).
+    Program order: GROUP_M M-blocks at a time over the N-blocks (weight and A tiles reused in L2).
+    N_BAND > 0: the N-blocks go in bands of N_BAND, every M-block of a band before the next band, so
+    the output columns in flight are one band's: with the fused top-k sum the fp32 accumulator rows
+    of a band, `T x N_BAND*BLOCK_N`, can stay in L2 while all K slots of its tokens add into them
+    (the whole `T x N` accumulator may not fit at prefill sizes); each band reads A once more.
     """
     pid = tl.program_id(0)
     if ZERO:
@@ -413,11 +419,20 @@ def _fused_moe_gemm_kernel(
     kb_hi = tl.minimum(kb_lo + k_tiles_per_split, tl.cdiv(K, BLOCK_K))
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_m = tl.num_programs(0) // num_pid_n
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
+    if N_BAND > 0:  # every band before the last is full: band = pid // (num_pid_m * N_BAND)
+        band = pid // (num_pid_m * N_BAND)
+        n_first = band * N_BAND
+        n_width = tl.minimum(num_pid_n - n_first, N_BAND)
+        local = pid - band * (num_pid_m * N_BAND)
+    else:
+        n_first = 0
+        n_width = num_pid_n
+        local = pid
+    group = GROUP_M * n_width
+    first_m = (local // group) * GROUP_M
     group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
+    pid_m = first_m + (local % group) % group_size
+    pid_n = n_first + (local % group) // group_size
 
     # Both loads before the branch: one memory round trip, not two, before the weight stream starts
     # (a decode launch is one or two waves of short programs, so this latency shows).
@@ -914,7 +929,8 @@ def get_config(
     MERGE_GU, gate_up only, default False: one merged gate|up weight tile per K step;
     SPLIT_K, down only, default 1: the down GEMM's K tiles split over that many programs per output
     tile, each adding its part atomically in fp32 (decode: more programs streaming the weights);
-    INT4_MAGIC, w4a8 only, default 0: how int4 weights become e4m3, see `quant.int4_to_e4m3`).
+    INT4_MAGIC, w4a8 only, default 0: how int4 weights become e4m3, see `quant.int4_to_e4m3`;
+    N_BAND, default 0: program order in bands of that many N-blocks, see `_fused_moe_gemm_kernel`).
     """
     path = str(path or CONFIG_DIR / "fused_moe.json")
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
@@ -964,6 +980,9 @@ def _check_config(config: dict[str, Any], scheme: str) -> None:
                 "config['gate_up']['SPLIT_K'] must be 1: silu(gate) * up needs the whole K sum; "
                 f"split K in config['down'] only, got {split!r}"
             )
+        band = g.get("N_BAND", 0)
+        if not isinstance(band, int) or isinstance(band, bool) or band < 0:
+            raise ValueError(f"config[{name!r}]['N_BAND'] must be an int >= 0 (0: no bands), got {band!r}")
         if g.get("TMA", False) not in (False, True):
             raise ValueError(f"config[{name!r}]['TMA'] must be true or false, got {g['TMA']!r}")
         if g.get("TMA", False) and scheme == "w4a8":
@@ -1076,6 +1095,7 @@ def _launch_gemm(
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"],
+        N_BAND=cfg.get("N_BAND", 0),
         SCHEME=sid,
         GATE_UP=gate_up,
         MUL_WEIGHT=mul_weight,

@@ -142,6 +142,7 @@ def fused_ce(**ce) -> dict:
     out.setdefault("A_SORTED", not out["GATE_UP"] or out["TMA_B"])  # as `_launch_gemm` sets it
     out.setdefault("ZERO", out["GATE_UP"])  # fused_moe's gate_up launch zero-fills the down output
     out.setdefault("ZERO_BLOCK", 1024)
+    out.setdefault("N_BAND", 0)  # program order only
     out.update({name: None for name, on in (("a_desc", out["TMA_A"]), ("b_desc", out["TMA_B"])) if not on})
     return out
 
@@ -259,7 +260,7 @@ def table_cases():
                                   ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
                                   MERGE_GU=bool(gate_up and g.get("MERGE_GU", False)),
                                   INT4_MAGIC=bool(sid == 2 and g.get("INT4_MAGIC", 0)),
-                                  TMA_A=tma, TMA_B=tma)  # fmt: skip
+                                  TMA_A=tma, TMA_B=tma, N_BAND=g.get("N_BAND", 0))  # fmt: skip
                     key = ("fused", sid, g["num_warps"], g["num_stages"], tuple(sorted(ce.items())))
                     if key in seen:
                         continue
