@@ -10,6 +10,9 @@ Per (model shape, T), bf16 weights, K = 8, every call replayed from a CUDA graph
   one sum launch (`_sum_slots`) reads the K rows of each token and writes `[T, D]`.
 - `sum_us`: that sum launch alone on a random `[T*K, D]` bf16 input.
 - `store_us`: writing the `[T*K, D]` bf16 intermediate once (`fill_`), the down GEMM's extra stores.
+- `fused_band_us`: the fused path with its down GEMM in N bands (`N_BAND`: the width
+  `bench_fused_moe.banded` picks, or `--band`), whose accumulator columns in flight fit L2; `band`
+  is the N_BAND used (none where the whole accumulator fits in about 32 MB).
 
 A fused sum can at best remove the intermediate's stores and the whole sum launch (it still writes
 `[T, D]` once, which `sum_us` also counts, so the bound is generous): `bound = (sum_us + store_us) /
@@ -30,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_fused_moe import make_bf16_weights, routing  # noqa: E402
+from benchmarks.bench_fused_moe import banded, make_bf16_weights, routing  # noqa: E402
 from benchmarks.common import bench_us, graph_us, measure_copy_bandwidth, print_table, write_results  # noqa: E402
 from ep_runtime.kernels import fused_moe as fm  # noqa: E402
 
@@ -43,32 +46,39 @@ TS = (512, 2048, 8192)
 SMOKE = {"tiny": dict(L=8, D=256, I=128, K=8)}
 SMOKE_TS = (4, 16)
 TARGET = 0.10
-COLUMNS = [
-    "shape",
-    "T",
-    "fused_us",
-    "unfused_us",
-    "speedup",
-    "sum_us",
-    "store_us",
-    "bound",
-    "target_reachable",
-]
+COLUMNS = ["shape", "T", "fused_us", "unfused_us", "speedup", "sum_us", "store_us", "bound", "target_reachable",
+           "band", "fused_band_us"]  # fmt: skip
 
 
-def measure(L: int, D: int, inter: int, K: int, T: int, dev: torch.device, time_fn) -> dict:
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def measure(L: int, D: int, inter: int, K: int, T: int, dev: torch.device, time_fn, band: int = 0) -> dict:
+    """One row; `band`: N_BAND of the banded fused call (0: `banded`'s choice for the config's down
+    tile, None where it makes none; < 0: off)."""
     w13, w2 = make_bf16_weights(L, D, inter, dev)
     x = (torch.randn(T, D, device=dev) * 0.5).to(torch.bfloat16)
     ids, w = routing(T, K, L, dev)
 
-    def call(fused: bool):
-        return fm.fused_moe(x, w13, w2, ids, w, fused_topk_sum=fused)
+    def call(fused: bool, config=None):
+        return fm.fused_moe(x, w13, w2, ids, w, fused_topk_sum=fused, config=config)
 
     fused_us = time_fn(lambda: call(True))
     unfused_us = time_fn(lambda: call(False))
     # the two paths agree (one rounding each; the fused sum adds in another order)
-    a, b = call(True).float(), call(False).float()
-    rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
+    rel = _rel(call(True), call(False))
+    cfg = fm.get_config(T, K, L, inter, D, "bf16", dev)
+    if band == 0:
+        band = (banded([cfg["down"]], T, D) or [{}])[0].get("N_BAND")
+    fused_band_us = rel_band = None
+    if band is not None and band > 0 and not cfg.get("MASKED"):
+        cfg_band = {**cfg, "down": dict(cfg["down"], N_BAND=band)}
+        fused_band_us = round(time_fn(lambda: call(True, cfg_band)), 2)
+        rel_band = round(_rel(call(True, cfg_band), call(True)), 6)
+    else:
+        band = None
     slots = torch.randn(T * K, D, device=dev).to(torch.bfloat16)
     sum_us = time_fn(lambda: fm._sum_slots(slots, T, K, torch.bfloat16))
     store_us = time_fn(lambda: slots.fill_(1.0))
@@ -84,6 +94,9 @@ def measure(L: int, D: int, inter: int, K: int, T: int, dev: torch.device, time_
         target_reachable=bound >= TARGET,
         intermediate_bytes=T * K * D * 2,
         rel_diff_fused_vs_unfused=round(rel, 5),
+        band=band,
+        fused_band_us=fused_band_us,
+        rel_diff_band_vs_fused=rel_band,
     )
 
 
@@ -95,6 +108,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--ts", default=None, help="comma-separated T values (default 512,2048,8192)")
     ap.add_argument("--budget-s", type=float, default=200.0, help="stop starting new rows after this")
+    ap.add_argument(
+        "--band", type=int, default=0, help="N_BAND of the banded fused row (0: the tuner's choice, -1: off)"
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU + interpreter dry run of the script")
     args = ap.parse_args(argv)
     shapes, ts = SHAPES, TS
@@ -122,7 +138,7 @@ def main(argv=None) -> int:
             if time.time() > deadline:
                 rows.append(dict(shape=name, T=T, skipped="time budget"))
                 continue
-            r = measure(sh["L"], sh["D"], sh["I"], sh["K"], T, dev, time_fn)
+            r = measure(sh["L"], sh["D"], sh["I"], sh["K"], T, dev, time_fn, args.band)
             rows.append(dict(shape=name, L=sh["L"], D=sh["D"], I=sh["I"], K=sh["K"], **r))
             print({k: rows[-1][k] for k in COLUMNS}, flush=True)
     print_table("fused vs unfused top-k sum (bf16; us per call, graph replay)", rows, COLUMNS)

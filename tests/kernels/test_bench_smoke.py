@@ -73,8 +73,8 @@ def test_bench_router_topk_smoke(tmp_path):
 
 def test_bench_topk_sum_smoke(tmp_path):
     """Fused and unfused top-k sum, the sum launch and the intermediate's stores timed per row, the
-    bound computed from them, and both paths agreeing within bf16 rounding."""
-    doc = _smoke("bench_topk_sum.py", "--out-dir", tmp_path, "topk_sum")
+    bound computed from them, both paths agreeing within bf16 rounding, and the banded fused row."""
+    doc = _smoke("bench_topk_sum.py", "--out-dir", tmp_path, "topk_sum", "--band", "1")
     assert doc["device"] and doc["date"] and doc["smoke"] is True
     rows = doc["rows"]
     assert [r["T"] for r in rows] == [4, 16]
@@ -84,6 +84,8 @@ def test_bench_topk_sum_smoke(tmp_path):
         assert r["target_reachable"] == (r["bound"] >= 0.10)
         assert r["intermediate_bytes"] == r["T"] * 8 * 256 * 2
         assert r["rel_diff_fused_vs_unfused"] < 2e-2, r
+        # the banded down GEMM (N_BAND 1): the same sums in another program order
+        assert r["band"] == 1 and r["fused_band_us"] > 0 and r["rel_diff_band_vs_fused"] < 1e-5, r
 
     # The report builds its section from the writer's own format.
     plots, md = tmp_path / "plots", tmp_path / "performance.md"
