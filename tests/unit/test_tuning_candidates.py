@@ -25,3 +25,27 @@ def test_other_schemes_do_not_get_the_int4_key(scheme, rows):
     sets = bench_fused_moe.candidates(rows, scheme)
     assert sets == bench_fused_moe._block_candidates(rows, scheme)
     assert all("INT4_MAGIC" not in c for _, gu, dn in sets for c in (*gu, *dn))
+
+
+@pytest.mark.parametrize(
+    "T, D, block_n, band",
+    [
+        (8192, 2048, 256, 2),  # Qwen3: 67 MB of fp32 accumulator; bands of 512 columns = 16.8 MB
+        (8192, 7168, 128, 4),
+        (2048, 7168, 256, 8),  # 58.7 MB: bands of 2048 columns
+        (100000, 7168, 256, 1),  # a band is never narrower than one N-block
+    ],
+)
+def test_banded_down_candidates_keep_a_band_near_16_mb(T, D, block_n, band):
+    base = [dict(BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)]
+    (got,) = bench_fused_moe.banded(base, T, D)
+    assert got == dict(base[0], N_BAND=band)
+    if band > 1:
+        assert T * band * block_n * 4 <= bench_fused_moe.BAND_BYTES < T * (band + 1) * block_n * 4
+
+
+@pytest.mark.parametrize("T, D", [(512, 7168), (2048, 2048), (4096, 2048)])
+def test_no_bands_where_the_accumulator_fits(T, D):
+    """At most 32 MB of accumulator (the L2 holds 50 MB): the plain order, no banded candidates."""
+    assert T * D * 4 <= 2 * bench_fused_moe.BAND_BYTES
+    assert bench_fused_moe.banded([dict(BLOCK_N=256)], T, D) == []

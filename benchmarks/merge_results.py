@@ -1,0 +1,71 @@
+"""Merge a newer benchmark run into a device's results file, row by row.
+
+    python benchmarks/merge_results.py OLD.json NEW.json --key shape,T,scheme --why "decode re-tuned" [--out PATH]
+
+A partial re-run (say `gpu_session.sh k1-decode`: bf16 decode rows only) should replace the rows it
+measured and keep the others. Rows of NEW replace the rows of OLD with the same key (the `--key`
+fields); OLD's other rows stay. The merged document takes NEW's header (date, device, ceilings) and
+says in `merged` which keys came from which run, with OLD's ceilings and OLD's own `merged` note, so
+no figure loses its provenance. Both files must come from the same device. Rows without every key
+field (skipped rows, notes) are kept from NEW only. Default output: NEW's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _device(doc: dict[str, Any]) -> str:
+    dev = doc.get("device")
+    return str(dev.get("device") if isinstance(dev, dict) else dev)
+
+
+def merge(old: dict[str, Any], new: dict[str, Any], key: list[str], why: str) -> dict[str, Any]:
+    if not key:
+        raise ValueError("--key: give at least one row field, e.g. shape,T,scheme")
+    if _device(old) != _device(new):
+        raise ValueError(f"the files come from different devices: {_device(old)!r} and {_device(new)!r}")
+    if old.get("what") != new.get("what"):
+        raise ValueError(f"the files hold different benchmarks: {old.get('what')!r} and {new.get('what')!r}")
+
+    def k(row: dict[str, Any]) -> tuple | None:
+        return tuple(row[f] for f in key) if all(f in row for f in key) else None
+
+    fresh = {k(r) for r in new.get("rows", []) if k(r) is not None}
+    if not fresh:
+        raise ValueError(f"no row of the new file has every key field {key}")
+    kept = [r for r in old.get("rows", []) if k(r) is not None and k(r) not in fresh]
+    doc = dict(new)
+    doc["rows"] = kept + list(new.get("rows", []))
+    doc["merged"] = (
+        f"rows for ({', '.join(key)}) in {sorted(fresh, key=str)} from the run of {new.get('date')} ({why}); "
+        f"that run's ceilings {new.get('ceilings')}; the other {len(kept)} rows from the file of "
+        f"{old.get('date')} (its ceilings {old.get('ceilings')}; its own note: {old.get('merged', '-')})"
+    )
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("old", type=Path)
+    ap.add_argument("new", type=Path)
+    ap.add_argument("--key", required=True, help="comma-separated row fields that identify a row")
+    ap.add_argument("--why", required=True, help="what the new run changed (kept in the merged note)")
+    ap.add_argument("--out", type=Path, default=None, help="where to write (default: NEW's path)")
+    args = ap.parse_args(argv)
+    old, new = (json.loads(p.read_text()) for p in (args.old, args.new))
+    doc = merge(old, new, [f for f in args.key.split(",") if f], args.why)
+    out = args.out or args.new
+    out.write_text(json.dumps(doc, indent=2, default=str))
+    print(
+        f"{out}: {len(doc['rows'])} rows ({len(doc['rows']) - len(new.get('rows', []))} kept from {args.old.name})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
