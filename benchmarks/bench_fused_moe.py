@@ -266,7 +266,7 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
     log = []
     fused = K > 2  # fused top-k sum, as fused_moe's default
     for bm, gus, dns in candidates(T * K / L, scheme):
-        if fused and T * K / L > 12:  # prefill buckets only (decode: tune_decode_bucket)
+        if fused:  # banded only where the accumulator is large (never at decode sizes)
             dns = dns + banded(dns[:2], T, D)
         align = fm.moe_align_block_size(ids, bm, L)
         # the intermediate has one row per sorted position (as fused_moe allocates it)

@@ -239,13 +239,8 @@ def _raw_deepep_ms(layer, h: torch.Tensor, is_prefill: bool, iters: int, device:
     return _loop_ms(step, iters, device)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
-
 def _bench_scheme(rank: int, args, scheme: str, device: torch.device, ceilings: dict, emit) -> None:
+    from benchmarks.common import rel_diff
     from ep_runtime.comm.deepep import import_deep_ep
     from ep_runtime.layer import EPMoE
 
@@ -322,9 +317,9 @@ def _bench_scheme(rank: int, args, scheme: str, device: torch.device, ceilings: 
                             row.update(_floor(layer, tel, ceilings, scheme, bytes_per_expert))
                             first = (backends[0], phase, num_tokens)
                             if backend != backends[0] and first in base_out:
-                                row["rel_vs_" + backends[0]] = _rel(y, base_out[first])
+                                row["rel_vs_" + backends[0]] = rel_diff(y, base_out[first])
                         elif base_key in base_out:
-                            row["rel_vs_plain"] = _rel(y, base_out[base_key])
+                            row["rel_vs_plain"] = rel_diff(y, base_out[base_key])
                     except Exception:  # noqa: BLE001 - recorded; symmetric failures keep ranks in step
                         row["error"] = traceback.format_exc()[-2000:]
                     emit(row)

@@ -33,26 +33,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import bench_fused_moe  # noqa: E402
 from benchmarks.bench_fused_moe import banded, make_bf16_weights, routing  # noqa: E402
-from benchmarks.common import bench_us, graph_us, measure_copy_bandwidth, print_table, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bench_us,
+    graph_us,
+    measure_copy_bandwidth,
+    print_table,
+    rel_diff,
+    write_results,
+)
 from ep_runtime.kernels import fused_moe as fm  # noqa: E402
 
-SHAPES = {
-    "dsv3_e128": dict(L=128, D=7168, I=2048, K=8),
-    "dsv3_e32": dict(L=32, D=7168, I=2048, K=8),
-    "qwen3_30b": dict(L=128, D=2048, I=768, K=8),
-}
+SHAPES = {name: bench_fused_moe.SHAPES[name] for name in ("dsv3_e128", "dsv3_e32", "qwen3_30b")}  # K = 8
 TS = (512, 2048, 8192)
-SMOKE = {"tiny": dict(L=8, D=256, I=128, K=8)}
+SMOKE = bench_fused_moe.SMOKE
 SMOKE_TS = (4, 16)
 TARGET = 0.10
 COLUMNS = ["shape", "T", "fused_us", "unfused_us", "speedup", "sum_us", "store_us", "bound", "target_reachable",
            "band", "fused_band_us"]  # fmt: skip
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def measure(L: int, D: int, inter: int, K: int, T: int, dev: torch.device, time_fn, band: int = 0) -> dict:
@@ -68,7 +67,8 @@ def measure(L: int, D: int, inter: int, K: int, T: int, dev: torch.device, time_
     fused_us = time_fn(lambda: call(True))
     unfused_us = time_fn(lambda: call(False))
     # the two paths agree (one rounding each; the fused sum adds in another order)
-    rel = _rel(call(True), call(False))
+    fused_out = call(True)
+    rel = rel_diff(fused_out, call(False))
     cfg = fm.get_config(T, K, L, inter, D, "bf16", dev)
     if band == 0:
         band = (banded([cfg["down"]], T, D) or [{}])[0].get("N_BAND")
@@ -76,7 +76,7 @@ def measure(L: int, D: int, inter: int, K: int, T: int, dev: torch.device, time_
     if band is not None and band > 0 and not cfg.get("MASKED"):
         cfg_band = {**cfg, "down": dict(cfg["down"], N_BAND=band)}
         fused_band_us = round(time_fn(lambda: call(True, cfg_band)), 2)
-        rel_band = round(_rel(call(True, cfg_band), call(True)), 6)
+        rel_band = round(rel_diff(call(True, cfg_band), fused_out), 6)
     else:
         band = None
     slots = torch.randn(T * K, D, device=dev).to(torch.bfloat16)

@@ -87,6 +87,13 @@ def loop_us(fn, calls: int = 2000, tries: int = 3) -> float:
     return best
 
 
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Normwise relative difference ||a - b|| / ||b|| in float32 (0 for empty tensors)."""
+    if a.numel() == 0:
+        return 0.0
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
 def capture_graph(fn, replays: int = 1):
     """Run `fn` once eagerly and once on a side stream (compilation, allocator warm-up), then
     capture `replays` back-to-back calls in a CUDA graph. Returns `(graph, output of the last

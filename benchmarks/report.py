@@ -57,7 +57,6 @@ def _kind(what: str) -> str:
         "router_gemm",
         "router_topk",
         "fused_moe",
-        "topk_sum",
         "masked_gemm",
         "dispatch",
         "layer",
