@@ -114,25 +114,28 @@ def torch_loop(x, w13, w2, ids, w):
 def candidates(rows_per_expert: float, scheme: str):
     """(BLOCK_M, [gate_up candidates], [down candidates]) lists for one bucket. For w4a8 each block
     config is tried with both in-kernel int4 -> e4m3 unpacks (`quant.int4_to_e4m3`), side by side
-    so that a tuning deadline cuts neither."""
+    so that a tuning deadline cuts neither; TMA tiles are left out (the launcher refuses TMA for
+    packed int4 weights)."""
     sets = _block_candidates(rows_per_expert, scheme)
     if scheme != "w4a8":
         return sets
 
     def both(cands):
-        return [v for c in cands for v in (c, dict(c, INT4_MAGIC=1))]
+        return [v for c in cands if not c.get("TMA") for v in (c, dict(c, INT4_MAGIC=1))]
 
     return [(bm, both(gu), both(dn)) for bm, gu, dn in sets]
 
 
 def _block_candidates(rows_per_expert: float, scheme: str):
 
-    def c(bn, bk, w, s, g=8, m=False, tma=False, split=1):
+    def c(bn, bk, w, s, g=8, m=False, tma=False, split=1, r=False):
         d = dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s)
         if m:
             d["MERGE_GU"] = True
         if tma:
             d["TMA"] = True
+        if r:
+            d["RESCALE"] = True
         if split > 1:
             d["SPLIT_K"] = split
         return d
@@ -161,17 +164,40 @@ def _block_candidates(rows_per_expert: float, scheme: str):
     # with 4 warps spills, so fp8 TMA gate_up tiles stay at 64 columns per 4 warps.
     if fp8:
         # First H200 sweep: BLOCK_M=64 with 4 warps won every fp8 prefill bucket (more programs per
-        # SM hide the per-K-block scale readout), so it is tried at every size.
-        gu = [c(64, 128, 8, 4, m=True), c(64, 128, 8, 3, m=True), c(64, 128, 8, 4, tma=True)]
-        dn = [c(128, 128, 8, 3), c(128, 128, 8, 4, tma=True)]
-        gu64 = [
-            c(64, 128, 4, 4, m=True),
-            c(64, 128, 4, 3, m=True),
-            c(128, 128, 8, 3, m=True),
-            c(64, 128, 4, 4, tma=True),
+        # SM hide the per-K-block scale readout), so it is tried at every size. RESCALE (the
+        # accumulator rescaled in place, no dot temporary) makes the bf16 winners' tile widths fit
+        # without spills (sm_90 compile): 64x256 and 64x(2x128) with 4 warps, 128x256 and
+        # 128x(2x128) with 8. Each list starts with the previous winners, then the RESCALE tiles.
+        gu = [
+            c(64, 128, 8, 4, m=True),
+            c(128, 128, 8, 3, m=True, r=True),
+            c(128, 128, 8, 4, tma=True, r=True),
+            c(64, 128, 8, 3, m=True),
+            c(64, 128, 8, 4, tma=True),
+        ]
+        dn = [
+            c(128, 128, 8, 3),
+            c(256, 128, 8, 3, r=True),
+            c(256, 128, 8, 3, tma=True, r=True),
             c(128, 128, 8, 4, tma=True),
         ]
-        dn64 = [c(128, 128, 4, 4), c(128, 128, 4, 3), c(256, 128, 8, 3), c(128, 128, 4, 4, tma=True)]
+        gu64 = [
+            c(64, 128, 4, 4, m=True),
+            c(64, 128, 4, 4, tma=True),
+            c(128, 128, 4, 3, m=True, r=True),
+            c(128, 128, 4, 4, tma=True, r=True),
+            c(64, 128, 4, 3, m=True),
+            c(128, 128, 8, 3, m=True),
+            c(128, 128, 8, 4, tma=True),
+        ]
+        dn64 = [
+            c(128, 128, 4, 4),
+            c(128, 128, 4, 4, tma=True),
+            c(256, 128, 4, 3, r=True),
+            c(256, 128, 4, 3, tma=True, r=True),
+            c(128, 128, 4, 3),
+            c(256, 128, 8, 3),
+        ]
         return [(64, gu64, dn64), (128, gu, dn)]
     gu = [
         c(128, 64, 8, 4),
@@ -395,6 +421,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--no-fp8", action="store_true")
     ap.add_argument(
+        "--tune-schemes",
+        default=None,
+        help="with --tune: comma-separated schemes to sweep (default: every scheme of the run; the others "
+        "are timed with their table entries)",
+    )
+    ap.add_argument(
         "--masked-decode",
         action="store_true",
         help="also time decode (T <= 32) through the masked layout and make it the bucket's entry where it wins",
@@ -456,6 +488,10 @@ def main(argv=None) -> int:
         cfg_out.write_text(json.dumps(table, indent=1, sort_keys=True))
 
     schemes = ["bf16"] if args.no_fp8 else ["bf16", "fp8_block"]
+    tune_schemes = None if args.tune_schemes is None else args.tune_schemes.split(",")
+    bad = sorted(set(tune_schemes or ()) - set(fm.SCHEMES))
+    if bad:
+        ap.error(f"--tune-schemes: unknown {bad}; allowed: {','.join(fm.SCHEMES)}")
     for sname in args.shapes.split(","):
         sh = SHAPES[sname]
         L, D, inter, K = sh["L"], sh["D"], sh["I"], sh["K"]
@@ -515,6 +551,7 @@ def main(argv=None) -> int:
                 skey = fm.shape_key(L, inter, D, scheme)
                 bucket = str(fm.t_bucket(T))
                 want_tune = args.smoke or args.tune_all or T in TUNE_AT.get((sname, scheme), ())
+                want_tune = want_tune and (tune_schemes is None or scheme in tune_schemes)
                 if args.tune and want_tune and fused is None and time.time() < tune_deadline:
                     if T * K / L <= 12 and scheme != "w4a8":
                         in_use = tuned.get(skey, {}).get(bucket) or fm.get_config(

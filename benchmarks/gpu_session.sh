@@ -4,7 +4,7 @@
 # the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
 # project installed, and `deep_ep` importable for the DeepEP steps):
 #
-#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-tune | k1-decode | x2-comm | x2-layer | x2-step | x2-run
+#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-tune | k1-decode | x2-comm | x2-layer | x2-step | x2-run
 #
 # Every command runs under its own `timeout`, its output goes to <dir>/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
@@ -54,6 +54,13 @@ case "$group" in
     step 300 python -m pytest -q -m gpu tests/gpu/test_kernels_k1_gpu.py tests/gpu/test_fused_moe_gpu.py \
       "tests/gpu/test_execution_gpu.py::test_execution_torch_backend_one_gpu"
     step 120 python benchmarks/bench_topk_sum.py --budget-s 90 --out-dir "$RES/results"
+    ;;
+  k1-fp8)  # one GPU, no DeepEP: fp8_block prefill with the RESCALE tiles (GPU check, then re-tuned at
+    # DeepSeek-V3 T 2048/8192 beside the bf16 table entries, which gives the fp8 / bf16 ratio)
+    step 150 python -m pytest -q -m gpu "tests/gpu/test_fused_moe_gpu.py::test_prefill_rescaled_accumulator_wide_tiles"
+    step 420 python benchmarks/bench_fused_moe.py --tune --tune-schemes fp8_block --shapes dsv3_e32,dsv3_e128 \
+      --ts 2048,8192 --step-layers 0 --budget-s 400 --tune-budget-s 300 --out "$RES/results"
+    mkdir -p "$RES/configs" && cp "$RES/results/fused_moe.json" "$RES/configs/" 2>/dev/null
     ;;
   k1-tune)  # one GPU: re-tune the kernel tables for this device (w4a8 also tries INT4_MAGIC)
     step 150 python benchmarks/bench_router_gemm.py --tune --quick --out-dir "$RES/results"

@@ -54,6 +54,9 @@ _SCHEME_ID = {"bf16": 0, "fp8_block": 1, "w4a8": 2}
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MIN_SCALE = tl.constexpr(1e-15)
+"""RESCALE's floor on fp8/int4 scales: below any scale the quantisers make (1e-10 / 448), and high
+enough that an accumulator in units of two floored scales (1e-30) stays finite."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,6 +375,7 @@ def _fused_moe_gemm_kernel(
     A_SORTED: tl.constexpr,
     ZERO: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
+    RESCALE: tl.constexpr,
 ):
     """One program = one M-block of one expert x one N-block.
 
@@ -394,6 +398,13 @@ def _fused_moe_gemm_kernel(
     TMA_A (A_SORTED only): the activation row block through `a_desc` ([S, K], block [BLOCK_M, BLOCK_K]).
     fp8_block with BLOCK_N <= 128 and no merged tile: every column of a weight tile shares one block
     scale, so the per-K-step rescale is one multiply-add per accumulator element (row scale * scalar).
+    RESCALE (fp8_block, w4a8): instead of a scaled copy of each K step's product added to the
+    accumulator (a dot temporary as large as the accumulator), the accumulator is kept in units of
+    the current K step's scales: before each step it is multiplied by (previous scales / current
+    scales) and the tensor-core dot accumulates into it in place; after the loop one multiply by the
+    last scales. Same multiplies per element, half the accumulator registers, so wider tiles fit.
+    Scales are floored at `_MIN_SCALE` (a zero scale, whose group is zero, then adds ~0, not inf or
+    NaN).
     Split-K (down with ATOMIC only): grid axis 1 splits the K tiles, `k_tiles_per_split` each; every
     split scales its partial sum by the top-k weight and adds it atomically (a sum of linear parts), so
     decode sizes, where the M blocks are few, still put every SM on the weight stream.
@@ -497,6 +508,11 @@ def _fused_moe_gemm_kernel(
     b_ptrs += kb_lo * b_step
     if SPLIT_UP:
         b_up_ptrs += kb_lo * b_step
+    if RESCALE:  # the scales the accumulator is in units of: those of the first K step
+        pa = tl.maximum(tl.load(a_s_ptrs + kb_lo * stride_ask), _MIN_SCALE)
+        pb = tl.maximum(tl.load(b_s_ptrs + kb_lo * stride_bsk), _MIN_SCALE)
+        if SPLIT_UP:
+            pb_up = tl.maximum(tl.load(b_s_up_ptrs + kb_lo * stride_bsk), _MIN_SCALE)
     for kb in range(kb_lo, kb_hi):
         k_rem = K - kb * BLOCK_K
         # Padding rows read row 0 (a_row was clamped) or unwritten rows of a sorted operand; either
@@ -524,6 +540,17 @@ def _fused_moe_gemm_kernel(
             acc = tl.dot(a, b, acc)
             if SPLIT_UP:
                 acc_up = tl.dot(a, b_up, acc_up)
+        elif RESCALE:
+            a_s = tl.maximum(tl.load(a_s_ptrs + kb * stride_ask), _MIN_SCALE)
+            b_s = tl.maximum(tl.load(b_s_ptrs + kb * stride_bsk), _MIN_SCALE)
+            ra = pa / a_s
+            acc = tl.dot(a, b, acc * _scale_tile(ra, pb / b_s, SCALAR_BS))
+            if SPLIT_UP:
+                b_s_up = tl.maximum(tl.load(b_s_up_ptrs + kb * stride_bsk), _MIN_SCALE)
+                acc_up = tl.dot(a, b_up, acc_up * _scale_tile(ra, pb_up / b_s_up, SCALAR_BS))
+                pb_up = b_s_up
+            pa = a_s
+            pb = b_s
         else:
             a_s = tl.load(a_s_ptrs + kb * stride_ask)
             b_s = tl.load(b_s_ptrs + kb * stride_bsk)
@@ -536,6 +563,10 @@ def _fused_moe_gemm_kernel(
         if SPLIT_UP:
             b_up_ptrs += b_step
 
+    if RESCALE:  # from units of the last K step's scales to values
+        acc = acc * _scale_tile(pa, pb, SCALAR_BS)
+        if SPLIT_UP:
+            acc_up = acc_up * _scale_tile(pa, pb_up, SCALAR_BS)
     n_ok = offs_n < N
     mask = row_ok[:, None] & n_ok[None, :]
     if GATE_UP:
@@ -930,7 +961,9 @@ def get_config(
     SPLIT_K, down only, default 1: the down GEMM's K tiles split over that many programs per output
     tile, each adding its part atomically in fp32 (decode: more programs streaming the weights);
     INT4_MAGIC, w4a8 only, default 0: how int4 weights become e4m3, see `quant.int4_to_e4m3`;
-    N_BAND, default 0: program order in bands of that many N-blocks, see `_fused_moe_gemm_kernel`).
+    N_BAND, default 0: program order in bands of that many N-blocks, see `_fused_moe_gemm_kernel`;
+    RESCALE, fp8_block and w4a8, default False: the accumulator kept in units of the current K step's
+    scales, the dot accumulating in place, see `_fused_moe_gemm_kernel`).
     """
     path = str(path or CONFIG_DIR / "fused_moe.json")
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
@@ -983,6 +1016,10 @@ def _check_config(config: dict[str, Any], scheme: str) -> None:
         band = g.get("N_BAND", 0)
         if not isinstance(band, int) or isinstance(band, bool) or band < 0:
             raise ValueError(f"config[{name!r}]['N_BAND'] must be an int >= 0 (0: no bands), got {band!r}")
+        if not isinstance(g.get("RESCALE", False), bool):
+            raise ValueError(f"config[{name!r}]['RESCALE'] must be true or false, got {g['RESCALE']!r}")
+        if g.get("RESCALE", False) and scheme == "bf16":
+            raise ValueError(f"config[{name!r}]['RESCALE'] is for schemes 'fp8_block' and 'w4a8', not 'bf16'")
         if g.get("TMA", False) not in (False, True):
             raise ValueError(f"config[{name!r}]['TMA'] must be true or false, got {g['TMA']!r}")
         if g.get("TMA", False) and scheme == "w4a8":
@@ -1109,6 +1146,7 @@ def _launch_gemm(
         A_SORTED=bool(a_sorted),
         ZERO=zero_numel > 0,
         ZERO_BLOCK=_ZERO_BLOCK,
+        RESCALE=bool(sid != 0 and cfg.get("RESCALE", False)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -148,6 +148,32 @@ def test_prefill_tiles_merged_gate_up(scheme, cfg):
     _case(T=1024, K=8, L=16, D=7168, inter=2048, scheme=scheme, fused=True, config=cfg)
 
 
+def _rescaled(cfg):
+    return dict(cfg, gate_up=dict(cfg["gate_up"], RESCALE=True), down=dict(cfg["down"], RESCALE=True))
+
+
+@pytest.mark.parametrize(
+    "scheme, cfg",
+    [
+        ("fp8_block", _prefill_cfg("fp8_block", 64, 128, 256, 4, 3, True)),
+        ("fp8_block", _prefill_cfg("fp8_block", 128, 128, 256, 8, 3, True)),
+        ("fp8_block", _prefill_cfg("fp8_block", 128, 128, 256, 8, 3, False, tma=True)),
+        ("w4a8", _prefill_cfg("w4a8", 64, 128, 256, 4, 3, True)),
+    ],
+    ids=["fp8-64-merged", "fp8-128-merged", "fp8-128-tma", "w4a8-64-merged"],
+)
+def test_prefill_rescaled_accumulator_wide_tiles(scheme, cfg):
+    """RESCALE's wide tiles (the bench's fp8 prefill candidates) compiled: within the reference
+    tolerance, and within fp32 rounding of the scaled-product path on the same inputs (normwise 5e-3:
+    a few activations may land on neighbouring fp8 values)."""
+    torch.manual_seed(7)
+    fast = _case(T=1024, K=8, L=16, D=7168, inter=2048, scheme=scheme, fused=True, config=_rescaled(cfg))
+    torch.manual_seed(7)
+    plain = _case(T=1024, K=8, L=16, D=7168, inter=2048, scheme=scheme, fused=True,
+                  config=_prefill_cfg(scheme, 64, 64, 128, 4, 4, True))  # fmt: skip
+    assert rel_err(fast, plain.double()) < 5e-3
+
+
 @pytest.mark.parametrize("scheme", ["bf16", "fp8_block"])
 @pytest.mark.parametrize(
     "shape", [(32, 7168, 2048, 8), (8, 4096, 14336, 2), (128, 2048, 768, 8)], ids=["dsv3", "mixtral", "qwen3"]

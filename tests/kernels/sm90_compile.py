@@ -143,6 +143,7 @@ def fused_ce(**ce) -> dict:
     out.setdefault("ZERO", out["GATE_UP"])  # fused_moe's gate_up launch zero-fills the down output
     out.setdefault("ZERO_BLOCK", 1024)
     out.setdefault("N_BAND", 0)  # program order only
+    out.setdefault("RESCALE", False)
     out.update({name: None for name, on in (("a_desc", out["TMA_A"]), ("b_desc", out["TMA_B"])) if not on})
     return out
 
@@ -196,6 +197,21 @@ def cases():
         ptrs = tma_ptrs(ptrs, scheme, bm, bn, bk)
         name = f"fused-tma-{'bf16' if scheme == 0 else 'fp8'}-{'gate_up' if gate_up else 'down'}"
         yield name, fm._fused_moe_gemm_kernel, ptrs, ce, warps, 4
+    # fp8_block RESCALE tiles (the accumulator rescaled in place): the widths the scaled-product path
+    # spills at (the bench's fp8 prefill candidates)
+    rescaled = ((True, 64, 128, 4, 3, True, False), (True, 128, 128, 8, 3, True, False),
+                (True, 128, 128, 8, 4, False, True), (False, 64, 256, 4, 3, False, False),
+                (False, 128, 256, 8, 3, False, False), (False, 128, 256, 8, 3, False, True))  # fmt: skip
+    for gate_up, bm, bn, warps, stages, merge, tma in rescaled:
+        ce = fused_ce(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, SCHEME=1, GATE_UP=gate_up,
+                      MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True, MERGE_GU=merge,
+                      INT4_MAGIC=False, TMA_A=tma, TMA_B=tma, RESCALE=True)  # fmt: skip
+        ptrs = dict(fused_ptrs(2, gate_up), b_ptr="*fp8e4nv")
+        if tma:
+            ptrs = tma_ptrs(ptrs, 1, bm, bn, 128)
+        stage = ("gate_up-merged" if merge else "gate_up") if gate_up else "down"
+        name = f"fused-fp8-rescale-{stage}-{'tma-' if tma else ''}BM{bm}-BN{bn}-w{warps}"
+        yield name, fm._fused_moe_gemm_kernel, ptrs, ce, warps, stages
     # the one-launch masked MLP: a bf16 decode tile and an fp8_block one (gate_up = one 128-group)
     yield _mlp_case("any", "bf16", dict(BLOCK_M=16, BLOCK_M_BIG=64, BLOCK_N1=32, BLOCK_N2=64, num_warps=4,
                                         num_stages=4), mg.A_BF16, mg.B_BF16)  # fmt: skip
@@ -260,7 +276,8 @@ def table_cases():
                                   ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
                                   MERGE_GU=bool(gate_up and g.get("MERGE_GU", False)),
                                   INT4_MAGIC=bool(sid == 2 and g.get("INT4_MAGIC", 0)),
-                                  TMA_A=tma, TMA_B=tma, N_BAND=g.get("N_BAND", 0))  # fmt: skip
+                                  TMA_A=tma, TMA_B=tma, N_BAND=g.get("N_BAND", 0),
+                                  RESCALE=bool(sid != 0 and g.get("RESCALE", False)))  # fmt: skip
                     key = ("fused", sid, g["num_warps"], g["num_stages"], tuple(sorted(ce.items())))
                     if key in seen:
                         continue

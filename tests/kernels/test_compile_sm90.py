@@ -78,6 +78,18 @@ def test_tma_tiles_load_through_tma_without_spills(compiled, kernel):
     assert r["ops"].get("STL", 0) == 0, (kernel, r["ops"].get("STL"))
 
 
+def test_fp8_rescaled_wide_tiles_use_fp8_tensor_cores_without_spills(compiled):
+    """RESCALE keeps one accumulator per tile (no scaled dot temporary beside it), so the bf16
+    winners' widths fit fp8_block too: 64 x 256 and 64 x (2 x 128) with 4 warps, 128 x 256 and
+    128 x (2 x 128) with 8 (the scaled-product path spills at each of these, sm_90 compile)."""
+    tiles = {name: r for name, r in compiled.items() if name.startswith("fused-fp8-rescale-")}
+    assert len(tiles) == 6
+    for name, r in tiles.items():
+        assert _uses(r, "wgmma.mma_async") and _uses(r, "e4m3.e4m3"), (name, r["mma"])
+        assert r["ops"].get("STL", 0) == 0 and r["ops"].get("LDL", 0) == 0, (name, r["ops"])
+        assert r["shared"] <= H100_SHARED, (name, r["shared"])
+
+
 def test_every_shipped_table_config_compiles_for_hopper(compiled):
     """A tuned-table entry that does not compile would only fail on a GPU, mid-run."""
     table = {name: r for name, r in compiled.items() if name.startswith("table-")}

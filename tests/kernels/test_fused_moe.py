@@ -360,6 +360,82 @@ def test_n_band_config_errors():
             fm.fused_moe(x, w13, w2, ids, w, config=cfg)
 
 
+def _rescaled(cfg):
+    return {**cfg, "gate_up": dict(cfg["gate_up"], RESCALE=True), "down": dict(cfg["down"], RESCALE=True)}
+
+
+@pytest.mark.parametrize(
+    "scheme, D, inter, block_n, extra, fused, fp8_input",
+    [
+        ("fp8_block", 384, 256, 64, {}, True, False),  # one block scale per tile (scalar rescale)
+        ("fp8_block", 256, 384, 32, {"MERGE_GU": True}, False, True),  # gate|up tile: column scales
+        ("fp8_block", 256, 256, 256, {}, True, False),  # a tile over two weight blocks: column scales
+        ("fp8_block", 256, 256, 64, {"TMA": True}, True, False),
+        ("fp8_block", 256, 384, 64, {"SPLIT_K": 2}, True, False),  # each split in its own units
+        ("w4a8", 256, 256, 32, {}, False, False),  # per-(row, group) weight scales
+    ],
+    ids=["fp8-scalar", "fp8-merged", "fp8-bn256", "fp8-tma", "fp8-splitk", "w4a8"],
+)
+def test_rescaled_accumulator(rng_seed, scheme, D, inter, block_n, extra, fused, fp8_input):
+    """RESCALE (the accumulator kept in units of the current K step's scales, the dot accumulating in
+    place): within the reference tolerance, and the same sums as the scaled-product path on the same
+    inputs up to fp32 rounding (a few activations may round to neighbouring fp8 values, so normwise)."""
+    cfg = tiny_config(scheme, block_n=block_n)
+    for name, g in (("gate_up", cfg["gate_up"]), ("down", cfg["down"])):
+        g.update({k: v for k, v in extra.items() if not (name == "gate_up" and k == "SPLIT_K")})
+        if name == "down":
+            g.pop("MERGE_GU", None)
+    run_case(T=7, K=3, L=3, D=D, inter=inter, scheme=scheme, fused=fused, fp8_input=fp8_input,
+             config=_rescaled(cfg))  # fmt: skip
+    w13, s13, w2, s2, _, _ = make_weights(3, inter, D, scheme)
+    ids, w = random_routing(7, 3, 3)
+    x = torch.randn(7, D).bfloat16()
+    kw = dict(scheme=scheme, w13_scale=s13, w2_scale=s2, fused_topk_sum=fused, out_dtype=torch.float32)
+    with poisoned_empty():
+        plain = fm.fused_moe(x, w13, w2, ids, w, config=cfg, **kw)
+        rescaled = fm.fused_moe(x, w13, w2, ids, w, config=_rescaled(cfg), **kw)
+    assert rel_err(rescaled, plain.double()) < 5e-3
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # SiLU of large gates, as on a GPU
+def test_rescaled_accumulator_extreme_and_zero_scales(rng_seed):
+    """Scales that jump by 10^12 between K groups, an all-zero activation group given scale 0 and an
+    all-zero weight block given scale 0 (a checkpoint may hold either): finite, and within the
+    reference tolerance, the zero groups adding nothing (the kernel floors scales at _MIN_SCALE)."""
+    T, K, L, D, inter = 6, 3, 3, 384, 256
+    w13, s13, w2, s2, _, _ = make_weights(L, inter, D, "fp8_block")
+    w13[1, 128:256, 128:256] = 0  # expert 1: an up block of zeros, scale 0
+    s13[1, 1, 1] = 0.0
+    w13_f, w2_f = dequantize_fp8_block(w13, s13), dequantize_fp8_block(w2, s2)
+    ids, w = random_routing(T, K, L)
+    x = torch.randn(T, D) * torch.tensor([1e-6, 1.0, 1e6]).repeat_interleave(128)  # per-group magnitudes
+    xq, xs = per_token_group_quant_fp8(x.bfloat16())
+    xq[2, 128:256] = 0  # token 2: its middle group zero, with scale 0
+    xs[2, 1] = 0.0
+    cfg = _rescaled(tiny_config("fp8_block", block_n=64))
+    with poisoned_empty():
+        out = fm.fused_moe(xq, w13, w2, ids, w, scheme="fp8_block", x_scale=xs, w13_scale=s13, w2_scale=s2,
+                           config=cfg, out_dtype=torch.float32)  # fmt: skip
+    ref = ref_moe(xq, xs, w13_f, w2_f, ids, w, "fp8_block")
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL["fp8_block"]
+
+
+def test_rescale_config_errors():
+    w13, _, w2, _, _, _ = make_weights(2, 32, 64, "bf16")
+    x = torch.randn(3, 64).bfloat16()
+    ids, w = random_routing(3, 2, 2)
+    cfg = tiny_config("bf16")
+    cfg["down"]["RESCALE"] = True
+    with pytest.raises(
+        ValueError, match=r"config\['down'\]\['RESCALE'\] is for schemes 'fp8_block' and 'w4a8'"
+    ):
+        fm.fused_moe(x, w13, w2, ids, w, config=cfg)
+    cfg["down"]["RESCALE"] = 1
+    with pytest.raises(ValueError, match=r"config\['down'\]\['RESCALE'\] must be true or false"):
+        fm.fused_moe(x, w13, w2, ids, w, config=cfg)
+
+
 @pytest.mark.parametrize(
     "K, D, dtype", [(2, 1500, torch.bfloat16), (3, 64, torch.float32), (8, 72, torch.float16)]
 )

@@ -1,11 +1,13 @@
-"""The fused-MoE tuner's candidate lists: w4a8 tries every block config with both int4 unpacks,
-side by side; the other schemes never carry the w4a8-only key."""
+"""The fused-MoE tuner's candidate lists: w4a8 tries every block config but TMA ones (which packed int4
+weights cannot use) with both int4 unpacks, side by side; the other schemes never carry the w4a8-only
+key; fp8 prefill tries the wide RESCALE tiles; every candidate passes the launcher's config check."""
 
 from __future__ import annotations
 
 import pytest
 
 from benchmarks import bench_fused_moe
+from ep_runtime.kernels import fused_moe as fm
 
 
 @pytest.mark.parametrize("rows", [4, 40, 300, 2000])
@@ -15,6 +17,7 @@ def test_w4a8_candidates_pair_both_unpacks(rows):
     assert [bm for bm, _, _ in paired] == [bm for bm, _, _ in plain]
     for (_, gu, dn), (_, gu0, dn0) in zip(paired, plain, strict=True):
         for got, base in ((gu, gu0), (dn, dn0)):
+            base = [c for c in base if not c.get("TMA")]
             assert got[0::2] == base
             assert got[1::2] == [dict(c, INT4_MAGIC=1) for c in base]
 
@@ -25,6 +28,31 @@ def test_other_schemes_do_not_get_the_int4_key(scheme, rows):
     sets = bench_fused_moe.candidates(rows, scheme)
     assert sets == bench_fused_moe._block_candidates(rows, scheme)
     assert all("INT4_MAGIC" not in c for _, gu, dn in sets for c in (*gu, *dn))
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp8_block", "w4a8"])
+@pytest.mark.parametrize("rows", [4, 40, 300, 2000])
+def test_every_candidate_passes_the_config_check(scheme, rows):
+    for bm, gu, dn in bench_fused_moe.candidates(rows, scheme):
+        for g in gu:
+            fm._check_config(dict(BLOCK_M=bm, gate_up=g, down=dn[0]), scheme)
+        for d in dn:
+            fm._check_config(dict(BLOCK_M=bm, gate_up=gu[0], down=d), scheme)
+
+
+def test_fp8_prefill_tries_wide_rescaled_tiles():
+    """The tiles RESCALE makes fit: 64 x 256 / 64 x (2 x 128) with 4 warps, 128 x 256 / 128 x (2 x 128)
+    with 8, after the previous winners (first in each list)."""
+    sets = {bm: (gu, dn) for bm, gu, dn in bench_fused_moe.candidates(2000, "fp8_block")}
+    wide = {bm: [(c["BLOCK_N"], c["num_warps"], bool(c.get("MERGE_GU"))) for c in gu + dn if c.get("RESCALE")]
+            for bm, (gu, dn) in sets.items()}  # fmt: skip
+    assert {(128, 4, True), (256, 4, False)} <= set(wide[64])
+    assert {(128, 8, True), (256, 8, False)} <= set(wide[128])
+    for gu, dn in sets.values():
+        assert not gu[0].get("RESCALE") and not dn[0].get("RESCALE")
+    assert not any(
+        c.get("RESCALE") for _, gu, dn in bench_fused_moe.candidates(2000, "bf16") for c in gu + dn
+    )
 
 
 @pytest.mark.parametrize(
