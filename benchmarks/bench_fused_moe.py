@@ -167,7 +167,10 @@ def _block_candidates(rows_per_expert: float, scheme: str):
         # SM hide the per-K-block scale readout), so it is tried at every size. RESCALE (the
         # accumulator rescaled in place, no dot temporary) makes the bf16 winners' tile widths fit
         # without spills (sm_90 compile): 64x256 and 64x(2x128) with 4 warps, 128x256 and
-        # 128x(2x128) with 8. Each list starts with the previous winners, then the RESCALE tiles.
+        # 128x(2x128) with 8. Each list starts with the previous winners, then the RESCALE tiles. The
+        # rescale waits for each K step's dot (Triton keeps no fp8 dot in flight here, sm_90 compile),
+        # so the 4-warp tiles also come with 2 stages: ~80 KB of shared memory, two programs per SM
+        # whose dots and rescales can interleave.
         gu = [
             c(64, 128, 8, 4, m=True),
             c(128, 128, 8, 3, m=True, r=True),
@@ -185,6 +188,7 @@ def _block_candidates(rows_per_expert: float, scheme: str):
             c(64, 128, 4, 4, m=True),
             c(64, 128, 4, 4, tma=True),
             c(128, 128, 4, 3, m=True, r=True),
+            c(128, 128, 4, 2, m=True, r=True),
             c(128, 128, 4, 4, tma=True, r=True),
             c(64, 128, 4, 3, m=True),
             c(128, 128, 8, 3, m=True),
@@ -194,6 +198,7 @@ def _block_candidates(rows_per_expert: float, scheme: str):
             c(128, 128, 4, 4),
             c(128, 128, 4, 4, tma=True),
             c(256, 128, 4, 3, r=True),
+            c(256, 128, 4, 2, r=True),
             c(256, 128, 4, 3, tma=True, r=True),
             c(128, 128, 4, 3),
             c(256, 128, 8, 3),
