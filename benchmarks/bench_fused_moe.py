@@ -300,14 +300,15 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
         if fused:  # banded only where the accumulator is large (never at decode sizes)
             dns = dns + banded(dns[:2], T, D)
         align = fm.moe_align_block_size(ids, bm, L)
-        # the intermediate has one row per sorted position (as fused_moe allocates it)
-        act_out = torch.empty(align[0].shape[0], inter, device=x.device, dtype=torch.bfloat16)
         act = torch.randn(align[0].shape[0], inter, device=x.device, dtype=torch.bfloat16)
         a2, a2s = (act, None) if scheme == "bf16" else per_token_group_quant_fp8(act)
 
-        def time_one(cfg, gate_up, bm=bm, align=align, act_out=act_out, a2=a2, a2s=a2s):
+        def time_one(cfg, gate_up, bm=bm, align=align, a2=a2, a2s=a2s):
             if gate_up:
-                fn = functools.partial(
+                # the intermediate as fused_moe allocates it for this config (one row per sorted
+                # position; fp8 and its scales where the epilogue quantises)
+                act_out, act_s = fm.gate_up_output(align[0].shape[0], inter, scheme, cfg, x.device)
+                launch = functools.partial(
                     fm._launch_gemm,
                     a1,
                     w13,
@@ -327,7 +328,12 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
                     atomic=False,
                     block_m=bm,
                     cfg=cfg,
+                    c_scale=act_s,
                 )
+                if scheme != "bf16" and act_s is None:  # fused_moe's separate quantisation launch counts
+                    fn = lambda launch=launch, act_out=act_out: (launch(), per_token_group_quant_fp8(act_out))  # noqa: E731
+                else:
+                    fn = launch
             else:
                 # the down output as fused_moe allocates and writes it for this config
                 out, atomic, row_div = fm.down_output(T, K, D, fused, cfg, torch.bfloat16, x.device)

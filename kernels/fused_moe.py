@@ -7,7 +7,8 @@ Pipeline of `fused_moe` (no host synchronisation anywhere; CUDA-graph capturable
     x [T, D] --gate_up grouped GEMM (rows gathered by slot // K), SiLU(gate) * up in the epilogue-->
         act [S, I] (row p = slot sorted_token_ids[p]; padding rows unwritten); the same launch
         zero-fills the down GEMM's output (no fill launch of its own)
-    (fp8 schemes: act quantised per token per 128-channel group)
+    (fp8 schemes: act quantised per token per 128-channel group, in the gate_up epilogue where its
+    N-block holds whole groups (`QUANT_OUT`), else by one more launch)
     act --down grouped GEMM (contiguous row blocks), * topk_weight in the epilogue--> either
         fused top-k sum:  fp32 acc [T, D] += (tl.atomic_add at row slot // K), then one cast to out_dtype
         unfused:          tmp [T*K, D] out_dtype, then one launch sums each token's K rows in fp32
@@ -41,9 +42,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ep_runtime.kernels.launch import FastLaunch
 from ep_runtime.kernels.quant import (
     FP8_DTYPE,
+    FP8_MAX,
+    SCALE_EPS,
+    e4m3_scale,
     int4_to_e4m3,
     per_token_group_dequant_fp8,
     per_token_group_quant_fp8,
+    to_e4m3_grid,
 )
 from ep_runtime.kernels.tables import cdiv, for_device, k_splits, next_pow2, normalise
 
@@ -55,6 +60,8 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MIN_SCALE = tl.constexpr(1e-15)
+_SCALE_EPS = tl.constexpr(SCALE_EPS)
+_FP8_MAX = tl.constexpr(FP8_MAX)
 """RESCALE's floor on fp8/int4 scales: below any scale the quantisers make (1e-10 / 448), and high
 enough that an accumulator in units of two floored scales (1e-30) stays finite."""
 
@@ -333,6 +340,7 @@ def _fused_moe_gemm_kernel(
     a_desc,
     b_desc,
     zero_ptr,
+    c_scale_ptr,
     # sizes
     N,
     K,
@@ -356,6 +364,8 @@ def _fused_moe_gemm_kernel(
     stride_bse,
     stride_bsn,
     stride_bsk,
+    stride_csm,
+    stride_csg,
     # meta
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -376,6 +386,7 @@ def _fused_moe_gemm_kernel(
     ZERO: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
     RESCALE: tl.constexpr,
+    QUANT_OUT: tl.constexpr,
 ):
     """One program = one M-block of one expert x one N-block.
 
@@ -405,6 +416,11 @@ def _fused_moe_gemm_kernel(
     last scales. Same multiplies per element, half the accumulator registers, so wider tiles fit.
     Scales are floored at `_MIN_SCALE` (a zero scale, whose group is zero, then adds ~0, not inf or
     NaN).
+    QUANT_OUT (GATE_UP, BLOCK_N a multiple of 128): the epilogue quantises its SiLU*mul tile per row
+    and 128-column group as `quant.per_token_group_quant_fp8` does the stored bf16 values (rounded
+    to bf16 first, same scale and e4m3 rounding: the same bits), c is e4m3 and each group's fp32
+    scale goes to c_scale [S, N / 128]: the down GEMM's fp8 operand without a quantisation launch
+    or a bf16 round trip through memory.
     Split-K (down with ATOMIC only): grid axis 1 splits the K tiles, `k_tiles_per_split` each; every
     split scales its partial sum by the top-k weight and adds it atomically (a sum of linear parts), so
     decode sizes, where the M blocks are few, still put every SM on the weight stream.
@@ -576,7 +592,17 @@ def _fused_moe_gemm_kernel(
             gate, up = acc, acc_up
         out = gate / (1.0 + tl.exp(-gate)) * up
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+        if QUANT_OUT:
+            GROUPS: tl.constexpr = BLOCK_N // 128
+            grouped = tl.reshape(out.to(tl.bfloat16).to(tl.float32), (BLOCK_M, GROUPS, 128))
+            scale = e4m3_scale(tl.max(tl.abs(grouped), axis=2), _SCALE_EPS, _FP8_MAX)  # [BLOCK_M, GROUPS]
+            q = tl.reshape(to_e4m3_grid(grouped, scale[:, :, None], _FP8_MAX), (BLOCK_M, BLOCK_N))
+            tl.store(c_ptrs, q.to(c_ptr.dtype.element_ty), mask=mask)
+            offs_g = pid_n * GROUPS + tl.arange(0, GROUPS)
+            s_ptrs = c_scale_ptr + offs_m.to(tl.int64)[:, None] * stride_csm + offs_g[None, :] * stride_csg
+            tl.store(s_ptrs, scale, mask=row_ok[:, None] & (offs_g * 128 < N)[None, :])
+        else:
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
     else:
         if MUL_WEIGHT:
             w = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)
@@ -1067,9 +1093,12 @@ def _launch_gemm(
     block_m,
     cfg,
     zero=None,
+    c_scale=None,
 ):
     """One grouped GEMM launch (gate_up or down) over the aligned slots; `zero`: a contiguous
-    tensor the launch's programs zero-fill before their GEMM work (see the kernel's ZERO)."""
+    tensor the launch's programs zero-fill before their GEMM work (see the kernel's ZERO);
+    `c_scale` (gate_up, fp8 `c`): the per-row 128-group scales of the quantised output
+    (`quant_act`, the kernel's QUANT_OUT)."""
     sorted_ids, expert_ids, num_post = align
     num_pid_m = sorted_ids.shape[0] // block_m
     k_tiles = cdiv(k, cfg["BLOCK_K"])
@@ -1107,6 +1136,7 @@ def _launch_gemm(
         a_desc,
         b_desc,
         zero if zero is not None else c,
+        c_scale if c_scale is not None else c,
         n,
         k,
         num_slots,
@@ -1128,6 +1158,7 @@ def _launch_gemm(
         s_b[0],
         s_b[1],
         s_b[2],
+        *(c_scale.stride() if c_scale is not None else (0, 0)),
         BLOCK_M=block_m,
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
@@ -1147,9 +1178,25 @@ def _launch_gemm(
         ZERO=zero_numel > 0,
         ZERO_BLOCK=_ZERO_BLOCK,
         RESCALE=bool(sid != 0 and cfg.get("RESCALE", False)),
+        QUANT_OUT=c_scale is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
+
+
+def quant_act(scheme: str, gate_up_cfg: dict[str, Any]) -> bool:
+    """Whether the gate_up launch quantises its output itself (fp8 schemes whose gate_up N-block
+    is whole 128-channel groups; the kernel's QUANT_OUT)."""
+    return scheme != "bf16" and gate_up_cfg["BLOCK_N"] % GROUP == 0
+
+
+def gate_up_output(rows, inter, scheme, gate_up_cfg, device):
+    """The gate_up output `(act, act_scale)` (uninitialised, one row per sorted position): bf16 and
+    None, or with `quant_act`, e4m3 and its fp32 per-row group scales `[rows, inter / 128]`."""
+    if quant_act(scheme, gate_up_cfg):
+        act = torch.empty((rows, inter), dtype=FP8_DTYPE, device=device)
+        return act, torch.empty((rows, inter // GROUP), dtype=torch.float32, device=device)
+    return torch.empty((rows, inter), dtype=torch.bfloat16, device=device), None
 
 
 def down_output(num_tokens, top_k, hidden, fused_topk_sum, down_cfg, out_dtype, device):
@@ -1333,8 +1380,9 @@ def fused_moe(
     align = moe_align_block_size(topk_ids, block_m, num_experts)
 
     # One row per position of sorted_token_ids (slots grouped by expert, padding rows left unwritten),
-    # so the down GEMM reads contiguous row blocks.
-    act = torch.empty((align[0].shape[0], inter), dtype=torch.bfloat16, device=dev)
+    # so the down GEMM reads contiguous row blocks. fp8 schemes: quantised in the gate_up epilogue
+    # where its N-blocks hold whole 128-groups.
+    act, act_scale = gate_up_output(align[0].shape[0], inter, scheme, config["gate_up"], dev)
     _launch_gemm(
         a1,
         w13,
@@ -1355,9 +1403,10 @@ def fused_moe(
         block_m=block_m,
         cfg=config["gate_up"],
         zero=c,
+        c_scale=act_scale,
     )
-    if scheme == "bf16":
-        a2, a2_scale = act, None
+    if scheme == "bf16" or act_scale is not None:
+        a2, a2_scale = act, act_scale
     else:
         a2, a2_scale = per_token_group_quant_fp8(act, GROUP)
 

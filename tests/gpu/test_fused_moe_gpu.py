@@ -10,7 +10,8 @@ import torch
 
 from benchmarks.common import capture_graph
 from ep_runtime.kernels import fused_moe as fm
-from tests.kernels.test_fused_moe import TOL, make_weights, random_routing, ref_moe, rel_err
+from ep_runtime.kernels.quant import per_token_group_quant_fp8
+from tests.kernels.test_fused_moe import TOL, _gate_up, make_weights, random_routing, ref_moe, rel_err
 from tests.kernels.test_moe_align import check_align
 
 pytestmark = pytest.mark.gpu
@@ -209,3 +210,31 @@ def test_masked_decode_path_gpu(rng_seed, scheme, shape, T):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, ref_moe(x, None, w13_f, w2_f, ids, w, scheme)) < TOL[scheme]
+
+
+@pytest.mark.parametrize("scheme", ["fp8_block", "w4a8"])
+@pytest.mark.parametrize("block_n, merge", [(128, True), (256, False)])
+def test_gate_up_quantised_output_bits(scheme, block_n, merge):
+    """Compiled, the gate_up epilogue's e4m3 output and group scales (QUANT_OUT) equal the bf16
+    epilogue followed by `per_token_group_quant_fp8`, bit for bit, at DeepSeek-V3 sizes."""
+    torch.manual_seed(8)
+    L, D, inter, T, K = 16, 7168, 2048, 512, 8
+    w13, s13, _, _, _, _ = make_weights(L, inter, D, scheme, device=DEV, std=0.02)
+    ids, _ = random_routing(T, K, L, device=DEV)
+    xq, xs = per_token_group_quant_fp8(torch.randn(T, D, device=DEV).bfloat16())
+    gu = dict(
+        BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3, MERGE_GU=merge, RESCALE=True
+    )
+    cfg = dict(BLOCK_M=64, gate_up=gu)
+    align = fm.moe_align_block_size(ids, 64, L)
+    rows = align[0].shape[0]
+    act_bf16 = torch.empty((rows, inter), dtype=torch.bfloat16, device=DEV)
+    _gate_up(
+        xq, xs, w13, s13, align, scheme, dict(cfg, gate_up=dict(gu, BLOCK_N=64)), act_bf16, None, T, K, inter
+    )
+    act, act_s = fm.gate_up_output(rows, inter, scheme, gu, DEV)
+    _gate_up(xq, xs, w13, s13, align, scheme, cfg, act, act_s, T, K, inter)
+    pos = align[0].long() < T * K
+    want_q, want_s = per_token_group_quant_fp8(act_bf16[pos])
+    assert torch.equal(act[pos].view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(act_s[pos], want_s)

@@ -31,7 +31,7 @@ MASKED_DIV16 = ("M", "N", "K", "up_offset", "stride_al", "stride_am", "stride_bl
                 "stride_om", "stride_bsl")  # fmt: skip
 SPECIALISED = {
     "_fused_moe_gemm_kernel": dict(
-        ones=("stride_ak", "stride_bk", "stride_cn", "stride_ask", "stride_bsk"),
+        ones=("stride_ak", "stride_bk", "stride_cn", "stride_ask", "stride_bsk", "stride_csg"),
         div16=(
             "N",
             "K",
@@ -132,7 +132,7 @@ def fused_ptrs(scheme: int, gate_up: bool) -> dict[str, str]:
     b = {0: "*bf16", 2: "*u8"}[scheme]
     return dict(a_ptr=a, b_ptr=b, c_ptr="*bf16" if gate_up else "*fp32", a_scale_ptr="*fp32",
                 b_scale_ptr="*fp32", topk_w_ptr="*fp32", sorted_ids_ptr="*i32", expert_ids_ptr="*i32",
-                num_post_ptr="*i32", zero_ptr="*fp32")  # fmt: skip
+                num_post_ptr="*i32", zero_ptr="*fp32", c_scale_ptr="*fp32")  # fmt: skip
 
 
 def fused_ce(**ce) -> dict:
@@ -144,6 +144,7 @@ def fused_ce(**ce) -> dict:
     out.setdefault("ZERO_BLOCK", 1024)
     out.setdefault("N_BAND", 0)  # program order only
     out.setdefault("RESCALE", False)
+    out.setdefault("QUANT_OUT", False)
     out.update({name: None for name, on in (("a_desc", out["TMA_A"]), ("b_desc", out["TMA_B"])) if not on})
     return out
 
@@ -205,8 +206,10 @@ def cases():
     for gate_up, bm, bn, warps, stages, merge, tma in rescaled:
         ce = fused_ce(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, SCHEME=1, GATE_UP=gate_up,
                       MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True, MERGE_GU=merge,
-                      INT4_MAGIC=False, TMA_A=tma, TMA_B=tma, RESCALE=True)  # fmt: skip
+                      INT4_MAGIC=False, TMA_A=tma, TMA_B=tma, RESCALE=True, QUANT_OUT=gate_up)  # fmt: skip
         ptrs = dict(fused_ptrs(2, gate_up), b_ptr="*fp8e4nv")
+        if gate_up:  # whole 128-groups per N-block: the epilogue quantises (as fused_moe launches it)
+            ptrs["c_ptr"] = "*fp8e4nv"
         if tma:
             ptrs = tma_ptrs(ptrs, 1, bm, bn, 128)
         stage = ("gate_up-merged" if merge else "gate_up") if gate_up else "down"
@@ -277,7 +280,8 @@ def table_cases():
                                   MERGE_GU=bool(gate_up and g.get("MERGE_GU", False)),
                                   INT4_MAGIC=bool(sid == 2 and g.get("INT4_MAGIC", 0)),
                                   TMA_A=tma, TMA_B=tma, N_BAND=g.get("N_BAND", 0),
-                                  RESCALE=bool(sid != 0 and g.get("RESCALE", False)))  # fmt: skip
+                                  RESCALE=bool(sid != 0 and g.get("RESCALE", False)),
+                                  QUANT_OUT=bool(gate_up and fm.quant_act(scheme, g)))  # fmt: skip
                     key = ("fused", sid, g["num_warps"], g["num_stages"], tuple(sorted(ce.items())))
                     if key in seen:
                         continue
@@ -285,6 +289,8 @@ def table_cases():
                     ptrs = fused_ptrs(0 if sid == 0 else 2, gate_up)
                     if sid == 1:
                         ptrs["b_ptr"] = "*fp8e4nv"
+                    if ce["QUANT_OUT"]:
+                        ptrs["c_ptr"] = "*fp8e4nv"
                     if tma:
                         ptrs = tma_ptrs(ptrs, sid, cfg["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"])
                     name = f"table-fused-{dev}-{scheme}-{stage}-BM{ce['BLOCK_M']}-BN{ce['BLOCK_N']}-BK{ce['BLOCK_K']}-w{g['num_warps']}-s{g['num_stages']}"

@@ -521,6 +521,70 @@ def test_gate_up_writes_every_valid_row(rng_seed, numel, dtype):
     assert rel_err(act[pos], ref) < 1e-2
 
 
+def _gate_up(x, xs, w13, s13, align, scheme, cfg, act, act_scale, T, K, inter):
+    fm._launch_gemm(x, w13, act, xs, s13, None, align, n=inter, k=x.shape[1], num_slots=T * K, top_k=K,
+                    up_offset=inter, scheme=scheme, gate_up=True, mul_weight=False, atomic=False,
+                    block_m=cfg["BLOCK_M"], cfg=cfg["gate_up"], c_scale=act_scale)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "scheme, inter, block_n, extra",
+    [
+        ("fp8_block", 256, 128, {}),
+        ("fp8_block", 384, 256, {}),  # the last N-block half past I: its second group not stored
+        ("fp8_block", 256, 128, {"MERGE_GU": True, "RESCALE": True}),
+        ("fp8_block", 256, 128, {"TMA": True}),
+        ("w4a8", 256, 128, {}),
+    ],
+    ids=["fp8-128", "fp8-256-partial", "fp8-merged-rescale", "fp8-tma", "w4a8"],
+)
+def test_gate_up_quantises_its_output(rng_seed, scheme, inter, block_n, extra):
+    """QUANT_OUT (fp8 schemes, gate_up N-block of whole 128-groups): the epilogue's e4m3 values and
+    per-row group scales are bit for bit what the bf16 epilogue followed by
+    `per_token_group_quant_fp8` gives; padding rows (and groups past I) stay unwritten."""
+    L, D, T, K = 3, 256, 7, 3
+    w13, s13, _, _, _, _ = make_weights(L, inter, D, scheme)
+    ids, _ = random_routing(T, K, L, skip_frac=0.2)
+    xq, xs = per_token_group_quant_fp8(torch.randn(T, D).bfloat16())
+    cfg = tiny_config(scheme, block_n=block_n)
+    cfg["gate_up"].update(extra)
+    assert fm.quant_act(scheme, cfg["gate_up"])
+    align = fm.moe_align_block_size(ids, cfg["BLOCK_M"], L)
+    rows = align[0].shape[0]
+    act_bf16 = torch.full((rows, inter), float("nan"), dtype=torch.bfloat16)
+    plain = dict(cfg["gate_up"], BLOCK_N=64)  # whole groups per N-block never hold at 64: bf16 out
+    assert not fm.quant_act(scheme, plain)
+    _gate_up(xq, xs, w13, s13, align, scheme, dict(cfg, gate_up=plain), act_bf16, None, T, K, inter)
+    act, act_s = fm.gate_up_output(rows, inter, scheme, cfg["gate_up"], "cpu")
+    assert act.dtype == torch.float8_e4m3fn and act_s.shape == (rows, inter // 128)
+    act.view(torch.uint8).fill_(0x7F)  # e4m3 NaN
+    act_s.fill_(float("nan"))
+    _gate_up(xq, xs, w13, s13, align, scheme, cfg, act, act_s, T, K, inter)
+    pos = align[0].long() < T * K
+    want_q, want_s = per_token_group_quant_fp8(act_bf16[pos])
+    assert torch.equal(act[pos].view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(act_s[pos], want_s)
+    assert (act[~pos].view(torch.uint8) == 0x7F).all() and torch.isnan(act_s[~pos]).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_moe_with_quantised_gate_up_output(rng_seed, fused):
+    """The whole call with the gate_up epilogue quantising (BLOCK_N 128): within the reference
+    tolerance and within fp32 rounding of the same call with a separate quantisation launch."""
+    cfg = tiny_config("fp8_block", block_n=128)
+    run_case(T=7, K=3, L=3, D=256, inter=256, scheme="fp8_block", fused=fused, config=cfg)
+    w13, s13, w2, s2, _, _ = make_weights(3, 256, 256, "fp8_block")
+    ids, w = random_routing(7, 3, 3)
+    x = torch.randn(7, 256).bfloat16()
+    kw = dict(scheme="fp8_block", w13_scale=s13, w2_scale=s2, fused_topk_sum=fused, out_dtype=torch.float32)
+    with poisoned_empty():
+        q = fm.fused_moe(x, w13, w2, ids, w, config=cfg, **kw)
+        sep = fm.fused_moe(
+            x, w13, w2, ids, w, config=dict(cfg, gate_up=dict(cfg["gate_up"], BLOCK_N=64)), **kw
+        )
+    assert rel_err(q, sep.double()) < 5e-3
+
+
 @pytest.mark.parametrize(
     "scheme, D, inter, block_n, fused",
     [("bf16", 72, 40, 16, True), ("bf16", 64, 48, 32, False), ("fp8_block", 256, 256, 64, True)],
