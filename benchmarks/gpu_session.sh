@@ -57,7 +57,8 @@ case "$group" in
     ;;
   k1-fp8)  # one GPU, no DeepEP: fp8_block prefill with the RESCALE tiles (GPU check, then re-tuned at
     # DeepSeek-V3 T 2048/8192 beside the bf16 table entries, which gives the fp8 / bf16 ratio)
-    step 150 python -m pytest -q -m gpu "tests/gpu/test_fused_moe_gpu.py::test_prefill_rescaled_accumulator_wide_tiles"
+    step 150 python -m pytest -q -m gpu "tests/gpu/test_fused_moe_gpu.py::test_prefill_rescaled_accumulator_wide_tiles" \
+      "tests/gpu/test_fused_moe_gpu.py::test_gate_up_quantised_output_bits"
     step 420 python benchmarks/bench_fused_moe.py --tune --tune-schemes fp8_block --shapes dsv3_e32,dsv3_e128 \
       --ts 2048,8192 --step-layers 0 --budget-s 400 --tune-budget-s 300 --out "$RES/results"
     mkdir -p "$RES/configs" && cp "$RES/results/fused_moe.json" "$RES/configs/" 2>/dev/null
