@@ -1,6 +1,7 @@
 """The fused-MoE tuner's candidate lists: w4a8 tries every block config but TMA ones (which packed int4
 weights cannot use) with both int4 unpacks, side by side; the other schemes never carry the w4a8-only
-key; fp8 prefill tries the wide RESCALE tiles; every candidate passes the launcher's config check."""
+key; fp8 prefill tries gate_up tiles that quantise their output and never RESCALE; every candidate
+passes the launcher's config check."""
 
 from __future__ import annotations
 
@@ -40,19 +41,13 @@ def test_every_candidate_passes_the_config_check(scheme, rows):
             fm._check_config(dict(BLOCK_M=bm, gate_up=gu[0], down=d), scheme)
 
 
-def test_fp8_prefill_tries_wide_rescaled_tiles():
-    """The tiles RESCALE makes fit: 64 x 256 / 64 x (2 x 128) with 4 warps, 128 x 256 / 128 x (2 x 128)
-    with 8, after the previous winners (first in each list)."""
-    sets = {bm: (gu, dn) for bm, gu, dn in bench_fused_moe.candidates(2000, "fp8_block")}
-    wide = {bm: [(c["BLOCK_N"], c["num_warps"], bool(c.get("MERGE_GU"))) for c in gu + dn if c.get("RESCALE")]
-            for bm, (gu, dn) in sets.items()}  # fmt: skip
-    assert {(128, 4, True), (256, 4, False)} <= set(wide[64])
-    assert {(128, 8, True), (256, 8, False)} <= set(wide[128])
-    for gu, dn in sets.values():
-        assert not gu[0].get("RESCALE") and not dn[0].get("RESCALE")
-    assert not any(
-        c.get("RESCALE") for _, gu, dn in bench_fused_moe.candidates(2000, "bf16") for c in gu + dn
-    )
+def test_fp8_prefill_tries_quantising_gate_up_tiles_and_never_rescale():
+    """fp8 prefill: gate_up tiles of whole 128-groups (their epilogue quantises, `quant_act`) at both
+    BLOCK_M, first in the list (the H100 winners); RESCALE (less accurate on Hopper) never."""
+    for rows in (300, 2000):
+        for _, gu, dn in bench_fused_moe.candidates(rows, "fp8_block"):
+            assert fm.quant_act("fp8_block", gu[0]) and gu[0].get("TMA")
+            assert not any(c.get("RESCALE") for c in gu + dn)
 
 
 @pytest.mark.parametrize(
@@ -77,3 +72,9 @@ def test_no_bands_where_the_accumulator_fits(T, D):
     """At most 32 MB of accumulator (the L2 holds 50 MB): the plain order, no banded candidates."""
     assert T * D * 4 <= 2 * bench_fused_moe.BAND_BYTES
     assert bench_fused_moe.banded([dict(BLOCK_N=256)], T, D) == []
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp8_block", "w4a8"])
+@pytest.mark.parametrize("T", [1, 40, 300, 8192])
+def test_heuristic_configs_pass_the_config_check(scheme, T):
+    fm._check_config(fm.heuristic_config(T, 8, 16, scheme), scheme)
