@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -373,7 +372,7 @@ def nearest(entries, T):
     """The tuned entry whose bucket is nearest T in log scale (as fm.get_config picks), or None."""
     if not entries:
         return None
-    return entries[min(entries, key=lambda b: abs(math.log2(int(b)) - math.log2(max(T, 1))))]
+    return entries[fm.nearest_bucket(entries, T)]
 
 
 def same_traffic_copy_us(touched: int, layers: int) -> tuple[float, float | None]:

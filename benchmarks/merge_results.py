@@ -4,10 +4,12 @@
 
 A partial re-run (say `gpu_session.sh k1-decode`: bf16 decode rows only) should replace the rows it
 measured and keep the others. Rows of NEW replace the rows of OLD with the same key (the `--key`
-fields); OLD's other rows stay. The merged document takes NEW's header (date, device, ceilings) and
-says in `merged` which keys came from which run, with OLD's ceilings and OLD's own `merged` note, so
-no figure loses its provenance. Both files must come from the same device. Rows without every key
-field (skipped rows, notes) are kept from NEW only. Default output: NEW's path.
+fields); OLD's other rows stay. An OLD row without every key field (a per-(shape, T) side row such
+as the align timing, a skipped-row note, a row from before a key field existed) goes only where a
+NEW row agrees with it on the key fields it has. The merged document takes NEW's header (date,
+device, ceilings) and says in `merged` which keys came from which run, with OLD's ceilings and
+OLD's own `merged` note, so no figure loses its provenance. Both files must come from the same
+device. Default output: NEW's path.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ def merge(old: dict[str, Any], new: dict[str, Any], key: list[str], why: str) ->
     fresh = {k(r) for r in new.get("rows", []) if k(r) is not None}
     if not fresh:
         raise ValueError(f"no row of the new file has every key field {key}")
-    kept = [r for r in old.get("rows", []) if k(r) is not None and k(r) not in fresh]
+    new_rows = new.get("rows", [])
+
+    def replaced(row: dict[str, Any]) -> bool:
+        if k(row) is not None:
+            return k(row) in fresh
+        have = [f for f in key if f in row]
+        return any(all(f in n and n[f] == row[f] for f in have) for n in new_rows)
+
+    kept = [r for r in old.get("rows", []) if not replaced(r)]
     doc = dict(new)
     doc["rows"] = kept + list(new.get("rows", []))
     doc["merged"] = (

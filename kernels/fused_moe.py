@@ -969,6 +969,15 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, scheme: str)
     return dict(BLOCK_M=64, gate_up=dict(gate_up, TMA=scheme != "w4a8"), down=down)
 
 
+def nearest_bucket(buckets, num_tokens: int) -> str:
+    """The bucket (a str of T) nearest `num_tokens` in log scale; a tie goes to the larger bucket:
+    a prefill tile run at fewer rows pads some of its blocks, while a decode config (16-row blocks,
+    split K) run at many more rows costs a multiple (H100, DeepSeek-V3 E128 T 512, equidistant from
+    the 128 and 2048 buckets: the 128 config took 1.3x the time of T 2048 itself)."""
+    t = math.log2(max(num_tokens, 1))
+    return min(buckets, key=lambda b: (abs(math.log2(int(b)) - t), -int(b)))
+
+
 def get_config(
     num_tokens: int,
     top_k: int,
@@ -1004,8 +1013,7 @@ def get_config(
     entries = shapes.get(shape_key(num_experts, inter, hidden, scheme))
     if entries:
         t = max(num_tokens, 1)
-        best = min(entries, key=lambda b: abs(math.log2(int(b)) - math.log2(t)))
-        return entries[best]
+        return entries[nearest_bucket(entries, t)]
     return heuristic_config(num_tokens, top_k, num_experts, scheme)
 
 

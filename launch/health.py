@@ -114,7 +114,9 @@ class FaultSpec:
     def __str__(self) -> str:
         return f"{self.rank}:{self.stage}:{self.kind}"
 
-    def maybe_trigger(self, rank: int, stage: str) -> None:
+    def maybe_trigger(self, rank: int, stage: str, flush: Callable[[], None] | None = None) -> None:
+        """`flush`: delivers the rank's pending stage reports first (a `kill` then dies with its
+        stage known to the driver, as if it died mid-stage, however loaded the machine is)."""
         if rank != self.rank or stage != self.stage:
             return
         print(
@@ -123,6 +125,8 @@ class FaultSpec:
             flush=True,
         )
         if self.kind == "kill":
+            if flush is not None:
+                flush()
             time.sleep(0.5)  # as if it died mid-stage: its stage report has left the process
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.kind == "hang":
@@ -152,6 +156,9 @@ class StageTracker:
         self.expired: str | None = None
         self.error: str | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.flushers: list[Callable[[float], None]] = []
+        """Callables that wait (at most the given seconds) until the listeners' reports so far
+        are delivered, for listeners that send asynchronously (the Ray progress board)."""
 
     def enter(self, stage: str, steps: int = 0) -> None:
         if stage not in STAGES:
@@ -161,6 +168,14 @@ class StageTracker:
             self._limit = stage_limit(stage, self.timeouts)
             self._step, self._steps = 0, steps
         self._publish()
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait, at most `timeout_s` per flusher, for the stage reports sent so far to land."""
+        for flusher in self.flushers:
+            try:
+                flusher(timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a failed delivery must not mask the caller's path
+                print(f"[ep-launch] stage report flush failed: {exc}", file=sys.stderr, flush=True)
 
     def step(self, done: int) -> None:
         with self._lock:

@@ -78,10 +78,18 @@ class _RankActor:
         verify: bool | None,
         board: Any = None,
     ) -> dict[str, Any]:
+        import ray
+
         plan = resolve_plan(parse_config(config))
         self._tracker = StageTracker(info.rank, info.node, plan.config.timeouts)
         if board is not None:
-            self._tracker.listeners.append(lambda snap: board.report.remote(snap))  # fire and forget
+            sent: list[Any] = []  # the last report's ref (reports are sent without waiting)
+
+            def report(snap: dict[str, Any]) -> None:
+                sent[:] = [board.report.remote(snap)]
+
+            self._tracker.listeners.append(report)
+            self._tracker.flushers.append(lambda timeout_s: ray.wait(list(sent), timeout=timeout_s))
         worker = RankWorker(
             plan,
             info,

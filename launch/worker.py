@@ -300,7 +300,7 @@ class RankWorker:
     def _enter(self, stage: str, steps: int = 0) -> None:
         self.tracker.enter(stage, steps)
         if self.fault is not None:
-            self.fault.maybe_trigger(self.info.rank, stage)
+            self.fault.maybe_trigger(self.info.rank, stage, flush=self.tracker.flush)
 
     def _device(self) -> torch.device:
         if self.plan.device == "cuda":

@@ -167,3 +167,28 @@ def test_backstop_ends_a_rank_whose_watchdog_cannot_act(held):
         assert took < 20, took
     else:
         assert proc.returncode == 0 and "still alive" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_fault_kill_delivers_pending_stage_reports_first(monkeypatch, capsys):
+    """A `kill` fault flushes the rank's stage reports before the SIGKILL (the Ray board gets them
+    asynchronously; under load a report could otherwise die with the process and the driver would
+    name the stage before). A flusher that fails is reported, not raised."""
+    import ep_runtime.launch.health as health
+
+    calls: list[str] = []
+    monkeypatch.setattr(health.time, "sleep", lambda s: calls.append("sleep"))
+    monkeypatch.setattr(health.os, "kill", lambda pid, sig: calls.append(f"kill {sig}"))
+    tracker = StageTracker(1, "node-a", TimeoutsConfig())
+    tracker.flushers.append(lambda timeout_s: calls.append(f"flush {timeout_s:g}"))
+
+    def broken(timeout_s):
+        raise TimeoutError("board gone")
+
+    tracker.flushers.append(broken)
+    fault = health.FaultSpec.parse("1:decode:kill")
+    fault.maybe_trigger(0, "decode", flush=tracker.flush)  # another rank: nothing
+    fault.maybe_trigger(1, "prefill", flush=tracker.flush)  # another stage: nothing
+    assert calls == []
+    fault.maybe_trigger(1, "decode", flush=tracker.flush)
+    assert calls == ["flush 5", "sleep", f"kill {health.signal.SIGKILL}"]
+    assert "stage report flush failed: board gone" in capsys.readouterr().err

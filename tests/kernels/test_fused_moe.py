@@ -639,6 +639,9 @@ def test_config_table_lookup(tmp_path):
     p.write_text(__import__("json").dumps(table))
     assert fm.get_config(10, 2, 4, 32, 64, "bf16", path=p)["BLOCK_M"] == 16
     assert fm.get_config(200, 2, 4, 32, 64, "bf16", path=p)["BLOCK_M"] == 64
+    assert fm.get_config(64, 2, 4, 32, 64, "bf16", path=p)["BLOCK_M"] == 64  # a tie: the larger bucket
+    assert fm.nearest_bucket(["128", "2048", "16"], 512) == "2048"
+    assert fm.nearest_bucket(["2048", "128"], 511) == "128"
     assert fm.get_config(10, 2, 4, 32, 96, "bf16", path=p) == fm.heuristic_config(10, 2, 4, "bf16")
 
 

@@ -27,6 +27,10 @@ OLD = _doc(
         {"shape": "qwen3", "T": 1, "scheme": "fp8_block", "us": 45.0},
         {"shape": "qwen3", "T": 2048, "scheme": "bf16", "us": 530.0},
         {"shape": "qwen3", "T": 4096, "skipped": "time budget"},
+        {"shape": "qwen3", "T": 1, "align_us": 5.0},  # a per-(shape, T) side row: T 1 is re-run
+        {"shape": "qwen3", "T": 2048, "align_us": 9.0},  # T 2048 is not
+        {"shape": "qwen3", "T": 8192, "us": 700.0},  # from before `scheme` existed: not re-run
+        {"shape": "qwen3", "T": 2, "us": 70.0},  # from before `scheme` existed: re-run
     ],
 )
 NEW = _doc(
@@ -49,13 +53,15 @@ def test_new_rows_replace_old_ones_with_the_same_key(tmp_path):
     got = {(r["shape"], r["T"], r.get("scheme")): r["us"] for r in doc["rows"] if "us" in r}
     assert got == {
         ("qwen3", 1, "bf16"): 41.0,  # replaced
-        ("qwen3", 2, "bf16"): 60.0,  # new
+        ("qwen3", 2, "bf16"): 60.0,  # new (and replaces the scheme-less T 2 row)
         ("qwen3", 1, "fp8_block"): 45.0,  # another scheme: kept
         ("qwen3", 2048, "bf16"): 530.0,  # not re-run: kept
+        ("qwen3", 8192, None): 700.0,  # scheme-less, not re-run: kept
     }
-    assert not [r for r in doc["rows"] if "skipped" in r]  # the old file's notes are not carried over
+    assert [r["T"] for r in doc["rows"] if "skipped" in r] == [4096]  # not re-run: its note stays
+    assert [r["T"] for r in doc["rows"] if "align_us" in r] == [2048]  # T 1's went with the re-run
     assert doc["date"] == "2026-12-08" and doc["ceilings"] == {"copy": "2026-12-08"}
-    assert "decode re-tuned" in doc["merged"] and "2026-11-23" in doc["merged"] and "2 rows" in doc["merged"]
+    assert "decode re-tuned" in doc["merged"] and "2026-11-23" in doc["merged"] and "5 rows" in doc["merged"]
 
 
 @pytest.mark.parametrize(
