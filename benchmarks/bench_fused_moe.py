@@ -51,12 +51,13 @@ MASKED_MARGIN = 0.97
 """--masked-decode makes the masked layout a bucket's decode path only when it is at least 3% faster
 (run-to-run spread of these graph timings is about 1-2%)."""
 TUNE_AT = {
-    ("dsv3_e128", "bf16"): (1, 128, 2048, 8192),
-    ("dsv3_e128", "fp8_block"): (128, 2048, 8192),
+    ("dsv3_e128", "bf16"): (1, 128, 512, 2048, 8192),
+    ("dsv3_e128", "fp8_block"): (128, 512, 2048, 8192),
     ("dsv3_e32", "bf16"): (128, 2048, 8192),
     ("dsv3_e32", "fp8_block"): (2048, 8192),
     ("dsv3_e32", "w4a8"): (2048,),  # W4A8_AT; both int4 unpacks compete
-    ("qwen3_30b", "bf16"): (128, 2048),
+    ("qwen3_30b", "bf16"): (128, 2048, 8192),
+    ("qwen3_30b", "fp8_block"): (2048, 8192),
     ("mixtral", "bf16"): (128, 2048, 8192),
     ("mixtral", "fp8_block"): (2048, 8192),
 }

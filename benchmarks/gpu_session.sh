@@ -4,7 +4,7 @@
 # the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
 # project installed, and `deep_ep` importable for the DeepEP steps):
 #
-#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-tune | k1-decode | x2-comm | x2-layer | x2-step | x2-run
+#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-gaps | k1-tune | k1-decode | x2-comm | x2-layer | x2-step | x2-run
 #
 # Every command runs under its own `timeout`, its output goes to <dir>/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
@@ -62,6 +62,15 @@ case "$group" in
     step 420 python benchmarks/bench_fused_moe.py --tune --tune-schemes fp8_block --shapes dsv3_e32,dsv3_e128 \
       --ts 2048,8192 --step-layers 0 --budget-s 400 --tune-budget-s 300 --out "$RES/results"
     mkdir -p "$RES/configs" && cp "$RES/results/fused_moe.json" "$RES/configs/" 2>/dev/null
+    ;;
+  k1-gaps)  # one GPU, no DeepEP: buckets the tables lacked (DeepSeek-V3 E128 T 512, between the decode
+    # and prefill configs; Qwen3 prefill, fp8 untuned there) tuned, with the bf16 baseline of the same run
+    step 200 python benchmarks/bench_fused_moe.py --tune --shapes dsv3_e128 --ts 512 --step-layers 0 \
+      --budget-s 180 --tune-budget-s 150 --out "$RES/results"
+    step 200 python benchmarks/bench_fused_moe.py --tune --shapes qwen3_30b --ts 2048,8192 --step-layers 0 \
+      --budget-s 180 --tune-budget-s 150 --out "$RES/results2"
+    mkdir -p "$RES/configs" && cp "$RES/results/fused_moe.json" "$RES/configs/fused_moe-e128.json" 2>/dev/null
+    cp "$RES/results2/fused_moe.json" "$RES/configs/fused_moe-qwen3.json" 2>/dev/null
     ;;
   k1-tune)  # one GPU: re-tune the kernel tables for this device (w4a8 also tries INT4_MAGIC)
     step 150 python benchmarks/bench_router_gemm.py --tune --quick --out-dir "$RES/results"
