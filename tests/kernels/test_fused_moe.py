@@ -161,6 +161,16 @@ def run_case(
     return out, ref
 
 
+def outputs_of(configs, T, K, D, inter, scheme, fused, L=3):
+    """fused_moe's fp32 outputs for each config on the same fresh inputs (NaN-poisoned buffers)."""
+    w13, s13, w2, s2, _, _ = make_weights(L, inter, D, scheme)
+    ids, w = random_routing(T, K, L)
+    x = torch.randn(T, D).bfloat16()
+    kw = dict(scheme=scheme, w13_scale=s13, w2_scale=s2, fused_topk_sum=fused, out_dtype=torch.float32)
+    with poisoned_empty():
+        return [fm.fused_moe(x, w13, w2, ids, w, config=c, **kw) for c in configs]
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_bf16_odd_sizes(rng_seed, fused):
     # D, I not multiples of the blocks; E = 3 (not a power of two); -1 slots; a dead row.
@@ -309,12 +319,7 @@ def test_split_k_down(rng_seed, scheme, D, inter, K, fused, split):
     cfg = tiny_config(scheme)
     cfg["down"]["SPLIT_K"] = split
     out, ref = run_case(T=7, K=K, L=3, D=D, inter=inter, scheme=scheme, fused=fused, config=cfg)
-    w13, s13, w2, s2, _, _ = make_weights(3, inter, D, scheme)
-    ids, w = random_routing(5, K, 3)
-    x = torch.randn(5, D).bfloat16()
-    kw = dict(scheme=scheme, w13_scale=s13, w2_scale=s2, fused_topk_sum=fused, out_dtype=torch.float32)
-    one = fm.fused_moe(x, w13, w2, ids, w, config=tiny_config(scheme), **kw)
-    many = fm.fused_moe(x, w13, w2, ids, w, config=cfg, **kw)
+    one, many = outputs_of([tiny_config(scheme), cfg], 5, K, D, inter, scheme, fused)
     # the unfused one-split path rounds each slot's output to out_dtype (fp32 here): same sums
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
 
@@ -336,13 +341,7 @@ def test_n_band_program_order(rng_seed, scheme, D, inter, band, fused):
     banded = {**cfg, "gate_up": dict(cfg["gate_up"], N_BAND=band), "down": dict(cfg["down"], N_BAND=band)}
     # 24 tokens x 3 slots over 3 experts: 5 or more M-blocks of 16, so GROUP_M = 2 leaves a partial group
     run_case(T=24, K=3, L=3, D=D, inter=inter, scheme=scheme, fused=fused, config=banded)
-    w13, s13, w2, s2, _, _ = make_weights(3, inter, D, scheme)
-    ids, w = random_routing(24, 3, 3)
-    x = torch.randn(24, D).bfloat16()
-    kw = dict(scheme=scheme, w13_scale=s13, w2_scale=s2, fused_topk_sum=fused, out_dtype=torch.float32)
-    with poisoned_empty():
-        plain = fm.fused_moe(x, w13, w2, ids, w, config=cfg, **kw)
-        ordered = fm.fused_moe(x, w13, w2, ids, w, config=banded, **kw)
+    plain, ordered = outputs_of([cfg, banded], 24, 3, D, inter, scheme, fused)
     if fused:
         torch.testing.assert_close(ordered, plain, rtol=1e-5, atol=1e-5)
     else:
@@ -387,13 +386,7 @@ def test_rescaled_accumulator(rng_seed, scheme, D, inter, block_n, extra, fused,
             g.pop("MERGE_GU", None)
     run_case(T=7, K=3, L=3, D=D, inter=inter, scheme=scheme, fused=fused, fp8_input=fp8_input,
              config=_rescaled(cfg))  # fmt: skip
-    w13, s13, w2, s2, _, _ = make_weights(3, inter, D, scheme)
-    ids, w = random_routing(7, 3, 3)
-    x = torch.randn(7, D).bfloat16()
-    kw = dict(scheme=scheme, w13_scale=s13, w2_scale=s2, fused_topk_sum=fused, out_dtype=torch.float32)
-    with poisoned_empty():
-        plain = fm.fused_moe(x, w13, w2, ids, w, config=cfg, **kw)
-        rescaled = fm.fused_moe(x, w13, w2, ids, w, config=_rescaled(cfg), **kw)
+    plain, rescaled = outputs_of([cfg, _rescaled(cfg)], 7, 3, D, inter, scheme, fused)
     assert rel_err(rescaled, plain.double()) < 5e-3
 
 
@@ -573,15 +566,8 @@ def test_fused_moe_with_quantised_gate_up_output(rng_seed, fused):
     tolerance and within fp32 rounding of the same call with a separate quantisation launch."""
     cfg = tiny_config("fp8_block", block_n=128)
     run_case(T=7, K=3, L=3, D=256, inter=256, scheme="fp8_block", fused=fused, config=cfg)
-    w13, s13, w2, s2, _, _ = make_weights(3, 256, 256, "fp8_block")
-    ids, w = random_routing(7, 3, 3)
-    x = torch.randn(7, 256).bfloat16()
-    kw = dict(scheme="fp8_block", w13_scale=s13, w2_scale=s2, fused_topk_sum=fused, out_dtype=torch.float32)
-    with poisoned_empty():
-        q = fm.fused_moe(x, w13, w2, ids, w, config=cfg, **kw)
-        sep = fm.fused_moe(
-            x, w13, w2, ids, w, config=dict(cfg, gate_up=dict(cfg["gate_up"], BLOCK_N=64)), **kw
-        )
+    separate = dict(cfg, gate_up=dict(cfg["gate_up"], BLOCK_N=64))
+    q, sep = outputs_of([cfg, separate], 7, 3, 256, 256, "fp8_block", fused)
     assert rel_err(q, sep.double()) < 5e-3
 
 
