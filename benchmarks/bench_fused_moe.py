@@ -167,8 +167,8 @@ def _block_candidates(rows_per_expert: float, scheme: str):
         # output, QUANT_OUT, where 64-column tiles pay a separate quantisation launch), and the down
         # GEMM's banded order (N_BAND, added by `banded`). The sm_90 compile of the 128 x 128 TMA
         # gate_up tile spills 3 words with 8 warps and 16 with 4. RESCALE tiles are not candidates:
-        # the fp8 tensor cores accumulate across K blocks with limited precision (H100: 1.5-1.7 %
-        # normwise from the scaled-product path at DeepSeek-V3 sizes), so they are opt-in only.
+        # the fp8 tensor cores accumulate across K blocks with limited precision (H100, DeepSeek-V3
+        # sizes: 1.7 % normwise error against 0.44 % for the scaled-product path), so opt-in only.
         gu64 = [
             c(128, 128, 8, 4, tma=True),
             c(64, 128, 4, 4, tma=True),
