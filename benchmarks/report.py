@@ -289,6 +289,34 @@ def _down_split(row: dict) -> int | None:
     return None if cfg.get("MASKED") or "down" not in cfg else cfg["down"].get("SPLIT_K", 1)
 
 
+FP8_TARGET = 1.5
+"""fp8_block fused MoE throughput over bf16 asked for at prefill sizes (issue 3)."""
+
+
+def fp8_vs_bf16(rows: list[dict], min_t: int = 512) -> list[dict]:
+    """Per (shape, T >= min_t): the sorted-layout bf16 row (fused top-k sum where K > 2, as
+    `fused_moe` defaults) against the fp8_block row; `same_run` says whether both came from one run
+    (a merged results file mixes runs: compare ratios across runs with care)."""
+
+    def default_sum(r: dict) -> bool:
+        return r.get("topk_sum") == ("fused" if r.get("K", 0) > 2 else "unfused")
+
+    pick: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        if r.get("T", 0) >= min_t and r.get("path", "sorted") == "sorted" and "us" in r and default_sum(r):
+            pick[(r["shape"], r["T"])][r.get("scheme")] = r
+    out = []
+    for (shape, T), by in sorted(pick.items()):
+        b, f = by.get("bf16"), by.get("fp8_block")
+        if not b or not f:
+            continue
+        ratio = b["us"] / f["us"]
+        out.append(dict(shape=shape, T=T, bf16_us=b["us"], fp8_us=f["us"], ratio=ratio, met=ratio >= FP8_TARGET,
+                        bf16_tflops=b.get("tflops"), fp8_tflops=f.get("tflops"), fp8_frac_mm=f.get("frac_mm"),
+                        same_run=b.get("run") == f.get("run")))  # fmt: skip
+    return out
+
+
 def _fused_moe(doc: dict, out: Path, suffix: str = "") -> Section:
     s = Section("fused_moe", doc)
     rows = [r for r in doc["rows"] if "us" in r and "scheme" in r]
@@ -352,6 +380,30 @@ def _fused_moe(doc: dict, out: Path, suffix: str = "") -> Section:
             ],
         )
     )
+    ratios = fp8_vs_bf16(rows)
+    if ratios:
+        s.md.append(
+            f"\nPrefill, fp8_block against bf16 (target: fp8 >= {FP8_TARGET}x the bf16 throughput): `fp8 frac "
+            "matmul` is the fp8 kernel's rate over the measured fp8 `torch.mm` rate; `same run` says whether "
+            "the two rows were timed in one run.\n"
+        )
+        s.md.append(
+            _table(
+                ratios,
+                [
+                    ("shape", "shape"),
+                    ("T", "T"),
+                    ("bf16 us", "bf16_us"),
+                    ("fp8 us", "fp8_us"),
+                    ("fp8 / bf16", "ratio"),
+                    ("met", "met"),
+                    ("bf16 TFLOP/s", "bf16_tflops"),
+                    ("fp8 TFLOP/s", "fp8_tflops"),
+                    ("fp8 frac matmul", "fp8_frac_mm"),
+                    ("same run", "same_run"),
+                ],
+            )
+        )
     decode = sorted(
         (dict(r, split_k=_down_split(r)) for r in rows if r["T"] <= 32),
         key=lambda r: (r["shape"], r["scheme"], r["T"], r.get("path", "")),

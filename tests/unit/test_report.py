@@ -204,3 +204,33 @@ def test_sustained_smi_parsing_and_report_section(tmp_path):
     text = out.read_text()
     assert "## Sustained rates under the power cap" in text
     assert "| cuBLAS mm bf16 8192^3 | 790 | 643 | 0.81 | 1 | 1500 | 689 | gpu_idle, sw_power_cap |" in text
+
+
+def test_fp8_vs_bf16_pairs_the_default_paths():
+    """Prefill pairs (T >= 512): bf16 with the default top-k sum (fused at K > 2) against fp8_block,
+    sorted layout only; the ratio, the target verdict and whether both came from one run."""
+    from benchmarks import report
+
+    def row(shape, T, scheme, us, K=8, topk_sum="fused", run=None, **kw):
+        return dict(
+            shape=shape, T=T, scheme=scheme, us=us, K=K, topk_sum=topk_sum, path="sorted", run=run, **kw
+        )
+
+    rows = [
+        row("dsv3", 2048, "bf16", 500.0, run="a"),
+        row("dsv3", 2048, "bf16", 450.0, topk_sum="unfused", run="a"),  # not the default at K = 8
+        row("dsv3", 2048, "fp8_block", 300.0, run="a", frac_mm=0.5),
+        row("dsv3", 8192, "bf16", 1200.0, run="a"),
+        row("dsv3", 8192, "fp8_block", 1000.0, run="b"),
+        row("mixtral", 2048, "bf16", 240.0, K=2, topk_sum="unfused"),
+        row("mixtral", 2048, "fp8_block", 200.0, K=2, topk_sum="unfused"),
+        row("dsv3", 128, "bf16", 50.0),  # decode-size: left out
+        row("dsv3", 128, "fp8_block", 40.0),
+        row("qwen3", 2048, "bf16", 60.0),  # no fp8 row: left out
+    ]
+    got = {(r["shape"], r["T"]): r for r in report.fp8_vs_bf16(rows)}
+    assert set(got) == {("dsv3", 2048), ("dsv3", 8192), ("mixtral", 2048)}
+    assert got[("dsv3", 2048)]["ratio"] == pytest.approx(500 / 300) and got[("dsv3", 2048)]["met"] is True
+    assert got[("dsv3", 2048)]["same_run"] is True and got[("dsv3", 2048)]["fp8_frac_mm"] == 0.5
+    assert got[("dsv3", 8192)]["met"] is False and got[("dsv3", 8192)]["same_run"] is False
+    assert got[("mixtral", 2048)]["ratio"] == pytest.approx(1.2)
