@@ -285,36 +285,9 @@ def tune_bucket(x, w13, s13, w2, s2, ids, w, scheme, deadline):
         a2, a2s = (act, None) if scheme == "bf16" else per_token_group_quant_fp8(act)
 
         def time_one(cfg, gate_up, bm=bm, align=align, a2=a2, a2s=a2s):
-            if gate_up:
-                # the intermediate as fused_moe allocates it for this config (one row per sorted
-                # position; fp8 and its scales where the epilogue quantises)
-                act_out, act_s = fm.gate_up_output(align[0].shape[0], inter, scheme, cfg, x.device)
-                launch = functools.partial(
-                    fm._launch_gemm,
-                    a1,
-                    w13,
-                    act_out,
-                    a1s,
-                    s13,
-                    None,
-                    align,
-                    n=inter,
-                    k=D,
-                    num_slots=T * K,
-                    top_k=K,
-                    up_offset=inter,
-                    scheme=scheme,
-                    gate_up=True,
-                    mul_weight=False,
-                    atomic=False,
-                    block_m=bm,
-                    cfg=cfg,
-                    c_scale=act_s,
-                )
-                if scheme != "bf16" and act_s is None:  # fused_moe's separate quantisation launch counts
-                    fn = lambda launch=launch, act_out=act_out: (launch(), per_token_group_quant_fp8(act_out))  # noqa: E731
-                else:
-                    fn = launch
+            if gate_up:  # as fused_moe runs it: the quantisation launch counts where the epilogue does not
+                fn = functools.partial(fm.gate_up_stage, a1, a1s, w13, s13, align, inter=inter, num_slots=T * K,
+                                       top_k=K, scheme=scheme, block_m=bm, cfg=cfg)  # fmt: skip
             else:
                 # the down output as fused_moe allocates and writes it for this config
                 out, atomic, row_div = fm.down_output(T, K, D, fused, cfg, torch.bfloat16, x.device)

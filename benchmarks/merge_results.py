@@ -20,17 +20,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def _device(doc: dict[str, Any]) -> str:
-    dev = doc.get("device")
-    return str(dev.get("device") if isinstance(dev, dict) else dev)
+from benchmarks.report import device_name  # noqa: E402
 
 
 def merge(old: dict[str, Any], new: dict[str, Any], key: list[str], why: str) -> dict[str, Any]:
     if not key:
         raise ValueError("--key: give at least one row field, e.g. shape,T,scheme")
-    if _device(old) != _device(new):
-        raise ValueError(f"the files come from different devices: {_device(old)!r} and {_device(new)!r}")
+    if device_name(old) != device_name(new):
+        raise ValueError(
+            f"the files come from different devices: {device_name(old)!r} and {device_name(new)!r}"
+        )
     if old.get("what") != new.get("what"):
         raise ValueError(f"the files hold different benchmarks: {old.get('what')!r} and {new.get('what')!r}")
 
@@ -42,9 +43,7 @@ def merge(old: dict[str, Any], new: dict[str, Any], key: list[str], why: str) ->
         raise ValueError(f"no row of the new file has every key field {key}")
     new_rows = new.get("rows", [])
 
-    def replaced(row: dict[str, Any]) -> bool:
-        if k(row) is not None:
-            return k(row) in fresh
+    def replaced(row: dict[str, Any]) -> bool:  # a new row agrees on every key field the old one has
         have = [f for f in key if f in row]
         return any(all(f in n and n[f] == row[f] for f in have) for n in new_rows)
 

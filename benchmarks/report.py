@@ -84,7 +84,7 @@ def load_results(dirs: list[Path], include_smoke: bool = False) -> dict[str, dic
             if "smoke" in what and not include_smoke:
                 continue
             doc["_path"] = str(path)
-            key = f"{what}@{_device_name(doc)}"
+            key = f"{what}@{device_name(doc)}"
             old = latest.get(key)
             if old is None or str(doc.get("date", "")) >= str(old.get("date", "")):
                 latest[key] = doc
@@ -997,7 +997,7 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
     return sections, notes
 
 
-def _device_name(doc: dict) -> str:
+def device_name(doc: dict) -> str:
     return str(_dev(doc).get("device", "unknown"))
 
 
@@ -1006,7 +1006,7 @@ def _by_device(docs: list[dict]) -> list[tuple[str, list[dict]]]:
     with the newest document first."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for d in docs:
-        groups[_device_name(d)].append(d)
+        groups[device_name(d)].append(d)
     newest = {name: max(str(d.get("date", "")) for d in g) for name, g in groups.items()}
     order = sorted(sorted(groups, key=newest.__getitem__, reverse=True), key=lambda n: "H200" not in n)
     return [(name, groups[name]) for name in order]

@@ -42,13 +42,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ep_runtime.kernels.launch import FastLaunch
 from ep_runtime.kernels.quant import (
     FP8_DTYPE,
-    FP8_MAX,
-    SCALE_EPS,
-    e4m3_scale,
     int4_to_e4m3,
     per_token_group_dequant_fp8,
     per_token_group_quant_fp8,
-    to_e4m3_grid,
+    quant_rows_e4m3,
 )
 from ep_runtime.kernels.tables import cdiv, for_device, k_splits, next_pow2, normalise
 
@@ -59,8 +56,6 @@ _SCHEME_ID = {"bf16": 0, "fp8_block": 1, "w4a8": 2}
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SCALE_EPS = tl.constexpr(SCALE_EPS)
-_FP8_MAX = tl.constexpr(FP8_MAX)
 _MIN_SCALE = tl.constexpr(1e-15)
 """RESCALE's floor on fp8/int4 scales: below any scale the quantisers make (1e-10 / 448), and high
 enough that an accumulator in units of two floored scales (1e-30) stays finite."""
@@ -597,10 +592,12 @@ def _fused_moe_gemm_kernel(
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
         if QUANT_OUT:
             GROUPS: tl.constexpr = BLOCK_N // 128
-            grouped = tl.reshape(out.to(tl.bfloat16).to(tl.float32), (BLOCK_M, GROUPS, 128))
-            scale = e4m3_scale(tl.max(tl.abs(grouped), axis=2), _SCALE_EPS, _FP8_MAX)  # [BLOCK_M, GROUPS]
-            q = tl.reshape(to_e4m3_grid(grouped, scale[:, :, None], _FP8_MAX), (BLOCK_M, BLOCK_N))
-            tl.store(c_ptrs, q.to(c_ptr.dtype.element_ty), mask=mask)
+            # one row per (token row, 128-group), quantised exactly as the standalone quantiser does
+            q, scale = quant_rows_e4m3(
+                tl.reshape(out.to(tl.bfloat16).to(tl.float32), (BLOCK_M * GROUPS, 128)), True
+            )
+            scale = tl.reshape(scale, (BLOCK_M, GROUPS))
+            tl.store(c_ptrs, tl.reshape(q, (BLOCK_M, BLOCK_N)).to(c_ptr.dtype.element_ty), mask=mask)
             offs_g = pid_n * GROUPS + tl.arange(0, GROUPS)
             s_ptrs = c_scale_ptr + offs_m.to(tl.int64)[:, None] * stride_csm + offs_g[None, :] * stride_csg
             tl.store(s_ptrs, scale, mask=row_ok[:, None] & (offs_g * 128 < N)[None, :])
@@ -1211,6 +1208,20 @@ def gate_up_output(rows, inter, scheme, gate_up_cfg, device):
     return torch.empty((rows, inter), dtype=torch.bfloat16, device=device), None
 
 
+def gate_up_stage(a1, a1_scale, w13, w13_scale, align, *, inter, num_slots, top_k, scheme, block_m, cfg,
+                  zero=None):  # fmt: skip
+    """The gate_up GEMM with SiLU*mul, as the down GEMM reads it: `(act, act_scale)`, one row per
+    sorted position (padding rows unwritten); for fp8 schemes e4m3 with per-row 128-group scales,
+    quantised in the epilogue (`quant_act`) or by one more launch. `zero`: see `_launch_gemm`."""
+    act, act_scale = gate_up_output(align[0].shape[0], inter, scheme, cfg, a1.device)
+    _launch_gemm(a1, w13, act, a1_scale, w13_scale, None, align, n=inter, k=a1.shape[1], num_slots=num_slots,
+                 top_k=top_k, up_offset=inter, scheme=scheme, gate_up=True, mul_weight=False, atomic=False,
+                 block_m=block_m, cfg=cfg, zero=zero, c_scale=act_scale)  # fmt: skip
+    if scheme == "bf16" or act_scale is not None:
+        return act, act_scale
+    return per_token_group_quant_fp8(act, GROUP)
+
+
 def down_output(num_tokens, top_k, hidden, fused_topk_sum, down_cfg, out_dtype, device):
     """The down GEMM's output buffer (uninitialised) and how the launch writes it: `(c, atomic, row_div)`,
     the output row of a slot being `slot // row_div`.
@@ -1391,36 +1402,8 @@ def fused_moe(
     block_m = int(config["BLOCK_M"])
     align = moe_align_block_size(topk_ids, block_m, num_experts)
 
-    # One row per position of sorted_token_ids (slots grouped by expert, padding rows left unwritten),
-    # so the down GEMM reads contiguous row blocks. fp8 schemes: quantised in the gate_up epilogue
-    # where its N-blocks hold whole 128-groups.
-    act, act_scale = gate_up_output(align[0].shape[0], inter, scheme, config["gate_up"], dev)
-    _launch_gemm(
-        a1,
-        w13,
-        act,
-        a1_scale,
-        w13_scale,
-        None,
-        align,
-        n=inter,
-        k=hidden,
-        num_slots=num_slots,
-        top_k=top_k,
-        up_offset=inter,
-        scheme=scheme,
-        gate_up=True,
-        mul_weight=False,
-        atomic=False,
-        block_m=block_m,
-        cfg=config["gate_up"],
-        zero=c,
-        c_scale=act_scale,
-    )
-    if scheme == "bf16" or act_scale is not None:
-        a2, a2_scale = act, act_scale
-    else:
-        a2, a2_scale = per_token_group_quant_fp8(act, GROUP)
+    a2, a2_scale = gate_up_stage(a1, a1_scale, w13, w13_scale, align, inter=inter, num_slots=num_slots,
+                                 top_k=top_k, scheme=scheme, block_m=block_m, cfg=config["gate_up"], zero=c)  # fmt: skip
 
     flat_w = topk_weights.reshape(-1)
     _launch_gemm(

@@ -42,7 +42,16 @@ import triton
 import triton.language as tl
 
 from .launch import FastLaunch
-from .quant import FP8_DTYPE, FP8_MAX, SCALE_EPS, _scales_empty, e4m3_scale, int4_to_fp16_pair, to_e4m3_grid
+from .quant import (
+    FP8_DTYPE,
+    FP8_MAX,
+    SCALE_EPS,
+    _scales_empty,
+    e4m3_scale,
+    int4_to_fp16_pair,
+    quant_rows_e4m3,
+    to_e4m3_grid,
+)
 from .tables import (
     arrival_counters,
     cdiv,
@@ -70,27 +79,6 @@ A_BF16, A_FP8G_DEQ, A_FP8G, A_FP16_QT, A_BF16_QG = 0, 1, 2, 5, 6
 B_BF16, B_FP8_BLOCK, B_INT4 = 0, 1, 2
 # epilogue modes
 OUT_PLAIN, OUT_FP8G, OUT_AMAX = 0, 1, 2
-
-
-@triton.jit
-def _quant_fp8(v, scale, EXACT: tl.constexpr):
-    """fp32 `v / scale`, clamped to +-448 -> float8e4nv, rounded to nearest even.
-
-    EXACT (the interpreter, whose own cast mis-rounds): rounded to the e4m3 grid in exact fp32
-    arithmetic before the cast (`quant.to_e4m3_grid`). On the GPU: `/` and the plain cast (round to
-    nearest even)."""
-    if EXACT:
-        return to_e4m3_grid(v, scale, 448.0).to(tl.float8e4nv)
-    else:
-        return tl.clamp(v / scale, -448.0, 448.0).to(tl.float8e4nv)
-
-
-@triton.jit
-def _quant_rows(v, EXACT: tl.constexpr):
-    """Each row of the fp32 tile `v` (one 128-channel group) quantised to e4m3 with its own scale
-    (amax / 448): `(q, scales)`."""
-    scale = e4m3_scale(tl.max(tl.abs(v), axis=1), 1e-10, 448.0)
-    return _quant_fp8(v, scale[:, None], EXACT), scale
 
 
 @triton.jit
@@ -244,7 +232,7 @@ def _masked_acc(a_base, a_scale_ptr, b_base, b_scale_ptr, e, offs_m, mask_m, off
         if A_MODE == 1:
             a = (a.to(tl.float32) * a_s[:, None]).to(tl.bfloat16)
         if A_MODE == 6:  # per-row group scale of this K block (BLOCK_K == GROUP_K), as OUT_FP8G makes it
-            a, a_s = _quant_rows(a.to(tl.float32), UPCAST)
+            a, a_s = quant_rows_e4m3(a.to(tl.float32), UPCAST)
         if UPCAST and (A_MODE == 0 or A_MODE == 1):
             a = a.to(tl.float32)
             b0 = b0.to(tl.float32)
@@ -278,7 +266,7 @@ def _masked_store(acc, acc_up, out_ptr, out_scale_ptr, e, pid_n, offs_m, mask_m,
     )
     if OUT_MODE == 1:
         h = tl.where(mask_n[None, :], h, 0.0)
-        q, h_s = _quant_rows(h, UPCAST)
+        q, h_s = quant_rows_e4m3(h, UPCAST)
         tl.store(out_ptrs, q, mask=mask_o)
         tl.store(
             out_scale_ptr + e.to(tl.int64) * stride_osl + offs_m * stride_osm + pid_n * stride_osn,

@@ -82,6 +82,31 @@ def to_e4m3_grid(x, scale, FMAX: tl.constexpr):
     return round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale), -FMAX, FMAX))
 
 
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_SCALE_EPS = tl.constexpr(SCALE_EPS)
+
+
+@triton.jit
+def quant_e4m3(v, scale, EXACT: tl.constexpr):
+    """fp32 `v / scale`, clamped to +-448 -> float8e4nv, rounded to nearest even.
+
+    EXACT: rounded to the e4m3 grid in exact fp32 arithmetic before the cast (`to_e4m3_grid`), the
+    bits `per_token_group_quant_fp8` makes (the interpreter's own cast mis-rounds). Otherwise `/`
+    and the plain cast (round to nearest even on the GPU)."""
+    if EXACT:
+        return to_e4m3_grid(v, scale, _FP8_MAX).to(tl.float8e4nv)
+    else:
+        return tl.clamp(v / scale, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def quant_rows_e4m3(v, EXACT: tl.constexpr):
+    """Each row of the fp32 tile `v` (one 128-channel group) quantised to e4m3 with its own scale
+    (max(amax, 1e-10) / 448): `(q, scales)`."""
+    scale = e4m3_scale(tl.max(tl.abs(v), axis=1), _SCALE_EPS, _FP8_MAX)
+    return quant_e4m3(v, scale[:, None], EXACT), scale
+
+
 @triton.jit
 def int4_to_e4m3(nib, MAGIC: tl.constexpr):
     """uint8 `nib` holding one two's-complement int4 in its low 4 bits (values -8..7) -> the same

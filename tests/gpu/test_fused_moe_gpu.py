@@ -11,7 +11,15 @@ import torch
 from benchmarks.common import capture_graph
 from ep_runtime.kernels import fused_moe as fm
 from ep_runtime.kernels.quant import per_token_group_quant_fp8
-from tests.kernels.test_fused_moe import TOL, _gate_up, make_weights, random_routing, ref_moe, rel_err
+from tests.kernels.test_fused_moe import (
+    TOL,
+    _gate_up,
+    _rescaled,
+    make_weights,
+    random_routing,
+    ref_moe,
+    rel_err,
+)
 from tests.kernels.test_moe_align import check_align
 
 pytestmark = pytest.mark.gpu
@@ -147,10 +155,6 @@ def test_prefill_tiles_merged_gate_up(scheme, cfg):
     either)."""
     torch.manual_seed(6)
     _case(T=1024, K=8, L=16, D=7168, inter=2048, scheme=scheme, fused=True, config=cfg)
-
-
-def _rescaled(cfg):
-    return dict(cfg, gate_up=dict(cfg["gate_up"], RESCALE=True), down=dict(cfg["down"], RESCALE=True))
 
 
 @pytest.mark.parametrize(
