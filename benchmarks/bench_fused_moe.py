@@ -169,6 +169,13 @@ def _block_candidates(rows_per_expert: float, scheme: str):
         # gate_up tile spills 3 words with 8 warps and 16 with 4. RESCALE tiles are not candidates:
         # the fp8 tensor cores accumulate across K blocks with limited precision (H100, DeepSeek-V3
         # sizes: 1.7 % normwise error against 0.44 % for the scaled-product path), so opt-in only.
+        # Hopper warp specialisation (`tl.range(warp_specialize=True)`: a TMA producer warp group, two
+        # consumer groups) was tried on 2026-12-08 and is not a candidate: with Triton 3.6 on the
+        # H100 a plain block-scaled fp8 GEMM (8192 x 4096 x 7168, 128 x 128 tiles, 4 warps a group)
+        # ran at 0.52-0.61 of the fp8 matmul rate (0.33-0.39 without) but returned wrong results
+        # (normwise error 0.75-1.2 against 0.0017); in the fused kernel the pass failed to compile
+        # the gate_up GEMM (and, with Triton 3.9, any atomic-add epilogue), and the down GEMM that
+        # compiled was no faster (1293 us against 1213 us, DeepSeek-V3 E128 T 2048).
         gu64 = [
             c(128, 128, 8, 4, tma=True),
             c(64, 128, 4, 4, tma=True),
