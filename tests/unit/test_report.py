@@ -234,3 +234,48 @@ def test_fp8_vs_bf16_pairs_the_default_paths():
     assert got[("dsv3", 2048)]["same_run"] is True and got[("dsv3", 2048)]["fp8_frac_mm"] == 0.5
     assert got[("dsv3", 8192)]["met"] is False and got[("dsv3", 8192)]["same_run"] is False
     assert got[("mixtral", 2048)]["ratio"] == pytest.approx(1.2)
+
+
+def test_kernel_targets_worst_case_and_verdicts():
+    """Issue 3's targets from synthetic rows: the worst case per target, its place, the verdict;
+    the router uses the re-tuned table's time where the run re-tuned; a kind not measured gives
+    no verdict."""
+    from benchmarks import report
+
+    router = [
+        dict(model="DSV3", D=7168, E=256, T=1, cublas_us=10.0, auto_us=9.0, auto_tuned_us=4.0,
+             graph_cublas_us=6.0, graph_auto_us=3.0),
+        dict(model="DSV3", D=7168, E=256, T=64, cublas_us=10.0, auto_us=5.0, graph_cublas_us=6.0,
+             graph_auto_us=4.0),
+        dict(model="DSV3", D=7168, E=256, T=512, cublas_us=14.0, auto_us=14.2),  # cuBLAS itself: noise
+    ]  # fmt: skip
+    fused = [
+        dict(shape="qwen3_30b", scheme="bf16", T=1, K=8, us=50.0, frac_copy_bw=0.5, path="sorted",
+             topk_sum="fused", speedup_vs_torch=20.0),
+        dict(shape="qwen3_30b", scheme="bf16", T=1, K=8, us=45.0, frac_copy_bw=0.6, path="masked",
+             topk_sum="unfused", speedup_vs_torch=22.0),
+        dict(shape="dsv3_e32", scheme="bf16", T=2048, K=8, us=1000.0, tflops=530.0, path="sorted",
+             topk_sum="fused", speedup_vs_torch=3.0),
+        dict(shape="dsv3_e32", scheme="fp8_block", T=2048, K=8, us=600.0, path="sorted", topk_sum="fused",
+             speedup_vs_torch=0.9),
+    ]  # fmt: skip
+    masked = [dict(scheme="bf16", rows_per_expert=8, frac_hbm=0.8), dict(scheme="w4a8", rows_per_expert=1, frac_hbm=0.3),
+              dict(scheme="w4a8", rows_per_expert=128, frac_hbm=0.1)]  # fmt: skip
+    rows = report.kernel_targets(fused, None, masked, router)
+
+    def pick(text):
+        (row,) = [r for r in rows if text in r["target"]]
+        return row["worst"], row["met"], row["where"]
+
+    worst, met, where = pick("2x cuBLAS")  # 10/4 (re-tuned table) at T=1, 10/5 at T=64
+    assert (worst, met) == ("2x", True) and where.startswith("T=64")
+    assert pick("never slower than cuBLAS")[:2] == ("0.986x", True)
+    assert pick("decode (T <= 128)") == ("0.6", False, "qwen3_30b T=1")  # the faster layout per (shape, T)
+    assert pick("dsv3_e32 T=2048")[:2] == ("530", True)
+    assert pick("dsv3_e128 T=8192")[:2] == (None, None)
+    worst, met, where = pick("torch per-expert")
+    assert (worst, met) == ("0.9x", False) and "fp8_block" in where
+    assert pick("fp8_block >=")[:2] == ("1.67x", True)
+    assert pick("top-k sum")[1:] == (None, "not measured")
+    worst, met, where = pick("masked")  # the 128-row case is left out
+    assert (worst, met) == ("0.3", False) and "bf16 0.80" in where
