@@ -4,7 +4,7 @@
 # the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
 # project installed, and `deep_ep` importable for the DeepEP steps):
 #
-#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-gaps | k1-tune | k1-decode | x2-comm | x2-layer | x2-step | x2-run
+#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-h200 | k1-gaps | k1-tune | k1-decode | x2-comm | x2-layer | x2-step | x2-run
 #
 # Every command runs under its own `timeout`, its output goes to <dir>/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
@@ -62,6 +62,16 @@ case "$group" in
     step 420 python benchmarks/bench_fused_moe.py --tune --tune-schemes fp8_block --shapes dsv3_e32,dsv3_e128 \
       --ts 2048,8192 --step-layers 0 --budget-s 400 --tune-budget-s 300 --out "$RES/results"
     mkdir -p "$RES/configs" && cp "$RES/results/fused_moe.json" "$RES/configs/" 2>/dev/null
+    ;;
+  k1-h200)  # one H200 (the issues' target device), no DeepEP: what its results lack since 2026-11-23 --
+    # the router re-tuned and timed with the launcher of today, the fp8 epilogue bits, fp8_block prefill
+    # re-tuned at DeepSeek-V3 E32/E128 beside the bf16 rows of the same run (then run k1-decode)
+    step 150 python benchmarks/bench_router_gemm.py --tune --quick --out-dir "$RES/results"
+    mkdir -p "$RES/configs" && cp kernels/configs/router_gemm.json "$RES/configs/"
+    step 90 python -m pytest -q -m gpu "tests/gpu/test_fused_moe_gpu.py::test_gate_up_quantised_output_bits"
+    step 330 python benchmarks/bench_fused_moe.py --tune --tune-schemes fp8_block --shapes dsv3_e128,dsv3_e32 \
+      --ts 2048,8192 --step-layers 0 --budget-s 310 --tune-budget-s 240 --out "$RES/results2"
+    cp "$RES/results2/fused_moe.json" "$RES/configs/" 2>/dev/null
     ;;
   k1-gaps)  # one GPU, no DeepEP: buckets the tables lacked (DeepSeek-V3 E128 T 512, between the decode
     # and prefill configs; Qwen3 prefill, fp8 untuned there) tuned, with the bf16 baseline of the same run
