@@ -1011,7 +1011,7 @@ def kernel_targets(
     return out
 
 
-def _kernel_targets(docs: dict[str, dict], out: Path, suffix: str = "") -> Section:
+def _kernel_targets(docs: dict[str, dict]) -> Section:
     """`docs`: one device's newest document per kind (fused_moe, topk_sum, masked_gemm, router_gemm)."""
     first = next(iter(docs.values()))
     s = Section("kernel_targets", first)
@@ -1096,7 +1096,12 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
         "launch",
     ):
         if kind == "fused_moe":
-            sections.extend(_targets_per_device(by_kind, plots_dir))
+            try:
+                sections.extend(_targets_per_device(by_kind))
+            except Exception:  # noqa: BLE001 - as below: a malformed file must not stop the report
+                notes.append(
+                    f"kernel targets: not computed ({traceback.format_exc().strip().splitlines()[-1]})"
+                )
         if kind not in by_kind:
             notes.append(f"no `{kind}` results yet")
             continue
@@ -1112,7 +1117,7 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
     return sections, notes
 
 
-def _targets_per_device(by_kind: dict[str, list[dict]], plots_dir: Path) -> list[Section]:
+def _targets_per_device(by_kind: dict[str, list[dict]]) -> list[Section]:
     """A kernel-targets section per device that has kernel results (its newest of each kind)."""
     kinds = ("fused_moe", "topk_sum", "masked_gemm", "router_gemm")
     docs = [d for k in kinds for d in by_kind.get(k, []) if d["what"] == k]
@@ -1123,7 +1128,7 @@ def _targets_per_device(by_kind: dict[str, list[dict]], plots_dir: Path) -> list
             k = d["what"]
             if k not in newest or str(d.get("date", "")) > str(newest[k].get("date", "")):
                 newest[k] = d
-        out.append(_kernel_targets({k: newest[k] for k in kinds if k in newest}, plots_dir))
+        out.append(_kernel_targets({k: newest[k] for k in kinds if k in newest}))
     return out
 
 
