@@ -294,17 +294,21 @@ FP8_TARGET = 1.5
 """fp8_block fused MoE throughput over bf16 asked for at prefill sizes (issue 3)."""
 
 
+def default_path(r: dict) -> bool:
+    """A fused MoE row of the path `fused_moe` takes by default at prefill: the sorted layout with
+    the fused top-k sum where K > 2, the unfused one otherwise."""
+    return r.get("path", "sorted") == "sorted" and r.get("topk_sum") == (
+        "fused" if r.get("K", 0) > 2 else "unfused"
+    )
+
+
 def fp8_vs_bf16(rows: list[dict], min_t: int = 512) -> list[dict]:
-    """Per (shape, T >= min_t): the sorted-layout bf16 row (fused top-k sum where K > 2, as
-    `fused_moe` defaults) against the fp8_block row; `same_run` says whether both came from one run
-    (a merged results file mixes runs: compare ratios across runs with care)."""
-
-    def default_sum(r: dict) -> bool:
-        return r.get("topk_sum") == ("fused" if r.get("K", 0) > 2 else "unfused")
-
+    """Per (shape, T >= min_t): the bf16 row of the default path (`default_path`) against the
+    fp8_block row; `same_run` says whether both came from one run (a merged results file mixes
+    runs: compare ratios across runs with care)."""
     pick: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
-        if r.get("T", 0) >= min_t and r.get("path", "sorted") == "sorted" and "us" in r and default_sum(r):
+        if r.get("T", 0) >= min_t and "us" in r and default_path(r):
             pick[(r["shape"], r["T"])][r.get("scheme")] = r
     out = []
     for (shape, T), by in sorted(pick.items()):
@@ -976,10 +980,12 @@ def kernel_targets(
             best_decode[key] = max(best_decode.get(key, 0.0), r["frac_copy_bw"])
     v, w = _worst([(f, f"{shape} T={T}") for (shape, T), f in best_decode.items()])
     add("fused MoE bf16 decode (T <= 128) >= 0.90 of copy bandwidth on touched weights", v, w, 0.9)
-    default = [r for r in f_rows if r.get("path", "sorted") == "sorted"
-               and r.get("topk_sum") == ("fused" if r.get("K", 0) > 2 else "unfused")]  # fmt: skip
     for (shape, T), want in PREFILL_TFLOPS.items():
-        got = [r for r in default if r["scheme"] == "bf16" and r["shape"] == shape and r["T"] == T]
+        got = [
+            r
+            for r in f_rows
+            if default_path(r) and r["scheme"] == "bf16" and r["shape"] == shape and r["T"] == T
+        ]
         v = got[0].get("tflops") if got else None
         roof = got[0].get("frac_roofline") if got else None
         where = "" if roof is None else f"{roof:.2f} of its roofline (HBM or matmul rate, whichever binds)"
@@ -1118,18 +1124,11 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
 
 
 def _targets_per_device(by_kind: dict[str, list[dict]]) -> list[Section]:
-    """A kernel-targets section per device that has kernel results (its newest of each kind)."""
+    """A kernel-targets section per device that has kernel results (`load_results` keeps each
+    device's newest document of each kind)."""
     kinds = ("fused_moe", "topk_sum", "masked_gemm", "router_gemm")
     docs = [d for k in kinds for d in by_kind.get(k, []) if d["what"] == k]
-    out = []
-    for _, mine in _by_device(docs):
-        newest = {}
-        for d in mine:
-            k = d["what"]
-            if k not in newest or str(d.get("date", "")) > str(newest[k].get("date", "")):
-                newest[k] = d
-        out.append(_kernel_targets({k: newest[k] for k in kinds if k in newest}))
-    return out
+    return [_kernel_targets({d["what"]: d for d in mine}) for _, mine in _by_device(docs)]
 
 
 def device_name(doc: dict) -> str:
