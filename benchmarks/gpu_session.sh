@@ -4,7 +4,7 @@
 # the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
 # project installed, and `deep_ep` importable for the DeepEP steps):
 #
-#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-h200 | k1-gaps | k1-tune | k1-decode | x2-comm | x2-layer | x2-step | x2-run
+#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-h200 | k1-gaps | k1-tune | k1-decode | k1-breakdown | x2-comm | x2-layer | x2-step | x2-run
 #
 # Every command runs under its own `timeout`, its output goes to <dir>/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
@@ -95,6 +95,10 @@ case "$group" in
       --budget-s 250 --tune-budget-s 200 --out "$RES/results"
     mkdir -p "$RES/configs" && cp "$RES/results/fused_moe.json" "$RES/configs/"
     ;;
+  k1-breakdown)  # one GPU: per-kernel times and launch gaps of decode calls that miss their roofline
+    # (Qwen3 fused decode, masked w4a8/fp8) beside ones that meet it, from CUDA-graph replays
+    step 240 python benchmarks/bench_breakdown.py --out-dir "$RES/results"
+    ;;
   x2-comm)  # issue 4: DeepEP vs the torch backend, then raw DeepEP vs the runtime
     need_deep_ep
     step 230 env EP_GPU_TEST_TIMEOUT=200 python -m pytest -q -s -m gpu tests/gpu/test_deepep_gpu.py
@@ -120,7 +124,7 @@ case "$group" in
       --config $cfg/h200x2-deepep.yaml --report "$RES/results/run-h200x2-deepep-allvisible.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh k1|k1-verify|k1-tune|k1-decode|x2-comm|x2-layer|x2-step|x2-run" >&2
+    echo "usage: bash benchmarks/gpu_session.sh k1|k1-verify|k1-fp8|k1-h200|k1-gaps|k1-tune|k1-decode|k1-breakdown|x2-comm|x2-layer|x2-step|x2-run" >&2
     exit 2
     ;;
 esac
