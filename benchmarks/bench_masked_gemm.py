@@ -205,6 +205,14 @@ def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SC
                 best[kind] = (
                     _select(dev, kind, scheme, stage, entries, small_rows, other_cfg, group) or main_cfg
                 )
+                if scheme == "w4a8":
+                    # the same entry with the group scales folded into the fp16 weights (both tiles),
+                    # scored over every row count (`masked_grouped_gemm.W4A8_FOLD_NOTE`)
+                    entries = [best[kind], _folded(best[kind])]
+                    rows_all = tuple(sorted(set(small_rows) | set(main_rows)))
+                    best[kind] = (
+                        _select(dev, kind, scheme, stage, entries, rows_all, other_cfg, group) or best[kind]
+                    )
                 if gated and scheme in MLP_CANDIDATES:
                     # the one-launch MLP replaces both GEMMs at every row count: scored against the
                     # entry just picked over the decode and the main row counts together
@@ -213,6 +221,14 @@ def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SC
                     best[kind] = (
                         _select(dev, kind, scheme, stage, entries, rows_all, None, group) or best[kind]
                     )
+
+
+def _folded(cfg: dict) -> dict:
+    """A w4a8 entry with FOLD_SCALE on in its main tile and in its SMALL tile, if any."""
+    out = dict(cfg, FOLD_SCALE=True)
+    if "SMALL" in out:
+        out["SMALL"] = dict(out["SMALL"], FOLD_SCALE=True)
+    return out
 
 
 def _select(dev, kind, scheme, stage, cands, rows_list, other_cfg, models):

@@ -4,7 +4,7 @@
 # the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
 # project installed, and `deep_ep` importable for the DeepEP steps):
 #
-#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-h200 | k1-gaps | k1-tune | k1-decode | k1-breakdown | x2-comm | x2-layer | x2-step | x2-run
+#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-h200 | k1-gaps | k1-tune | k1-decode | k1-breakdown | k1-w4a8 | x2-comm | x2-layer | x2-step | x2-run
 #
 # Every command runs under its own `timeout`, its output goes to <dir>/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
@@ -99,6 +99,14 @@ case "$group" in
     # (Qwen3 fused decode, masked w4a8/fp8) beside ones that meet it, from CUDA-graph replays
     step 240 python benchmarks/bench_breakdown.py --out-dir "$RES/results"
     ;;
+  k1-w4a8)  # one GPU: the masked w4a8 entries re-tuned, now scored against the same entries with
+    # FOLD_SCALE (group scales folded into the fp16 weights: the K loop keeps its dots in flight), then
+    # the w4a8 rows of all three models and the per-kernel breakdown of the w4a8 decode calls
+    step 330 python benchmarks/bench_masked_gemm.py --tune --schemes w4a8 --out-dir "$RES/results"
+    mkdir -p "$RES/configs" && cp kernels/configs/masked_grouped_gemm.json "$RES/configs/"
+    step 150 python benchmarks/bench_breakdown.py --out-dir "$RES/results" \
+      --cases masked-qwen3-r1-w4a8,masked-qwen3-r8-w4a8,masked-dsv3-r1-w4a8,masked-dsv3-r32-w4a8
+    ;;
   x2-comm)  # issue 4: DeepEP vs the torch backend, then raw DeepEP vs the runtime
     need_deep_ep
     step 230 env EP_GPU_TEST_TIMEOUT=200 python -m pytest -q -s -m gpu tests/gpu/test_deepep_gpu.py
@@ -124,7 +132,7 @@ case "$group" in
       --config $cfg/h200x2-deepep.yaml --report "$RES/results/run-h200x2-deepep-allvisible.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh k1|k1-verify|k1-fp8|k1-h200|k1-gaps|k1-tune|k1-decode|k1-breakdown|x2-comm|x2-layer|x2-step|x2-run" >&2
+    echo "usage: bash benchmarks/gpu_session.sh k1|k1-verify|k1-fp8|k1-h200|k1-gaps|k1-tune|k1-decode|k1-breakdown|k1-w4a8|x2-comm|x2-layer|x2-step|x2-run" >&2
     exit 2
     ;;
 esac

@@ -544,6 +544,28 @@ def _w4a8_weights(p, BLOCK_N: tl.constexpr, WARPS: tl.constexpr, ASM: tl.constex
     return w
 
 
+W4A8_FOLD_NOTE = """FOLD_SCALE (w4a8 config key, default off): the per-(row, 128-group) weight scale is
+multiplied into the unpacked fp16 weights before the dot instead of into each group's fp32 partial
+sum after it. The weights the dot sees are then fp16(q * fp16(s)) (`quant.dequantize_w4a8(...,
+fold_fp16=True)`): a relative rounding of at most 2^-11 per weight, beside the 2^-4 of the e4m3
+activations; scales below fp16's normal range (6.1e-5, weights of magnitude below about 5e-4 in a
+whole group) lose relative precision, and scales above 8188 would overflow fp16 (int4 weights of
+real models sit far inside both). What it buys: with the scale after the dot, every K step must wait
+for its wgmma results before the fp32 multiply-add (two waits per step in the gated kernel); with it
+folded, the dots accumulate in place and can stay in flight across steps, as in the bf16 kernels."""
+
+
+@triton.jit
+def _fold_scale(w, s, UPCAST: tl.constexpr):
+    """Unpacked weights `w` [BLOCK_N, 128] (exact int4 values) times their rows' group scales `s`
+    [BLOCK_N] fp32, rounded once to fp16 as the compiled fp16 multiply does (the interpreter, with
+    fp32 `w`, rounds the scale and then the product to fp16 explicitly: the same two roundings)."""
+    s16 = s.to(tl.float16)
+    if UPCAST:
+        return (w * s16.to(tl.float32)[:, None]).to(tl.float16).to(tl.float32)
+    return w * s16[:, None]
+
+
 @triton.jit
 def _w4a8_x_source(c):
     """Column c (0..127) of a pre-quantised x group -> the column of x it holds: c < 64 pairs with
@@ -595,6 +617,7 @@ def _masked_w4a8_kernel(
     UPCAST: tl.constexpr,
     ASM: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
 ):
     """Program (m-lane, n-block, expert e): out[e, m-blocks, n-block] = x_q @ W^T for the valid
     m-blocks of its lane (as `_masked_gemm_kernel`), computed as W-tile @ x_q-tile^T.
@@ -602,7 +625,13 @@ def _masked_w4a8_kernel(
     a: fp16 `[L, M, K]` x quantised per tensor onto the e4m3 grid (`_masked_tensor_quant`: K
     permuted per 128-group); b: uint8 `[L, N_total, K/2]` packed int4; b_scale: fp32
     `[L, N_total, K/128]`; the per-tensor x scale is `e4m3_scale(amax_in)`. OUT_MODE 2 also folds
-    the block's amax of the stored bf16 values into amax_out. SPLIT_K as in `_masked_gemm_kernel`."""
+    the block's amax of the stored bf16 values into amax_out. SPLIT_K as in `_masked_gemm_kernel`.
+
+    FOLD_SCALE off: each 128-group's dot is formed on the exact int4 values and scaled in fp32
+    (`acc += dot(w, x) * s`), so every K step waits for its dots. On: the group scale is folded into
+    the fp16 weights before the dot (`acc = dot(w * s, x, acc)`, one fp16 rounding of each scaled
+    weight, as fp16-dequantising int4 kernels do), so the dots chain through one accumulator and
+    need not complete each step (see `W4A8_FOLD_NOTE`)."""
     pid_m0 = tl.program_id(0)
     grid_m = tl.num_programs(0)
     pid_n = tl.program_id(1) // SPLIT_K
@@ -640,7 +669,10 @@ def _masked_w4a8_kernel(
             w = _w4a8_weights(tl.load(b_tile + (k0 // 2) * stride_bk, mask=mask_rows[:, None], other=0),
                               BLOCK_N, WARPS, ASM, UPCAST)  # fmt: skip
             bs = tl.load(bs_base + offs_n * stride_bsn + kt * stride_bsk, mask=mask_n, other=0.0)
-            acc += tl.dot(w, x) * bs[:, None]
+            if FOLD_SCALE:
+                acc = tl.dot(_fold_scale(w, bs, UPCAST), x, acc)
+            else:
+                acc += tl.dot(w, x) * bs[:, None]
             if GATED:
                 pu = tl.load(
                     b_tile + (up_offset * stride_bn + (k0 // 2) * stride_bk), mask=mask_rows[:, None], other=0
@@ -649,7 +681,10 @@ def _masked_w4a8_kernel(
                 bs_up = tl.load(
                     bs_base + (offs_n + up_offset) * stride_bsn + kt * stride_bsk, mask=mask_n, other=0.0
                 )
-                acc_up += tl.dot(u, x) * bs_up[:, None]
+                if FOLD_SCALE:
+                    acc_up = tl.dot(_fold_scale(u, bs_up, UPCAST), x, acc_up)
+                else:
+                    acc_up += tl.dot(u, x) * bs_up[:, None]
 
         mask_o = mask_n[:, None] & mask_m[None, :]
         if SPLIT_K > 1:
@@ -758,7 +793,8 @@ _masked_amax_launch = FastLaunch(_masked_amax_kernel)
 @functools.lru_cache(maxsize=4)
 def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     """`{device name: {"<kind>": {"BLOCK_M":..., "BLOCK_N":..., "BLOCK_K":..., "num_warps":...,
-    "num_stages":..., optional "GRID_M": max m-lanes, optional "SMALL": {a config of the same keys
+    "num_stages":..., optional "GRID_M": max m-lanes, optional "FOLD_SCALE" (w4a8 only, see
+    `W4A8_FOLD_NOTE`), optional "SMALL": {a config of the same keys
     plus "MAX_ROWS"}: the tile for experts with at most MAX_ROWS valid rows, see `_row_regimes`}}}`
     where kind is `a<mode>-b<mode>-gated|plain` (see `_kind`; for the w4a8 kernel BLOCK_M is the
     token rows per tile, BLOCK_N the weight rows), optionally followed by `@<N>x<K>`: an entry for
@@ -964,6 +1000,14 @@ def _split_plan(cfg: dict[str, Any], K: int, rows: int, tiles: int, num_sms: int
     return k_splits(k_tiles, split)
 
 
+def _fold_flag(cfg: dict[str, Any]) -> bool:
+    """A w4a8 config's `FOLD_SCALE` (default false; see `W4A8_FOLD_NOTE`)."""
+    fold = cfg.get("FOLD_SCALE", False)
+    if not isinstance(fold, bool):
+        raise ValueError(f"w4a8 config FOLD_SCALE must be true or false, got {fold!r}")
+    return bool(fold)
+
+
 def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode, b_mode, out_mode, gated,
                 up_offset, amax_in, amax_out, cfg, min_rows, max_rows) -> None:  # fmt: skip
     L, M = a.shape[0], a.shape[1]
@@ -997,10 +1041,12 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
             a, b, b_scale, out, counts, amax_in, amax_out if amax_out is not None else dummy, ws, counters,
             M, N, K, up_offset, min_rows, max_rows, split_tiles, *a.stride(), *b.stride(), *b_scale.stride(),
             *out.stride(), OUT_MODE=out_mode, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, WARPS=warps,
-            UPCAST=_INTERPRET, ASM=not _INTERPRET, SPLIT_K=split, num_warps=warps,
-            num_stages=cfg.get("num_stages", 3),
+            UPCAST=_INTERPRET, ASM=not _INTERPRET, SPLIT_K=split, FOLD_SCALE=_fold_flag(cfg),
+            num_warps=warps, num_stages=cfg.get("num_stages", 3),
         )  # fmt: skip
         return
+    if "FOLD_SCALE" in cfg:
+        raise ValueError("config key FOLD_SCALE applies to scheme 'w4a8' only")
     _masked_gemm_launch(
         grid,
         a, a_s, b, b_s, out, o_s, counts, ws, counters, M, N, K, up_offset, min_rows, max_rows, split_tiles,
@@ -1254,7 +1300,8 @@ def masked_moe(
               device; int4 weights are unpacked in-kernel (exact) and scaled per 128-group of K
               inside the K loop; the bf16 intermediate is requantised per-tensor the same way (amax
               folded by the gate_up epilogue). The dots form exactly the products of e4m3 operands
-              (held as fp16) and accumulate them in fp32.
+              (held as fp16) and accumulate them in fp32; a config with `FOLD_SCALE: true` folds the
+              group scales into the fp16 weights instead (`W4A8_FOLD_NOTE`).
         configs: block-config overrides for (gate_up, down), with the keys of `masked_grouped_gemm`'s
             `config`. A gate_up config (override or table entry) with an `MLP` entry (BLOCK_M,
             BLOCK_N1, BLOCK_N2, num_warps, optional num_stages and PROGRAMS_PER_SM) runs the bf16
@@ -1371,11 +1418,13 @@ def masked_moe_reference(
     w2_scale: torch.Tensor | None = None,
     round_bf16: Callable[[torch.Tensor], torch.Tensor] | None = None,
     h_bf16: bool = False,
+    fold_scale: bool = False,
 ) -> torch.Tensor:
     """Plain-torch float32 reference with the same activation-quantisation semantics as `masked_moe`
     (host-side loop over experts; for tests and benchmarks only). Rows >= counts[e] are zero.
     `h_bf16` (fp8_block): the intermediate is rounded to bf16 before its group quantisation, as the
-    one-launch MLP with `H_BF16` does.
+    one-launch MLP with `H_BF16` does. `fold_scale` (w4a8): the weights as a `FOLD_SCALE` config
+    forms them, each scaled weight rounded to fp16 (`dequantize_w4a8(..., fold_fp16=True)`).
 
     `round_bf16`: how the kernel's backend rounds float32 to bfloat16 where the kernel does (the
     dequantised fp8 input of the bf16 scheme, the bf16 intermediate); default torch's round to
@@ -1401,7 +1450,8 @@ def masked_moe_reference(
     elif scheme == "fp8_block":
         w13f, w2f = dequantize_fp8_block(w13, w13_scale), dequantize_fp8_block(w2, w2_scale)
     else:
-        w13f, w2f = dequantize_w4a8(w13, w13_scale), dequantize_w4a8(w2, w2_scale)
+        w13f = dequantize_w4a8(w13, w13_scale, fold_fp16=fold_scale)
+        w2f = dequantize_w4a8(w2, w2_scale, fold_fp16=fold_scale)
     I = w2f.shape[2]  # noqa: E741
 
     if scheme == "w4a8":

@@ -449,13 +449,22 @@ def dequantize_w4a8(
     w_scale: torch.Tensor,
     group_size: int = 128,
     out_dtype: torch.dtype = torch.float32,
+    fold_fp16: bool = False,
 ) -> torch.Tensor:
-    """Inverse of `quantize_w4a8`: `[..., N, K/2]` uint8, `[..., N, K/group_size]` fp32 -> `[..., N, K]`."""
+    """Inverse of `quantize_w4a8`: `[..., N, K/2]` uint8, `[..., N, K/group_size]` fp32 -> `[..., N, K]`.
+
+    fold_fp16: each weight as an fp16 multiply forms it, fp16(q * fp16(scale)) (the masked w4a8
+    kernel's `FOLD_SCALE`), instead of q * scale in fp32."""
     q = unpack_int4(w_packed)
     k = q.shape[-1]
     _check_group("w_packed", k, group_size, "unpacked last dim K")
     expect = (*q.shape[:-1], k // group_size)
     if tuple(w_scale.shape) != expect:
         raise ValueError(f"w_scale shape must be {expect}, got {tuple(w_scale.shape)}")
-    wg = q.float().reshape(*expect, group_size) * w_scale.float().unsqueeze(-1)
+    scale = w_scale.float()
+    if fold_fp16:
+        scale = scale.to(torch.float16).float()
+    wg = q.float().reshape(*expect, group_size) * scale.unsqueeze(-1)
+    if fold_fp16:
+        wg = wg.to(torch.float16).float()  # q * fp16(scale) is exact in fp32: one rounding, as the GPU's
     return wg.reshape(q.shape).to(out_dtype)

@@ -160,9 +160,12 @@ def tma_ptrs(ptrs: dict, scheme: int, block_m: int, block_n: int, block_k: int) 
     )
 
 
-def w4a8_ce(gated: bool, block_m: int, block_n: int, warps: int, split_k: int = 1) -> dict:
+def w4a8_ce(
+    gated: bool, block_m: int, block_n: int, warps: int, split_k: int = 1, fold: bool = False
+) -> dict:
     return dict(OUT_MODE=mg.OUT_AMAX if gated else mg.OUT_PLAIN, GATED=gated, BLOCK_M=block_m,
-                BLOCK_N=block_n, WARPS=warps, UPCAST=False, ASM=True, SPLIT_K=split_k)  # fmt: skip
+                BLOCK_N=block_n, WARPS=warps, UPCAST=False, ASM=True, SPLIT_K=split_k,
+                FOLD_SCALE=fold)  # fmt: skip
 
 
 def cases():
@@ -171,6 +174,17 @@ def cases():
         for bm, bn, warps in ((16, 64, 4), (64, 128, 8)):
             name = f"masked-w4a8-{'gated' if gated else 'plain'}-BM{bm}-BN{bn}-w{warps}"
             yield name, mg._masked_w4a8_kernel, MASKED_W4A8_PTRS, w4a8_ce(gated, bm, bn, warps), warps, 4
+        # the group scales folded into the fp16 weights (FOLD_SCALE)
+        for bm, bn, warps in ((16, 64, 4), (64, 128, 8)):
+            name = f"masked-w4a8-{'gated' if gated else 'plain'}-BM{bm}-BN{bn}-w{warps}-fold"
+            yield (
+                name,
+                mg._masked_w4a8_kernel,
+                MASKED_W4A8_PTRS,
+                w4a8_ce(gated, bm, bn, warps, fold=True),
+                warps,
+                4,
+            )
         # a SMALL tile with K split across programs (one-launch reduction)
         name = f"masked-w4a8-{'gated' if gated else 'plain'}-BM16-BN64-w4-split4"
         yield name, mg._masked_w4a8_kernel, MASKED_W4A8_PTRS, w4a8_ce(gated, 16, 64, 4, 4), 4, 4
@@ -367,7 +381,8 @@ def _masked_case(dev, kind, regime, cfg, a_mode, b_mode, gated, out_mode):
     warps = cfg.get("num_warps", 4)
     name = f"table-masked-{dev}-{kind}-launch{regime}"
     if a_mode == mg.A_FP16_QT:
-        ce = w4a8_ce(gated, cfg["BLOCK_M"], cfg["BLOCK_N"], warps, int(cfg.get("SPLIT_K", 1)))
+        ce = w4a8_ce(gated, cfg["BLOCK_M"], cfg["BLOCK_N"], warps, int(cfg.get("SPLIT_K", 1)),
+                     bool(cfg.get("FOLD_SCALE", False)))  # fmt: skip
         return name, mg._masked_w4a8_kernel, MASKED_W4A8_PTRS, ce, warps, cfg.get("num_stages", 3)
     ce = dict(A_MODE=a_mode, B_MODE=b_mode, OUT_MODE=out_mode, GATED=gated,
               B_SCALE_ROWS=mg.GROUP if b_mode == mg.B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
@@ -407,6 +422,10 @@ def main() -> int:
             "lds_narrow": len(re.findall(r"\bLDS\.[US](?:8|16)\b", text)),
             "ops": sass_ops(k, text),
             "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", k.asm["ptx"])),
+            # wgmma.wait_group N: how many groups of asynchronous dots each wait leaves in flight
+            "wgmma_waits": sorted(
+                int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", k.asm["ptx"])
+            ),
             "shared": k.metadata.shared,  # bytes of shared memory a program needs
         }
     print(json.dumps(out))

@@ -65,6 +65,21 @@ def test_masked_w4a8_feeds_unpacked_weights_to_wgmma_from_registers(compiled, ke
     assert r["ops"].get("STL", 0) == 0 and r["ops"].get("I2F", 0) == 0, r["ops"]
 
 
+@pytest.mark.parametrize("tile", ["BM16-BN64-w4", "BM64-BN128-w8"])
+@pytest.mark.parametrize("gated", ["gated", "plain"])
+def test_masked_w4a8_fold_scale_keeps_dots_in_flight(compiled, gated, tile):
+    """FOLD_SCALE's point (`masked_grouped_gemm.W4A8_FOLD_NOTE`): with the group scale applied to
+    each dot's fp32 result, every wait for the dots drains them all (`wgmma.wait_group 0`); with it
+    folded into the weights the K loop waits with groups still in flight. Both keep the register
+    operand, 16-byte loads and no spills."""
+    plain, fold = compiled[f"masked-w4a8-{gated}-{tile}"], compiled[f"masked-w4a8-{gated}-{tile}-fold"]
+    assert plain["wgmma_waits"] and set(plain["wgmma_waits"]) == {0}, plain["wgmma_waits"]
+    assert max(fold["wgmma_waits"]) >= 1, fold["wgmma_waits"]
+    for r in (plain, fold):
+        assert r["wgmma_reg_a"] >= 8 and r["lds_narrow"] == 0, r
+        assert r["ops"].get("STL", 0) == 0, r["ops"]
+
+
 def test_bf16_prefill_uses_bf16_tensor_cores(compiled):
     r = compiled["fused-bf16-gate_up"]
     assert _uses(r, "wgmma.mma_async") and _uses(r, "bf16.bf16"), r["mma"]

@@ -38,6 +38,7 @@ from ep_runtime.kernels.masked_grouped_gemm import (
 )
 from ep_runtime.kernels.quant import (
     FP8_DTYPE,
+    dequantize_w4a8,
     per_token_group_dequant_fp8,
     per_token_group_quant_fp8,
     quantize_fp8_block,
@@ -189,6 +190,8 @@ W4A8_CONFIGS = {
     "default": None,
     "bn64-w8": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=2),
     "bn128-w4": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2),
+    "fold-bn64-w4": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2, FOLD_SCALE=True),
+    "fold-bn128-w4": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2, FOLD_SCALE=True),
 }
 
 
@@ -203,9 +206,75 @@ def test_masked_moe_w4a8(rng_seed, poisoned_empty, cfg):
     kw = dict(scheme="w4a8", w13_scale=w13_s, w2_scale=w2_s)
     c = W4A8_CONFIGS[cfg]
     out = masked_moe(x, counts, w13_p, w2_p, configs=(c, c), **kw)
-    ref = masked_moe_reference(x, counts, w13_p, w2_p, round_bf16=backend_bf16, **kw)
+    fold = bool(c and c.get("FOLD_SCALE"))
+    ref = masked_moe_reference(x, counts, w13_p, w2_p, round_bf16=backend_bf16, fold_scale=fold, **kw)
     _close(out, ref, counts.cpu(), 8e-2)
     _assert_not_written(out, counts.cpu())
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("bn", [64, 128])
+def test_w4a8_gemm_fold_scale_rounds_each_scaled_weight_to_fp16(rng_seed, poisoned_empty, gated, bn):
+    """One w4a8 GEMM launch (pre-quantised x, as `masked_moe` feeds it) with and without FOLD_SCALE,
+    each against the fp32 product of the same operands: the unfolded kernel multiplies exact int4
+    values and scales in fp32; the folded one sees fp16(q * fp16(s)) (`dequantize_w4a8(...,
+    fold_fp16=True)`). The references differ by far more than the tolerance here (asserted), so
+    each kernel must match its own weights: the scale of each row is applied in the permuted row
+    order of the tile, and to every 128-group of K."""
+    L, M, K, N = 2, 20, 384, 2 * bn
+    counts = torch.tensor([13, 20], dtype=torch.int32, device=DEVICE)
+    x = _poison_rows(torch.randn(L, M, K).to(torch.bfloat16).to(DEVICE), counts)
+    w = (torch.randn(L, 2 * N if gated else N, K) * 0.05).to(DEVICE)
+    w_p, w_s = quantize_w4a8(w)
+    w_s = w_s * torch.exp(torch.randn_like(w_s))  # scales spread over ~e^+-3: rounding to fp16 differs
+    amax = torch.zeros(2, dtype=torch.float32, device=DEVICE)
+    _masked_amax(x, counts, amax[0:1])
+    xq = _masked_tensor_quant(x, counts, amax[0:1])
+    s_x = (amax[0].clamp_min(1e-10) / 448.0).cpu()
+    j = torch.arange(64).reshape(4, 4, 2, 2).permute(1, 2, 0, 3).reshape(64)
+    src = torch.cat([g * 128 + torch.cat([2 * j, 2 * j + 1]) for g in range(K // 128)])
+    inv = torch.empty_like(src)
+    inv[src] = torch.arange(K)
+    outs, refs = {}, {}
+    for fold in (False, True):
+        wf = dequantize_w4a8(w_p, w_s, fold_fp16=fold).cpu()
+        out = torch.empty(L, M, N, dtype=torch.bfloat16, device=DEVICE).fill_(float("nan"))
+        cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=2, FOLD_SCALE=fold)
+        mg._launch(xq, None, w_p, w_s, out, None, counts, N=N, K=K, a_mode=mg.A_FP16_QT, b_mode=mg.B_INT4,
+                   out_mode=mg.OUT_AMAX if gated else mg.OUT_PLAIN, gated=gated, up_offset=N if gated else 0,
+                   amax_in=amax[0:1], amax_out=amax[1:2], config=cfg)  # fmt: skip
+        for e, c in enumerate(counts.tolist()):
+            xe = xq[e, :c].float().cpu()[:, inv] * s_x  # back to x's column order
+            gu = xe @ wf[e].t()
+            refs[(fold, e)] = torch.nn.functional.silu(gu[:, :N]) * gu[:, N:] if gated else gu
+            outs[(fold, e)] = out[e, :c].float().cpu()
+            assert not torch.isnan(outs[(fold, e)]).any()
+
+    def err(o, ref):  # normwise, against the reference rounded to bf16 as the backend rounds
+        return ((o - backend_bf16(ref).float()).norm() / ref.norm()).item()
+
+    for e in range(L):
+        # measured <= 1.4e-5 (fp32 summation order flips a rare bf16 rounding); against the other
+        # weight form's reference (2.5e-4 away before rounding, which flips a few % of the bf16
+        # outputs) 6.9e-4 or more
+        own = [err(outs[(f, e)], refs[(f, e)]) for f in (False, True)]
+        other = [err(outs[(f, e)], refs[(not f, e)]) for f in (False, True)]
+        assert max(own) < 1e-4, own
+        assert min(other) > 2 * max(own), (own, other)
+
+
+def test_fold_scale_config_is_validated(rng_seed):
+    L, M, D, I = 1, 4, 128, 128
+    counts = torch.tensor([4], dtype=torch.int32, device=DEVICE)
+    x = torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE)
+    w13, w2 = _weights(L, I, D)
+    bad = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2, FOLD_SCALE=1)
+    with pytest.raises(ValueError, match="FOLD_SCALE must be true or false"):
+        w13_p, w13_s = quantize_w4a8(w13)
+        w2_p, w2_s = quantize_w4a8(w2)
+        masked_moe(x, counts, w13_p, w2_p, scheme="w4a8", w13_scale=w13_s, w2_scale=w2_s, configs=(bad, bad))
+    with pytest.raises(ValueError, match="FOLD_SCALE applies to scheme 'w4a8' only"):
+        masked_moe(x, counts, w13, w2, scheme="bf16", configs=(dict(bad, FOLD_SCALE=True), None))
 
 
 def test_masked_amax_reads_valid_rows_only(rng_seed):

@@ -208,6 +208,22 @@ def test_w4a8_quant_matches_float64(rng_seed):
     assert bool(((back.double() - w.double()).abs() <= ref_s.repeat_interleave(128, -1) * 0.5 + 1e-6).all())
 
 
+def test_w4a8_dequant_fold_fp16_is_the_fp16_product(rng_seed):
+    """`fold_fp16`: each weight is fp16(q * fp16(s)), the masked kernel's FOLD_SCALE weights; computed
+    here in float64 (torch casts to fp16 round to nearest even), and checked to differ from the fp32
+    dequantisation (so the flag does something)."""
+    w = torch.randn(3, 8, 256) * torch.exp(2 * torch.randn(3, 8, 1))
+    wp, ws = quantize_w4a8(w, 128)
+    q = unpack_int4(wp).double().reshape(3, 8, 2, 128)
+    s16 = ws.half().double()[..., None]
+    want = (q * s16).half().double().reshape(3, 8, 256)
+    got = dequantize_w4a8(wp, ws, 128, fold_fp16=True)
+    assert got.dtype == torch.float32 and torch.equal(got.double(), want)
+    plain = dequantize_w4a8(wp, ws, 128)
+    assert not torch.equal(plain, got)
+    assert ((plain - got).abs() <= plain.abs() * 2.0**-10).all()  # two fp16 roundings at most
+
+
 def test_quant_errors():
     with pytest.raises(ValueError, match="multiple of group_size"):
         per_token_group_quant_fp8(torch.randn(4, 100), 128)
