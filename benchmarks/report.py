@@ -45,6 +45,7 @@ REPRODUCE = {
     "launch": "python benchmarks/bench_launch.py               # or: ep-launch bench kernels (1 GPU)",
     "topk_sum": "python benchmarks/bench_topk_sum.py             # (1 GPU)",
     "kernel_targets": "bash benchmarks/gpu_session.sh k1-tune           # the kernel benchmarks (1 GPU)",
+    "breakdown": "python benchmarks/bench_breakdown.py            # (1 GPU)",
 }
 
 
@@ -1069,7 +1070,57 @@ def _topk_sum(doc: dict, out: Path, suffix: str = "") -> Section:
     return s
 
 
+def _breakdown(doc: dict, out: Path, suffix: str = "") -> Section:
+    s = Section("breakdown", doc)
+    s.md.append(
+        "One expert-MLP call per case, captured in a CUDA graph and replayed under the profiler "
+        f"({doc.get('replays', '?')} replays, medians). `span`: first kernel start to last kernel end; "
+        "`kernels`: the sum of its kernels' times; `gaps`: span minus kernels (idle between launches); "
+        "`graph`: do_bench of one replay (the graph launch included). `frac copy`: the roofline (weight "
+        "bytes over the copy bandwidth) over `graph`; `GEMMs frac copy`: the same over the weight-streaming "
+        "GEMM kernels' time alone.\n"
+    )
+    s.md.append(
+        _table(
+            doc["calls"],
+            [
+                ("case", "case"),
+                ("graph us", "graph_us"),
+                ("span us", "span_us"),
+                ("kernels us", "kernels_us"),
+                ("gaps us", "gaps_us"),
+                ("launches", "launches"),
+                ("GEMMs us", "gemms_us"),
+                ("roofline us", "roofline_us"),
+                ("frac copy", "frac_copy_bw"),
+                ("GEMMs frac copy", "gemms_frac_copy_bw"),
+                ("profiled", "profiled"),
+            ],
+        )
+    )
+    s.md.append("\nPer kernel, in launch order:\n")
+    s.md.append(
+        _table(
+            doc["kernels"],
+            [
+                ("case", "case"),
+                ("#", "i"),
+                ("kernel", "kernel"),
+                ("us", "us"),
+                ("gap before us", "gap_before_us"),
+                ("share of span", "share"),
+            ],
+        )  # fmt: skip
+    )
+    if doc.get("errors"):
+        s.md.append(
+            "\nCases that failed: " + "; ".join(f"`{k}`: {v}" for k, v in doc["errors"].items()) + "\n"
+        )
+    return s
+
+
 BUILDERS = {
+    "breakdown": _breakdown,
     "topk_sum": _topk_sum,
     "router_gemm": _router_gemm,
     "router_topk": _router_topk,
@@ -1097,6 +1148,7 @@ def build(dirs: list[Path], plots_dir: Path, include_smoke: bool = False) -> tup
         "topk_sum",
         "sustained",
         "masked_gemm",
+        "breakdown",
         "router_gemm",
         "router_topk",
         "launch",
@@ -1212,6 +1264,7 @@ def write_doc(sections: list[Section], notes: list[str], doc_path: Path, link_ba
         "router_topk": "Expert selection (router top-k)",
         "sustained": "Sustained rates under the power cap",
         "launch": "Kernel launch cost on the host",
+        "breakdown": "Where a decode call's time goes (per kernel)",
     }
     for s in sections:
         lines.append(f"## {titles.get(s.kind, s.kind)}\n")

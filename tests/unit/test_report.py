@@ -279,3 +279,31 @@ def test_kernel_targets_worst_case_and_verdicts():
     assert pick("top-k sum")[1:] == (None, "not measured")
     worst, met, where = pick("masked")  # the 128-row case is left out
     assert (worst, met) == ("0.3", False) and "bf16 0.80" in where
+
+
+def test_breakdown_section(tmp_path):
+    """bench_breakdown's document (its writer's keys) becomes a per-call and a per-kernel table; a
+    failed case is named."""
+    dev = {"device": "NVIDIA H100 80GB HBM3", "num_gpus": 1, "torch": "2.11", "triton": "3.6", "cuda": "13.0"}
+    call = {"case": "masked-qwen3-r1-w4a8", "profiled": "graph", "graph_us": 53.3, "span_us": 49.0,
+            "kernels_us": 38.5, "gaps_us": 10.5, "launches": 7, "roofline_us": 13.3, "frac_copy_bw": 0.25,
+            "gemms_us": 30.1, "gemms_frac_copy_bw": 0.442}  # fmt: skip
+    kernels = [
+        {"case": call["case"], "i": 0, "kernel": "Memset", "us": 1.1, "gap_before_us": 0.0, "share": 0.022},
+        {"case": call["case"], "i": 1, "kernel": "_masked_amax_kernel", "us": 2.4, "gap_before_us": 1.5, "share": 0.049},
+    ]  # fmt: skip
+    doc = {"what": "breakdown", "date": "2099-01-01T00:00:00+00:00", "device": dev, "replays": 20,
+           "calls": [call], "kernels": kernels, "errors": {"fused-qwen3_30b-T1-fp8_block": "RuntimeError: x"}}  # fmt: skip
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "2099-01-01-h100-breakdown.json").write_text(json.dumps(doc))
+    out = tmp_path / "perf.md"
+    assert report.main(["--results", str(res), "--plots-dir", str(tmp_path / "p"), "--doc", str(out)]) == 0
+    text = out.read_text()
+    assert "## Where a decode call's time goes (per kernel)" in text
+    assert (
+        "| masked-qwen3-r1-w4a8 | 53.3 | 49 | 38.5 | 10.5 | 7 | 30.1 | 13.3 | 0.25 | 0.442 | graph |" in text
+    )
+    assert "| masked-qwen3-r1-w4a8 | 1 | _masked_amax_kernel | 2.4 | 1.5 | 0.049 |" in text
+    assert "`fused-qwen3_30b-T1-fp8_block`: RuntimeError: x" in text
+    assert "python benchmarks/bench_breakdown.py" in text
