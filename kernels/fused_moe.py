@@ -310,6 +310,19 @@ def _load_b_tile(
         return tl.load(b_ptrs, mask=offs_k[:, None] < k_rem, other=0.0)
 
 
+PRELOAD_NOTE = """Why the fp8 scales of a whole K range are loaded before the K loop (`SCALE_PRELOAD`).
+Triton's software pipeliner runs ahead (asynchronous copies, `num_stages` deep) only the loads
+whose values feed a dot operand (`AssignLatencies` in Triton's pipeliner); the fp8 kernels' scale
+loads multiply each K step's dot result, so they stay ordinary loads in the step that uses them
+(sm_90 SASS of the decode tiles: synchronous LDGs in every fp8 K loop, none in the bf16 ones) and
+each K step waits one global-memory latency for a few bytes. A decode launch has too few programs
+per SM to hide that with other programs: fp8 decode rows reach 0.30-0.71 of the copy bandwidth
+where bf16 reaches 0.52-0.92 (H100, 2026-12-08). Loaded up front, the scales cost one latency per
+program, overlapped with the pipeline's first tile loads, and a register select per K step.
+Carrying next step's scales through the loop instead does not help: the loop-carried copy reads
+the fresh load at the end of the same step."""
+
+
 @triton.jit
 def _scale_tile(a_s, b_s, SCALAR: tl.constexpr):
     """The rescale of one K step's product: row scales times the weight tile's scale (a scalar when
@@ -382,6 +395,7 @@ def _fused_moe_gemm_kernel(
     ZERO_BLOCK: tl.constexpr,
     RESCALE: tl.constexpr,
     QUANT_OUT: tl.constexpr,
+    PRELOAD: tl.constexpr = 0,
 ):
     """One program = one M-block of one expert x one N-block.
 
@@ -414,6 +428,11 @@ def _fused_moe_gemm_kernel(
     the float64 reference, 0.44 % for the scaled-product path), so the tuner never picks it.
     Scales are floored at `_MIN_SCALE` (a zero scale, whose group is zero, then adds ~0, not inf or
     NaN).
+    PRELOAD > 0 (fp8_block, one block scale per weight tile, no RESCALE): every scale of the
+    program's K range is loaded before the K loop, the rows' `[BLOCK_M, PRELOAD]` and the weight
+    tile's `[PRELOAD]` (PRELOAD: a power of two >= the K tiles per split), and each K step picks its
+    column in registers; off, each K step loads its scales, an ordinary load Triton's pipeliner does
+    not run ahead (`PRELOAD_NOTE`), so every step waits one global-memory latency.
     QUANT_OUT (GATE_UP, BLOCK_N a multiple of 128): the epilogue quantises its SiLU*mul tile per row
     and 128-column group as `quant.per_token_group_quant_fp8` does the stored bf16 values (rounded
     to bf16 first, same scale and e4m3 rounding: the same bits), c is e4m3 and each group's fp32
@@ -515,6 +534,16 @@ def _fused_moe_gemm_kernel(
             b_s_ptrs = b_scale_ptr + expert * stride_bse + b_s_row * stride_bsn
             b_s_up_ptrs = b_scale_ptr + expert * stride_bse + b_s_row_up * stride_bsn
 
+    if PRELOAD > 0:  # the program's scales, one column per K tile of its range
+        offs_g = tl.arange(0, PRELOAD)
+        g_ok = kb_lo + offs_g < kb_hi
+        a_s_all = tl.load(
+            a_s_ptrs[:, None] + (kb_lo + offs_g)[None, :] * stride_ask, mask=g_ok[None, :], other=0.0
+        )
+        b_s_all = tl.load(b_s_ptrs + (kb_lo + offs_g) * stride_bsk, mask=g_ok, other=0.0)
+        if SPLIT_UP:
+            b_s_up_all = tl.load(b_s_up_ptrs + (kb_lo + offs_g) * stride_bsk, mask=g_ok, other=0.0)
+
     if SCHEME == 2:
         b_step = (BLOCK_K // 2) * stride_bk
     else:
@@ -565,6 +594,14 @@ def _fused_moe_gemm_kernel(
                 pb_up = b_s_up
             pa = a_s
             pb = b_s
+        elif PRELOAD > 0:
+            pick = offs_g == kb - kb_lo
+            a_s = tl.sum(tl.where(pick[None, :], a_s_all, 0.0), axis=1)
+            b_s = tl.sum(tl.where(pick, b_s_all, 0.0), axis=0)
+            acc += tl.dot(a, b) * _scale_tile(a_s, b_s, SCALAR_BS)
+            if SPLIT_UP:
+                b_s_up = tl.sum(tl.where(pick, b_s_up_all, 0.0), axis=0)
+                acc_up += tl.dot(a, b_up) * _scale_tile(a_s, b_s_up, SCALAR_BS)
         else:
             a_s = tl.load(a_s_ptrs + kb * stride_ask)
             b_s = tl.load(b_s_ptrs + kb * stride_bsk)
@@ -1055,6 +1092,17 @@ def _check_config(config: dict[str, Any], scheme: str) -> None:
             raise ValueError(f"config[{name!r}]['RESCALE'] must be true or false, got {g['RESCALE']!r}")
         if g.get("RESCALE", False) and scheme == "bf16":
             raise ValueError(f"config[{name!r}]['RESCALE'] is for schemes 'fp8_block' and 'w4a8', not 'bf16'")
+        preload = g.get("SCALE_PRELOAD", False)
+        if not isinstance(preload, bool):
+            raise ValueError(f"config[{name!r}]['SCALE_PRELOAD'] must be true or false, got {preload!r}")
+        if preload and (
+            scheme != "fp8_block" or g.get("RESCALE", False) or g["BLOCK_N"] > GROUP
+            or (name == "gate_up" and g.get("MERGE_GU", False))
+        ):  # fmt: skip
+            raise ValueError(
+                f"config[{name!r}]['SCALE_PRELOAD'] needs scheme 'fp8_block' with one block scale per weight "
+                f"tile: BLOCK_N <= {GROUP}, no RESCALE, no MERGE_GU (got scheme {scheme!r}, {g})"
+            )
         if g.get("TMA", False) not in (False, True):
             raise ValueError(f"config[{name!r}]['TMA'] must be true or false, got {g['TMA']!r}")
         if g.get("TMA", False) and scheme == "w4a8":
@@ -1188,6 +1236,7 @@ def _launch_gemm(
         ZERO_BLOCK=_ZERO_BLOCK,
         RESCALE=bool(sid != 0 and cfg.get("RESCALE", False)),
         QUANT_OUT=c_scale is not None,
+        PRELOAD=next_pow2(tiles_per_split) if cfg.get("SCALE_PRELOAD", False) else 0,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -117,6 +117,22 @@ def sass_ops(kernel, text: str | None = None) -> dict[str, int]:
     return dict(ops)
 
 
+def mma_loop_ldg(text: str) -> int:
+    """Synchronous global loads (LDG) inside the SASS loops that hold a tensor-core instruction: the
+    K loops. Pipelined tile loads are LDGSTS (asynchronous copies); an LDG there is a load each K
+    step waits for."""
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
+    count = 0
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:  # a backward branch: the loop body is label..branch
+            body = lines[labels[m.group(1)] : i]
+            if any(re.search(r"\b[HU]?[GH]MMA\b|\bHGMMA\b|\bHMMA\b", b) for b in body):
+                count += sum(1 for b in body if re.search(r"\bLDG\b|\bLDG\.", b))
+    return count
+
+
 MASKED_PTRS = dict(
     a_ptr="*bf16", a_scale_ptr="*fp32", b_ptr="*u8", b_scale_ptr="*fp32", out_ptr="*bf16",
     out_scale_ptr="*fp32", counts_ptr="*i32", ws_ptr="*fp32", counter_ptr="*i32",
@@ -145,6 +161,7 @@ def fused_ce(**ce) -> dict:
     out.setdefault("N_BAND", 0)  # program order only
     out.setdefault("RESCALE", False)
     out.setdefault("QUANT_OUT", False)
+    out.setdefault("PRELOAD", 0)
     out.update({name: None for name, on in (("a_desc", out["TMA_A"]), ("b_desc", out["TMA_B"])) if not on})
     return out
 
@@ -195,6 +212,15 @@ def cases():
                           MERGE_GU=gate_up, INT4_MAGIC=magic)  # fmt: skip
             name = f"fused-w4a8-{'gate_up' if gate_up else 'down'}-magic{int(magic)}"
             yield name, fm._fused_moe_gemm_kernel, fused_ptrs(2, gate_up), ce, 4, 4
+    # fp8_block decode tiles (16 rows, mma.sync) with the K range's scales loaded before the K loop
+    for gate_up in (True, False):
+        for preload in (0, 64):
+            ce = fused_ce(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SCHEME=1, GATE_UP=gate_up,
+                          MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True, MERGE_GU=False,
+                          INT4_MAGIC=False, PRELOAD=preload)  # fmt: skip
+            ptrs = dict(fused_ptrs(2, gate_up), b_ptr="*fp8e4nv")
+            name = f"fused-fp8-decode-{'gate_up' if gate_up else 'down'}-preload{preload}"
+            yield name, fm._fused_moe_gemm_kernel, ptrs, ce, 4, 4
     ce = fused_ce(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SCHEME=0, GATE_UP=True, MUL_WEIGHT=False,
                   ATOMIC=False, UPCAST=False, EVEN_K=True, MERGE_GU=True, INT4_MAGIC=False)  # fmt: skip
     yield "fused-bf16-gate_up", fm._fused_moe_gemm_kernel, fused_ptrs(0, True), ce, 8, 4
@@ -268,6 +294,14 @@ def cases():
         yield f"select-{name}", se._select_experts_kernel, select_ptrs, ce, 4, 1
 
 
+def _preload_width(skey: str, gate_up: bool) -> int:
+    """The SCALE_PRELOAD width of a table entry's launch without split K (its widest): the K tiles of
+    the GEMM of shape key `L<E>_N<inter>_D<hidden>_<scheme>` (gate_up: K = hidden; down: K = inter)."""
+    dims = dict(re.findall(r"([ND])(\d+)", skey))
+    k = int(dims["D"] if gate_up else dims["N"])
+    return 1 << max(0, (k // 128 - 1).bit_length())
+
+
 def table_cases():
     """Every distinct block config of the shipped tuned tables (fused MoE, masked GEMM), as the
     launchers would compile it on a Hopper GPU."""
@@ -295,7 +329,8 @@ def table_cases():
                                   INT4_MAGIC=bool(sid == 2 and g.get("INT4_MAGIC", 0)),
                                   TMA_A=tma, TMA_B=tma, N_BAND=g.get("N_BAND", 0),
                                   RESCALE=bool(sid != 0 and g.get("RESCALE", False)),
-                                  QUANT_OUT=bool(gate_up and fm.quant_act(scheme, g)))  # fmt: skip
+                                  QUANT_OUT=bool(gate_up and fm.quant_act(scheme, g)),
+                                  PRELOAD=_preload_width(skey, gate_up) if g.get("SCALE_PRELOAD") else 0)  # fmt: skip
                     key = ("fused", sid, g["num_warps"], g["num_stages"], tuple(sorted(ce.items())))
                     if key in seen:
                         continue
@@ -421,6 +456,7 @@ def main() -> int:
             # sub-word shared-memory loads (a layout built byte by byte)
             "lds_narrow": len(re.findall(r"\bLDS\.[US](?:8|16)\b", text)),
             "ops": sass_ops(k, text),
+            "mma_loop_ldg": mma_loop_ldg(text),
             "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", k.asm["ptx"])),
             # wgmma.wait_group N: how many groups of asynchronous dots each wait leaves in flight
             "wgmma_waits": sorted(

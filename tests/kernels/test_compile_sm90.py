@@ -80,6 +80,21 @@ def test_masked_w4a8_fold_scale_keeps_dots_in_flight(compiled, gated, tile):
         assert r["ops"].get("STL", 0) == 0, r["ops"]
 
 
+@pytest.mark.parametrize("stage", ["gate_up", "down"])
+def test_fp8_scale_preload_leaves_no_load_in_the_k_loop(compiled, stage):
+    """`fused_moe.PRELOAD_NOTE`: per-step scale loads are synchronous LDGs in the fp8 decode tile's
+    K loop; with PRELOAD the loop has none (its tiles come as asynchronous copies) and nothing
+    spills."""
+    plain, pre = (
+        compiled[f"fused-fp8-decode-{stage}-preload0"],
+        compiled[f"fused-fp8-decode-{stage}-preload64"],
+    )
+    assert plain["mma_loop_ldg"] >= 2, plain["mma_loop_ldg"]
+    assert pre["mma_loop_ldg"] == 0, pre["mma_loop_ldg"]
+    for r in (plain, pre):
+        assert r["mma"] and r["ops"].get("STL", 0) == 0, r["ops"]
+
+
 def test_bf16_prefill_uses_bf16_tensor_cores(compiled):
     r = compiled["fused-bf16-gate_up"]
     assert _uses(r, "wgmma.mma_async") and _uses(r, "bf16.bf16"), r["mma"]

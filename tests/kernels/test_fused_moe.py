@@ -325,6 +325,44 @@ def test_split_k_down(rng_seed, scheme, D, inter, K, fused, split):
 
 
 @pytest.mark.parametrize(
+    "D, inter, block_n, split, fused, fp8_input",
+    [
+        (384, 256, 32, 1, True, False),  # gate_up 3 K tiles (PRELOAD 4, one column masked), down 2
+        (384, 256, 64, 2, True, True),  # down split in two: each split preloads its own K range
+        (256, 384, 128, 3, False, False),  # one block scale per 128-wide tile; down 3 tiles over 3 splits
+    ],
+)
+def test_fp8_scale_preload(rng_seed, D, inter, block_n, split, fused, fp8_input):
+    """SCALE_PRELOAD (`fused_moe.PRELOAD_NOTE`): the scales of a program's K range loaded before its
+    K loop and picked per step in registers give the same bits as loading them per step, against
+    the reference too; split K ranges each preload their own."""
+    plain = tiny_config("fp8_block", block_n=block_n)
+    plain["down"]["SPLIT_K"] = split
+    pre = {k: (dict(v, SCALE_PRELOAD=True) if isinstance(v, dict) else v) for k, v in plain.items()}
+    run_case(
+        T=7, K=3, L=3, D=D, inter=inter, scheme="fp8_block", fused=fused, fp8_input=fp8_input, config=pre
+    )
+    a, b = outputs_of([plain, pre], 6, 3, D, inter, "fp8_block", fused)
+    assert torch.equal(a, b)
+
+
+def test_scale_preload_config_errors(rng_seed):
+    x = torch.randn(2, 256).bfloat16()
+    ids, w = random_routing(2, 2, 2)
+    for scheme, change, what in (
+        ("fp8_block", dict(SCALE_PRELOAD=1), "must be true or false"),
+        ("bf16", dict(SCALE_PRELOAD=True), "needs scheme 'fp8_block'"),
+        ("fp8_block", dict(SCALE_PRELOAD=True, RESCALE=True), "no RESCALE"),
+        ("fp8_block", dict(SCALE_PRELOAD=True, BLOCK_N=256), "BLOCK_N <= 128"),
+    ):
+        w13, s13, w2, s2, _, _ = make_weights(2, 128, 256, scheme)
+        cfg = tiny_config(scheme)
+        cfg["down"].update(change)
+        with pytest.raises(ValueError, match=what):
+            fm.fused_moe(x, w13, w2, ids, w, scheme=scheme, w13_scale=s13, w2_scale=s2, config=cfg)
+
+
+@pytest.mark.parametrize(
     "scheme, D, inter, band, fused",
     [
         ("bf16", 80, 48, 2, True),  # down: 5 N-blocks of 16 in bands 2, 2, 1; gate_up: 3 in 2, 1
