@@ -205,10 +205,12 @@ def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SC
                 best[kind] = (
                     _select(dev, kind, scheme, stage, entries, small_rows, other_cfg, group) or main_cfg
                 )
-                if scheme == "w4a8":
-                    # the same entry with the group scales folded into the fp16 weights (both tiles),
-                    # scored over every row count (`masked_grouped_gemm.W4A8_FOLD_NOTE`)
-                    entries = [best[kind], _folded(best[kind])]
+                flag = {"w4a8": "FOLD_SCALE", "fp8_block": "SCALE_PRELOAD"}.get(scheme)
+                if flag is not None:
+                    # the same entry with the flag on in both tiles, scored over every row count: w4a8's
+                    # group scales folded into the fp16 weights (`masked_grouped_gemm.W4A8_FOLD_NOTE`),
+                    # fp8_block's scales loaded before the K loop (`fused_moe.PRELOAD_NOTE`)
+                    entries = [best[kind], _with_flag(best[kind], flag)]
                     rows_all = tuple(sorted(set(small_rows) | set(main_rows)))
                     best[kind] = (
                         _select(dev, kind, scheme, stage, entries, rows_all, other_cfg, group) or best[kind]
@@ -223,11 +225,11 @@ def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SC
                     )
 
 
-def _folded(cfg: dict) -> dict:
-    """A w4a8 entry with FOLD_SCALE on in its main tile and in its SMALL tile, if any."""
-    out = dict(cfg, FOLD_SCALE=True)
+def _with_flag(cfg: dict, flag: str) -> dict:
+    """A table entry with `flag` on in its main tile and in its SMALL tile, if any."""
+    out = dict(cfg, **{flag: True})
     if "SMALL" in out:
-        out["SMALL"] = dict(out["SMALL"], FOLD_SCALE=True)
+        out["SMALL"] = dict(out["SMALL"], **{flag: True})
     return out
 
 

@@ -4,7 +4,7 @@
 # the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
 # project installed, and `deep_ep` importable for the DeepEP steps):
 #
-#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-h200 | k1-gaps | k1-tune | k1-decode | k1-breakdown | k1-w4a8 | x2-comm | x2-layer | x2-step | x2-run
+#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-h200 | k1-gaps | k1-tune | k1-decode | k1-breakdown | k1-w4a8 | k1-preload | x2-comm | x2-layer | x2-step | x2-run
 #
 # Every command runs under its own `timeout`, its output goes to <dir>/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
@@ -107,6 +107,16 @@ case "$group" in
     step 150 python benchmarks/bench_breakdown.py --out-dir "$RES/results" \
       --cases masked-qwen3-r1-w4a8,masked-qwen3-r8-w4a8,masked-dsv3-r1-w4a8,masked-dsv3-r32-w4a8
     ;;
+  k1-preload)  # one GPU: fp8_block decode with SCALE_PRELOAD (the K range's scales loaded before the K
+    # loop, fused_moe.PRELOAD_NOTE) as a tuning candidate: the masked fp8_block entries first (A/B of each
+    # winner with it), then the fused decode buckets (the tuner pairs every tile with and without it;
+    # bf16 rows and the masked layout, with the entries just tuned, in the same run)
+    step 240 python benchmarks/bench_masked_gemm.py --tune --schemes fp8_block --out-dir "$RES/results2"
+    mkdir -p "$RES/configs" && cp kernels/configs/masked_grouped_gemm.json "$RES/configs/"
+    step 330 python benchmarks/bench_fused_moe.py --tune --tune-all --tune-schemes fp8_block --ts 1,4,16,32 \
+      --masked-decode --step-layers 0 --budget-s 310 --tune-budget-s 240 --out "$RES/results"
+    cp "$RES/results/fused_moe.json" "$RES/configs/" 2>/dev/null
+    ;;
   x2-comm)  # issue 4: DeepEP vs the torch backend, then raw DeepEP vs the runtime
     need_deep_ep
     step 230 env EP_GPU_TEST_TIMEOUT=200 python -m pytest -q -s -m gpu tests/gpu/test_deepep_gpu.py
@@ -132,7 +142,7 @@ case "$group" in
       --config $cfg/h200x2-deepep.yaml --report "$RES/results/run-h200x2-deepep-allvisible.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh k1|k1-verify|k1-fp8|k1-h200|k1-gaps|k1-tune|k1-decode|k1-breakdown|k1-w4a8|x2-comm|x2-layer|x2-step|x2-run" >&2
+    echo "usage: bash benchmarks/gpu_session.sh k1|k1-verify|k1-fp8|k1-h200|k1-gaps|k1-tune|k1-decode|k1-breakdown|k1-w4a8|k1-preload|x2-comm|x2-layer|x2-step|x2-run" >&2
     exit 2
     ;;
 esac

@@ -132,13 +132,14 @@ def _masked_gemm_kernel(
     GROUP_K: tl.constexpr,
     UPCAST: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PRELOAD: tl.constexpr = 0,
 ):
     """Program (m-lane, n-block, expert e) computes out[e, m-blocks, n-block] for the valid m-blocks
     m-lane, m-lane + GRID_M, ... of expert e (none when counts[e] == 0). Experts whose row count is
     outside [min_rows, max_rows] are left to another launch (see `_launch`: small and large row
     counts can run with different tiles, chosen on the device). SPLIT_K > 1 (launches of one
     m-block per expert): grid axis 1 is (n-block, K split), each split sums `split_tiles` K blocks
-    and the last to finish reduces (`tables.split_k_reduce`)."""
+    and the last to finish reduces (`tables.split_k_reduce`). PRELOAD > 0: see `_masked_acc`."""
     # m-lanes on the fastest grid axis: lanes of one (expert, n-block) run side by side and share
     # the weight tile through L2
     pid_m0 = tl.program_id(0)
@@ -165,7 +166,7 @@ def _masked_gemm_kernel(
             split * split_tiles, tl.minimum(tl.cdiv(K, BLOCK_K), (split + 1) * split_tiles), K, up_offset,
             stride_am, stride_ak, stride_asl, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsl,
             stride_bsn, stride_bsk, A_MODE, B_MODE, GATED, B_SCALE_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_K,
-            UPCAST, False,
+            UPCAST, False, PRELOAD,
         )  # fmt: skip
         if SPLIT_K > 1:
             tile = e * (tl.num_programs(1) // SPLIT_K) + pid_n
@@ -184,14 +185,35 @@ def _masked_acc(a_base, a_scale_ptr, b_base, b_scale_ptr, e, offs_m, mask_m, off
                 up_offset, stride_am, stride_ak, stride_asl, stride_asm, stride_ask, stride_bn, stride_bk,
                 stride_bsl, stride_bsn, stride_bsk, A_MODE: tl.constexpr, B_MODE: tl.constexpr,
                 GATED: tl.constexpr, B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr, UPCAST: tl.constexpr, A_CG: tl.constexpr):  # fmt: skip
+                BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr, UPCAST: tl.constexpr, A_CG: tl.constexpr,
+                PRELOAD: tl.constexpr = 0):  # fmt: skip
     """The fp32 accumulators `(acc, acc_up)` `[BLOCK_M, BLOCK_N]` of rows `offs_m` of expert e's A
     (`a_base`: its [M, K] slab) times its weight columns `offs_n` (and `offs_n + up_offset` when
     GATED) over the K blocks [kt_lo, kt_hi), in the A/B modes of `_masked_gemm_kernel`. A_CG: A is
-    read through L2 only (`.cg`): it was written by other programs of the same launch."""
+    read through L2 only (`.cg`): it was written by other programs of the same launch.
+    PRELOAD > 0 (A mode 2 with B mode 1, the tile within one weight-block scale row, BLOCK_K ==
+    GROUP_K): all scales of [kt_lo, kt_hi) are loaded before the K loop (`[BLOCK_M, PRELOAD]` for
+    the rows, `[PRELOAD]` for the weight tile, PRELOAD a power of two >= kt_hi - kt_lo) and each K
+    step picks its column in registers (`fused_moe.PRELOAD_NOTE`: a per-step scale load is one the
+    pipeliner does not run ahead)."""
     offs_kb = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PRELOAD > 0:
+        offs_g = tl.arange(0, PRELOAD)
+        g_ok = kt_lo + offs_g < kt_hi
+        bs_row = b_scale_ptr + e.to(tl.int64) * stride_bsl + (kt_lo + offs_g) * stride_bsk
+        n0 = tl.min(offs_n, axis=0)  # the tile's first column: its weight-block scale row
+        bs_all = tl.load(bs_row + (n0 // B_SCALE_ROWS) * stride_bsn, mask=g_ok, other=0.0)
+        if GATED:
+            bs_up_all = tl.load(
+                bs_row + ((n0 + up_offset) // B_SCALE_ROWS) * stride_bsn, mask=g_ok, other=0.0
+            )
+        a_s_all = tl.load(
+            a_scale_ptr + e.to(tl.int64) * stride_asl + offs_m[:, None] * stride_asm
+            + (kt_lo + offs_g)[None, :] * stride_ask,
+            mask=mask_m[:, None] & g_ok[None, :], other=0.0,
+        )  # fmt: skip
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K
         # ---- B tile(s), [BLOCK_K, BLOCK_N]
@@ -205,7 +227,14 @@ def _masked_acc(a_base, a_scale_ptr, b_base, b_scale_ptr, e, offs_m, mask_m, off
                 other=0.0,
             )
         # per-k-block weight scales, a vector over n
-        if B_MODE != 0:
+        if PRELOAD > 0:
+            pick = offs_g == kt - kt_lo
+            bs = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.sum(tl.where(pick, bs_all, 0.0), axis=0)
+            if GATED:
+                bs_up = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.sum(
+                    tl.where(pick, bs_up_all, 0.0), axis=0
+                )
+        elif B_MODE != 0:
             bs_base = b_scale_ptr + e.to(tl.int64) * stride_bsl + (k0 // GROUP_K) * stride_bsk
             bs = tl.load(bs_base + (offs_n // B_SCALE_ROWS) * stride_bsn, mask=mask_n, other=0.0)
             if GATED:
@@ -221,7 +250,9 @@ def _masked_acc(a_base, a_scale_ptr, b_base, b_scale_ptr, e, offs_m, mask_m, off
             a = tl.load(a_ptrs, mask=mask_a, other=0.0, cache_modifier=".cg")
         else:
             a = tl.load(a_ptrs, mask=mask_a, other=0.0)
-        if A_MODE == 1 or A_MODE == 2:
+        if PRELOAD > 0:
+            a_s = tl.sum(tl.where(pick[None, :], a_s_all, 0.0), axis=1)
+        elif A_MODE == 1 or A_MODE == 2:
             a_s_ptrs = (
                 a_scale_ptr + e.to(tl.int64) * stride_asl + offs_m * stride_asm + (k0 // GROUP_K) * stride_ask
             )
@@ -1008,6 +1039,20 @@ def _fold_flag(cfg: dict[str, Any]) -> bool:
     return bool(fold)
 
 
+def _preload_flag(cfg: dict[str, Any], a_mode: int, b_mode: int) -> bool:
+    """A config's `SCALE_PRELOAD` (default false; see `_masked_acc`), checked against the modes and
+    tile it needs: fp8 group-scaled A, fp8 block-scaled B, BLOCK_N dividing one 128-row scale block."""
+    pre = cfg.get("SCALE_PRELOAD", False)
+    if not isinstance(pre, bool):
+        raise ValueError(f"config SCALE_PRELOAD must be true or false, got {pre!r}")
+    if pre and (a_mode != A_FP8G or b_mode != B_FP8_BLOCK or GROUP % cfg["BLOCK_N"]):
+        raise ValueError(
+            f"config SCALE_PRELOAD needs fp8 x and fp8_block weights (scheme 'fp8_block') with BLOCK_N "
+            f"dividing {GROUP}; got kind {_kind(a_mode, b_mode, False).rsplit('-', 1)[0]}, BLOCK_N {cfg['BLOCK_N']}"
+        )
+    return pre
+
+
 def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode, b_mode, out_mode, gated,
                 up_offset, amax_in, amax_out, cfg, min_rows, max_rows) -> None:  # fmt: skip
     L, M = a.shape[0], a.shape[1]
@@ -1036,6 +1081,8 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
     warps = cfg.get("num_warps", 4)
     grid = (grid_m, n_blocks * split, L)
     if a_mode == A_FP16_QT:
+        if "SCALE_PRELOAD" in cfg:
+            raise ValueError("config key SCALE_PRELOAD applies to scheme 'fp8_block' only (w4a8: FOLD_SCALE)")
         _masked_w4a8_launch(
             grid,
             a, b, b_scale, out, counts, amax_in, amax_out if amax_out is not None else dummy, ws, counters,
@@ -1053,7 +1100,9 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
         *a.stride(), *a_s_strides, *b.stride(), *b_s_strides, *out.stride(), *o_s_strides,
         A_MODE=a_mode, B_MODE=b_mode, OUT_MODE=out_mode, GATED=gated,
         B_SCALE_ROWS=GROUP if b_mode == B_FP8_BLOCK else 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
-        GROUP_K=GROUP, UPCAST=_INTERPRET, SPLIT_K=split, num_warps=warps, num_stages=cfg.get("num_stages", 3),
+        GROUP_K=GROUP, UPCAST=_INTERPRET, SPLIT_K=split,
+        PRELOAD=next_pow2(split_tiles) if _preload_flag(cfg, a_mode, b_mode) else 0,
+        num_warps=warps, num_stages=cfg.get("num_stages", 3),
     )  # fmt: skip
 
 

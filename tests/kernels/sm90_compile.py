@@ -118,18 +118,23 @@ def sass_ops(kernel, text: str | None = None) -> dict[str, int]:
 
 
 def mma_loop_ldg(text: str) -> int:
-    """Synchronous global loads (LDG) inside the SASS loops that hold a tensor-core instruction: the
-    K loops. Pipelined tile loads are LDGSTS (asynchronous copies); an LDG there is a load each K
-    step waits for."""
+    """Synchronous global loads (LDG) inside the innermost SASS loops that hold a tensor-core
+    instruction: the K loops (an outer loop over row blocks holding a K loop is not one). Pipelined
+    tile loads are LDGSTS (asynchronous copies); an LDG there is a load each K step waits for."""
     lines = text.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
-    count = 0
+    loops = []
     for i, line in enumerate(lines):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(1), i) < i:  # a backward branch: the loop body is label..branch
-            body = lines[labels[m.group(1)] : i]
-            if any(re.search(r"\b[HU]?[GH]MMA\b|\bHGMMA\b|\bHMMA\b", b) for b in body):
-                count += sum(1 for b in body if re.search(r"\bLDG\b|\bLDG\.", b))
+            loops.append((labels[m.group(1)], i))
+    count = 0
+    for lo, hi in loops:
+        if any(lo < lo2 and hi2 <= hi for lo2, hi2 in loops if (lo2, hi2) != (lo, hi)):
+            continue  # holds an inner loop
+        body = lines[lo:hi]
+        if any(re.search(r"\bH?G?MMA\b|\bHGMMA\b|\bHMMA\b", b) for b in body):
+            count += sum(1 for b in body if re.search(r"\bLDG\b|\bLDG\.", b))
     return count
 
 
@@ -212,6 +217,17 @@ def cases():
                           MERGE_GU=gate_up, INT4_MAGIC=magic)  # fmt: skip
             name = f"fused-w4a8-{'gate_up' if gate_up else 'down'}-magic{int(magic)}"
             yield name, fm._fused_moe_gemm_kernel, fused_ptrs(2, gate_up), ce, 4, 4
+    # the masked fp8_block GEMM's decode tiles, scales loaded per K step or before the K loop
+    for gated in (True, False):
+        for preload in (0, 16):
+            ce = dict(A_MODE=mg.A_FP8G, B_MODE=mg.B_FP8_BLOCK, OUT_MODE=mg.OUT_FP8G if gated else mg.OUT_PLAIN,
+                      GATED=gated, B_SCALE_ROWS=mg.GROUP, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_K=mg.GROUP,
+                      UPCAST=False, SPLIT_K=1, PRELOAD=preload)  # fmt: skip
+            ptrs = dict(
+                MASKED_PTRS, a_ptr="*fp8e4nv", b_ptr="*fp8e4nv", out_ptr="*fp8e4nv" if gated else "*bf16"
+            )
+            name = f"masked-fp8-{'gated' if gated else 'plain'}-BM16-BN128-preload{preload}"
+            yield name, mg._masked_gemm_kernel, ptrs, ce, 8 if gated else 4, 4
     # fp8_block decode tiles (16 rows, mma.sync) with the K range's scales loaded before the K loop
     for gate_up in (True, False):
         for preload in (0, 64):
@@ -419,10 +435,12 @@ def _masked_case(dev, kind, regime, cfg, a_mode, b_mode, gated, out_mode):
         ce = w4a8_ce(gated, cfg["BLOCK_M"], cfg["BLOCK_N"], warps, int(cfg.get("SPLIT_K", 1)),
                      bool(cfg.get("FOLD_SCALE", False)))  # fmt: skip
         return name, mg._masked_w4a8_kernel, MASKED_W4A8_PTRS, ce, warps, cfg.get("num_stages", 3)
+    k = int(kind.split("@")[1].split("x")[1]) if "@" in kind else 7168  # general entries: the longest K
     ce = dict(A_MODE=a_mode, B_MODE=b_mode, OUT_MODE=out_mode, GATED=gated,
               B_SCALE_ROWS=mg.GROUP if b_mode == mg.B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
               BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_K=mg.GROUP,
-              UPCAST=False, SPLIT_K=int(cfg.get("SPLIT_K", 1)))  # fmt: skip
+              UPCAST=False, SPLIT_K=int(cfg.get("SPLIT_K", 1)),
+              PRELOAD=1 << max(0, (k // mg.GROUP - 1).bit_length()) if cfg.get("SCALE_PRELOAD") else 0)  # fmt: skip
     fp8_in = a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G)
     ptrs = dict(MASKED_PTRS, a_ptr="*fp8e4nv" if fp8_in else "*bf16",
                 b_ptr={mg.B_BF16: "*bf16", mg.B_FP8_BLOCK: "*fp8e4nv", mg.B_INT4: "*u8"}[b_mode],

@@ -95,6 +95,19 @@ def test_fp8_scale_preload_leaves_no_load_in_the_k_loop(compiled, stage):
         assert r["mma"] and r["ops"].get("STL", 0) == 0, r["ops"]
 
 
+@pytest.mark.parametrize("gated", ["gated", "plain"])
+def test_masked_fp8_scale_preload_leaves_no_load_in_the_k_loop(compiled, gated):
+    """The masked fp8_block GEMM likewise (`masked_grouped_gemm._masked_acc`'s PRELOAD)."""
+    plain = compiled[f"masked-fp8-{gated}-BM16-BN128-preload0"]
+    pre = compiled[f"masked-fp8-{gated}-BM16-BN128-preload16"]
+    assert plain["mma_loop_ldg"] >= 2 and pre["mma_loop_ldg"] == 0, (
+        plain["mma_loop_ldg"],
+        pre["mma_loop_ldg"],
+    )
+    for r in (plain, pre):
+        assert r["mma"] and r["ops"].get("STL", 0) == 0, r["ops"]
+
+
 def test_bf16_prefill_uses_bf16_tensor_cores(compiled):
     r = compiled["fused-bf16-gate_up"]
     assert _uses(r, "wgmma.mma_async") and _uses(r, "bf16.bf16"), r["mma"]

@@ -263,6 +263,65 @@ def test_w4a8_gemm_fold_scale_rounds_each_scaled_weight_to_fp16(rng_seed, poison
         assert min(other) > 2 * max(own), (own, other)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2, SPLIT_K=2),
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2, GRID_M=1),
+    ],
+    ids=["bn64", "bn128-split2", "bn128-one-lane"],
+)
+def test_fp8_scale_preload_same_bits(rng_seed, poisoned_empty, cfg):
+    """SCALE_PRELOAD (`_masked_acc`): the scales of a K range loaded before the K loop give the same
+    bits as loading them per K step (several m-blocks per lane, K splits, 3 K blocks so the preload
+    width 4 has a masked column), and match the reference."""
+    split = bool(cfg.get("SPLIT_K"))  # a K split needs one m-block per expert: capacity 16
+    L, M, D, I = 3, 16 if split else 40, 384, 256
+    counts = torch.tensor([0, 16 if split else 37, 9], dtype=torch.int32, device=DEVICE)
+    x = torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE)
+    xq, xs = per_token_group_quant_fp8(x, 128, column_major_scales=True)
+    xq = _poison_rows(xq, counts)
+    w13, w2 = _weights(L, I, D)
+    (q13, s13), (q2, s2) = quantize_fp8_block(w13), quantize_fp8_block(w2)
+    kw = dict(scheme="fp8_block", x_scale=xs, w13_scale=s13, w2_scale=s2)
+    pre = dict(cfg, SCALE_PRELOAD=True)
+    down = {k: v for k, v in cfg.items() if k != "SPLIT_K"}
+    outs = [
+        masked_moe(xq, counts, q13, q2, configs=(c, dict(down, SCALE_PRELOAD=c is pre)), **kw)
+        for c in (cfg, pre)
+    ]
+    for e, c in enumerate(counts.tolist()):
+        assert torch.equal(outs[0][e, :c], outs[1][e, :c]), e
+    ref = masked_moe_reference(xq, counts, q13, q2, **kw)
+    _close(outs[1], ref, counts.cpu(), 2e-2)
+    _assert_not_written(outs[1], counts.cpu())
+
+
+def test_scale_preload_config_is_validated(rng_seed):
+    L, M, D, I = 1, 4, 128, 128
+    counts = torch.tensor([4], dtype=torch.int32, device=DEVICE)
+    x = torch.randn(L, M, D).to(torch.bfloat16).to(DEVICE)
+    w13, w2 = _weights(L, I, D)
+    base = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match="needs fp8 x and fp8_block weights"):
+        masked_moe(x, counts, w13, w2, scheme="bf16", configs=(dict(base, SCALE_PRELOAD=True), None))
+    (q13, s13), (q2, s2) = quantize_fp8_block(w13), quantize_fp8_block(w2)
+    for bad, what in (
+        (dict(base, SCALE_PRELOAD="on"), "true or false"),
+        (dict(base, BLOCK_N=256, SCALE_PRELOAD=True), "BLOCK_N"),
+    ):
+        with pytest.raises(ValueError, match=what):  # the down launch (gate_up forces 128-wide tiles)
+            masked_moe(
+                x, counts, q13, q2, scheme="fp8_block", w13_scale=s13, w2_scale=s2, configs=(None, bad)
+            )
+    p13, ps13 = quantize_w4a8(w13)
+    p2, ps2 = quantize_w4a8(w2)
+    with pytest.raises(ValueError, match="SCALE_PRELOAD applies to scheme 'fp8_block' only"):
+        masked_moe(x, counts, p13, p2, scheme="w4a8", w13_scale=ps13, w2_scale=ps2,
+                   configs=(dict(base, SCALE_PRELOAD=True), None))  # fmt: skip
+
+
 def test_fold_scale_config_is_validated(rng_seed):
     L, M, D, I = 1, 4, 128, 128
     counts = torch.tensor([4], dtype=torch.int32, device=DEVICE)
