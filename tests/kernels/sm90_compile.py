@@ -133,7 +133,7 @@ def mma_loop_ldg(text: str) -> int:
         if any(lo < lo2 and hi2 <= hi for lo2, hi2 in loops if (lo2, hi2) != (lo, hi)):
             continue  # holds an inner loop
         body = lines[lo:hi]
-        if any(re.search(r"\bH?G?MMA\b|\bHGMMA\b|\bHMMA\b", b) for b in body):
+        if any(re.search(r"\b[A-Z]*MMA\b", b) for b in body):  # HMMA, HGMMA, QGMMA (fp8), ...
             count += sum(1 for b in body if re.search(r"\bLDG\b|\bLDG\.", b))
     return count
 
@@ -217,17 +217,18 @@ def cases():
                           MERGE_GU=gate_up, INT4_MAGIC=magic)  # fmt: skip
             name = f"fused-w4a8-{'gate_up' if gate_up else 'down'}-magic{int(magic)}"
             yield name, fm._fused_moe_gemm_kernel, fused_ptrs(2, gate_up), ce, 4, 4
-    # the masked fp8_block GEMM's decode tiles, scales loaded per K step or before the K loop
+    # the masked fp8_block GEMM's decode tiles (16 rows: mma.sync; 64 rows: fp8 wgmma), scales loaded
+    # per K step or before the K loop (Qwen3's K: 16 tiles)
     for gated in (True, False):
-        for preload in (0, 16):
-            ce = dict(A_MODE=mg.A_FP8G, B_MODE=mg.B_FP8_BLOCK, OUT_MODE=mg.OUT_FP8G if gated else mg.OUT_PLAIN,
-                      GATED=gated, B_SCALE_ROWS=mg.GROUP, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_K=mg.GROUP,
-                      UPCAST=False, SPLIT_K=1, PRELOAD=preload)  # fmt: skip
-            ptrs = dict(
-                MASKED_PTRS, a_ptr="*fp8e4nv", b_ptr="*fp8e4nv", out_ptr="*fp8e4nv" if gated else "*bf16"
-            )
-            name = f"masked-fp8-{'gated' if gated else 'plain'}-BM16-BN128-preload{preload}"
-            yield name, mg._masked_gemm_kernel, ptrs, ce, 8 if gated else 4, 4
+        for bm in (16, 64):
+            for preload in (0, 16):
+                ce = dict(A_MODE=mg.A_FP8G, B_MODE=mg.B_FP8_BLOCK, OUT_MODE=mg.OUT_FP8G if gated else mg.OUT_PLAIN,
+                          GATED=gated, B_SCALE_ROWS=mg.GROUP, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128,
+                          GROUP_K=mg.GROUP, UPCAST=False, SPLIT_K=1, PRELOAD=preload)  # fmt: skip
+                ptrs = dict(MASKED_PTRS, a_ptr="*fp8e4nv", b_ptr="*fp8e4nv")
+                ptrs["out_ptr"] = "*fp8e4nv" if gated else "*bf16"
+                name = f"masked-fp8-{'gated' if gated else 'plain'}-BM{bm}-BN128-preload{preload}"
+                yield name, mg._masked_gemm_kernel, ptrs, ce, 8 if gated else 4, 4 if bm == 16 else 3
     # fp8_block decode tiles (16 rows, mma.sync) with the K range's scales loaded before the K loop
     for gate_up in (True, False):
         for preload in (0, 64):

@@ -95,11 +95,13 @@ def test_fp8_scale_preload_leaves_no_load_in_the_k_loop(compiled, stage):
         assert r["mma"] and r["ops"].get("STL", 0) == 0, r["ops"]
 
 
+@pytest.mark.parametrize("bm", [16, 64])
 @pytest.mark.parametrize("gated", ["gated", "plain"])
-def test_masked_fp8_scale_preload_leaves_no_load_in_the_k_loop(compiled, gated):
-    """The masked fp8_block GEMM likewise (`masked_grouped_gemm._masked_acc`'s PRELOAD)."""
-    plain = compiled[f"masked-fp8-{gated}-BM16-BN128-preload0"]
-    pre = compiled[f"masked-fp8-{gated}-BM16-BN128-preload16"]
+def test_masked_fp8_scale_preload_leaves_no_load_in_the_k_loop(compiled, gated, bm):
+    """The masked fp8_block GEMM likewise (`masked_grouped_gemm._masked_acc`'s PRELOAD), for the
+    16-row (mma.sync) and the 64-row (fp8 wgmma: a scale load per row in every K step) tiles."""
+    plain = compiled[f"masked-fp8-{gated}-BM{bm}-BN128-preload0"]
+    pre = compiled[f"masked-fp8-{gated}-BM{bm}-BN128-preload16"]
     assert plain["mma_loop_ldg"] >= 2 and pre["mma_loop_ldg"] == 0, (
         plain["mma_loop_ldg"],
         pre["mma_loop_ldg"],
