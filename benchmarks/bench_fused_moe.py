@@ -115,17 +115,26 @@ def candidates(rows_per_expert: float, scheme: str):
     """(BLOCK_M, [gate_up candidates], [down candidates]) lists for one bucket. For w4a8 each block
     config is tried with both in-kernel int4 -> e4m3 unpacks (`quant.int4_to_e4m3`), side by side
     so that a tuning deadline cuts neither; TMA tiles are left out (the launcher refuses TMA for
-    packed int4 weights). fp8_block decode tiles likewise come with and without SCALE_PRELOAD."""
+    packed int4 weights). fp8_block tiles likewise come with and without SCALE_PRELOAD."""
     sets = _block_candidates(rows_per_expert, scheme)
-    if scheme == "fp8_block" and rows_per_expert <= 12:
-        # decode: each tile with and without its K range's scales loaded before the K loop
-        # (`fused_moe.PRELOAD_NOTE`), side by side; tiles wider than one block scale cannot
-        def preload(cands):
-            return [
-                v for c in cands for v in ((c, dict(c, SCALE_PRELOAD=True)) if c["BLOCK_N"] <= 128 else (c,))
-            ]
+    if scheme == "fp8_block":
+        # each tile with and without its K range's scales loaded before the K loop (`fused_moe.
+        # PRELOAD_NOTE`), side by side; not tiles wider than one block scale or merged gate|up tiles,
+        # nor at prefill the gate_up tiles whose sm_90 compile spills with it (4-warp 64 x 128 and
+        # 128 x 128: 2-4 words at K 2048, 121 at K 7168; 8-warp 64 x 128 and 128 x 64 do not)
+        def pairs(cands, gate_up, bm):
+            def ok(c):
+                if c["BLOCK_N"] > 128 or c.get("MERGE_GU"):
+                    return False
+                return (
+                    rows_per_expert <= 12
+                    or not gate_up
+                    or (c["num_warps"] == 8 and bm * c["BLOCK_N"] <= 8192)
+                )
 
-        return [(bm, preload(gu), preload(dn)) for bm, gu, dn in sets]
+            return [v for c in cands for v in ((c, dict(c, SCALE_PRELOAD=True)) if ok(c) else (c,))]
+
+        return [(bm, pairs(gu, True, bm), pairs(dn, False, bm)) for bm, gu, dn in sets]
     if scheme != "w4a8":
         return sets
 

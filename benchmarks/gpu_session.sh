@@ -4,7 +4,7 @@
 # the repository root, after the environment set-up of the runbook (Ray/pydantic wheels, the
 # project installed, and `deep_ep` importable for the DeepEP steps):
 #
-#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-h200 | k1-gaps | k1-tune | k1-decode | k1-breakdown | k1-w4a8 | k1-preload | x2-comm | x2-layer | x2-step | x2-run
+#   bash benchmarks/gpu_session.sh GROUP    # GROUP: k1 | k1-verify | k1-fp8 | k1-h200 | k1-gaps | k1-tune | k1-decode | k1-breakdown | k1-w4a8 | k1-preload | k1-preload-prefill | x2-comm | x2-layer | x2-step | x2-run
 #
 # Every command runs under its own `timeout`, its output goes to <dir>/<group>-<n>.log (and the
 # terminal), a failing command does not stop the group, and the group ends with one line per
@@ -117,6 +117,13 @@ case "$group" in
       --masked-decode --step-layers 0 --budget-s 310 --tune-budget-s 240 --out "$RES/results"
     cp "$RES/results/fused_moe.json" "$RES/configs/" 2>/dev/null
     ;;
+  k1-preload-prefill)  # one GPU: fp8_block prefill re-tuned with SCALE_PRELOAD candidates (down tiles, and
+    # the gate_up tiles that do not spill with it) beside the bf16 rows of the same run: Qwen3, the worst
+    # fp8/bf16 ratio (0.99x at T 8192 on the H100), and DeepSeek-V3 E128
+    step 560 python benchmarks/bench_fused_moe.py --tune --tune-schemes fp8_block --shapes qwen3_30b,dsv3_e128 \
+      --ts 2048,8192 --step-layers 0 --budget-s 540 --tune-budget-s 420 --out "$RES/results"
+    mkdir -p "$RES/configs" && cp "$RES/results/fused_moe.json" "$RES/configs/" 2>/dev/null
+    ;;
   x2-comm)  # issue 4: DeepEP vs the torch backend, then raw DeepEP vs the runtime
     need_deep_ep
     step 230 env EP_GPU_TEST_TIMEOUT=200 python -m pytest -q -s -m gpu tests/gpu/test_deepep_gpu.py
@@ -142,7 +149,7 @@ case "$group" in
       --config $cfg/h200x2-deepep.yaml --report "$RES/results/run-h200x2-deepep-allvisible.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh k1|k1-verify|k1-fp8|k1-h200|k1-gaps|k1-tune|k1-decode|k1-breakdown|k1-w4a8|k1-preload|x2-comm|x2-layer|x2-step|x2-run" >&2
+    echo "usage: bash benchmarks/gpu_session.sh k1|k1-verify|k1-fp8|k1-h200|k1-gaps|k1-tune|k1-decode|k1-breakdown|k1-w4a8|k1-preload|k1-preload-prefill|x2-comm|x2-layer|x2-step|x2-run" >&2
     exit 2
     ;;
 esac
