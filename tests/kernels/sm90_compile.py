@@ -456,12 +456,50 @@ def _masked_case(dev, kind, regime, cfg, a_mode, b_mode, gated, out_mode):
     )
 
 
+def preload_candidate_cases():
+    """The fp8_block prefill tiles the fused-MoE tuner tries with SCALE_PRELOAD
+    (`benchmarks.bench_fused_moe.candidates`), at DeepSeek-V3's K (gate_up K 7168: PRELOAD 64;
+    down K 2048: 16), the widest preload a shipped shape asks of them."""
+    from benchmarks.bench_fused_moe import candidates
+
+    seen = set()
+    for rows in (300, 2000):
+        for bm, gus, dns in candidates(rows, "fp8_block"):
+            for gate_up, cands in ((True, gus), (False, dns)):
+                for c in cands:
+                    if not c.get("SCALE_PRELOAD"):
+                        continue
+                    tma = bool(c.get("TMA", False))
+                    key = (gate_up, bm, c["BLOCK_N"], c["num_warps"], c["num_stages"], tma)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    ce = fused_ce(BLOCK_M=bm, BLOCK_N=c["BLOCK_N"], BLOCK_K=128, GROUP_M=8, SCHEME=1, GATE_UP=gate_up,
+                                  MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
+                                  MERGE_GU=False, INT4_MAGIC=False, TMA_A=tma, TMA_B=tma,
+                                  QUANT_OUT=gate_up and fm.quant_act("fp8_block", c), PRELOAD=64 if gate_up else 16)  # fmt: skip
+                    ptrs = dict(fused_ptrs(2, gate_up), b_ptr="*fp8e4nv")
+                    if ce["QUANT_OUT"]:
+                        ptrs["c_ptr"] = "*fp8e4nv"
+                    if tma:
+                        ptrs = tma_ptrs(ptrs, 1, bm, c["BLOCK_N"], 128)
+                    name = "preload-cand-{}-BM{}-BN{}-w{}-s{}{}".format(
+                        "gate_up" if gate_up else "down",
+                        bm,
+                        c["BLOCK_N"],
+                        c["num_warps"],
+                        c["num_stages"],
+                        "-tma" if tma else "",
+                    )
+                    yield name, fm._fused_moe_gemm_kernel, ptrs, ce, c["num_warps"], c["num_stages"]
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("run without TRITON_INTERPRET", file=sys.stderr)
         return 2
     out = {}
-    for name, jit, ptrs, ce, warps, stages in (*cases(), *table_cases()):
+    for name, jit, ptrs, ce, warps, stages in (*cases(), *table_cases(), *preload_candidate_cases()):
         try:
             k = compile_sm90(jit, ptrs, ce, warps, stages)
         except Exception as exc:  # noqa: BLE001 - reported per case

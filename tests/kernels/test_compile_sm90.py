@@ -110,6 +110,20 @@ def test_masked_fp8_scale_preload_leaves_no_load_in_the_k_loop(compiled, gated, 
         assert r["mma"] and r["ops"].get("STL", 0) == 0, r["ops"]
 
 
+def test_fp8_prefill_preload_candidates_compile_without_spills(compiled):
+    """Every fp8_block prefill tile the tuner tries with SCALE_PRELOAD compiles for Hopper without
+    local-memory spills and without a synchronous load in its K loop (the tuner's candidate filter
+    leaves out the gate_up tiles that spill with it)."""
+    cands = {name: r for name, r in compiled.items() if name.startswith("preload-cand-")}
+    assert any("gate_up" in n for n in cands) and any("down" in n for n in cands), sorted(cands)
+    for name, r in cands.items():
+        assert r["ops"].get("STL", 0) == 0 and r["mma_loop_ldg"] == 0, (
+            name,
+            r["ops"].get("STL"),
+            r["mma_loop_ldg"],
+        )
+
+
 def test_bf16_prefill_uses_bf16_tensor_cores(compiled):
     r = compiled["fused-bf16-gate_up"]
     assert _uses(r, "wgmma.mma_async") and _uses(r, "bf16.bf16"), r["mma"]
