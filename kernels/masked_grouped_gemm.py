@@ -827,7 +827,8 @@ _masked_amax_launch = FastLaunch(_masked_amax_kernel)
 def load_table(path: str = str(CONFIG_PATH)) -> dict[str, Any]:
     """`{device name: {"<kind>": {"BLOCK_M":..., "BLOCK_N":..., "BLOCK_K":..., "num_warps":...,
     "num_stages":..., optional "GRID_M": max m-lanes, optional "FOLD_SCALE" (w4a8 only, see
-    `W4A8_FOLD_NOTE`), optional "SMALL": {a config of the same keys
+    `W4A8_FOLD_NOTE`), optional "SCALE_PRELOAD" (fp8_block only, see `_masked_acc`; the one-launch
+    MLP of an `MLP` entry ignores both), optional "SMALL": {a config of the same keys
     plus "MAX_ROWS"}: the tile for experts with at most MAX_ROWS valid rows, see `_row_regimes`}}}`
     where kind is `a<mode>-b<mode>-gated|plain` (see `_kind`; for the w4a8 kernel BLOCK_M is the
     token rows per tile, BLOCK_N the weight rows), optionally followed by `@<N>x<K>`: an entry for
@@ -1345,7 +1346,9 @@ def masked_moe(
             - bf16: bf16 dots; fp8 x is dequantised to bf16 in-kernel.
             - fp8_block: fp8 dots with per-token-group-128 activation scales (from x_scale, or
               quantised from bf16 x over its valid rows first) times 128x128 weight-block scales; the intermediate
-              is requantised per-token-group-128 (from its fp32 value) in the gate_up epilogue.
+              is requantised per-token-group-128 (from its fp32 value) in the gate_up epilogue. A
+              config with `SCALE_PRELOAD: true` loads each program's scales before its K loop
+              (same results; `fused_moe.PRELOAD_NOTE`).
             - w4a8: x must be bf16; it is quantised per-tensor onto the e4m3 grid (a pass before
               the GEMM) with scale = max(amax over the valid rows of x, 1e-10) / 448 computed on
               device; int4 weights are unpacked in-kernel (exact) and scaled per 128-group of K
