@@ -1037,7 +1037,8 @@ def get_config(
     N_BAND, default 0: program order in bands of that many N-blocks, see `_fused_moe_gemm_kernel`;
     RESCALE, fp8_block and w4a8, default False: the accumulator kept in units of the current K step's
     scales, the dot accumulating in place; fewer registers, less accurate on Hopper, see
-    `_fused_moe_gemm_kernel`).
+    `_fused_moe_gemm_kernel`; SCALE_PRELOAD, fp8_block with BLOCK_N <= 128, default False: each
+    program's scales loaded before its K loop, same results, see `PRELOAD_NOTE`).
     """
     path = str(path or CONFIG_DIR / "fused_moe.json")
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
