@@ -175,6 +175,7 @@ def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SC
             dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, SPLIT_K=2),
         ]
     groups = [MODELS[:2]] if models is None else [[m] for m in models]
+    rows_all = tuple(sorted(set(small_rows) | set(main_rows)))  # the decode and the main row counts
     for group in groups:
         for scheme in schemes:
             for stage, gated in ((0, True), (1, False)):
@@ -211,7 +212,6 @@ def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SC
                     # group scales folded into the fp16 weights (`masked_grouped_gemm.W4A8_FOLD_NOTE`),
                     # fp8_block's scales loaded before the K loop (`fused_moe.PRELOAD_NOTE`)
                     entries = [best[kind], _with_flag(best[kind], flag)]
-                    rows_all = tuple(sorted(set(small_rows) | set(main_rows)))
                     best[kind] = (
                         _select(dev, kind, scheme, stage, entries, rows_all, other_cfg, group) or best[kind]
                     )
@@ -219,7 +219,6 @@ def tune(dev, best: dict, small_rows=(1, 8, 32), main_rows=(64, 128), schemes=SC
                     # the one-launch MLP replaces both GEMMs at every row count: scored against the
                     # entry just picked over the decode and the main row counts together
                     entries = [best[kind]] + [dict(best[kind], MLP=m) for m in MLP_CANDIDATES[scheme]]
-                    rows_all = tuple(sorted(set(small_rows) | set(main_rows)))
                     best[kind] = (
                         _select(dev, kind, scheme, stage, entries, rows_all, None, group) or best[kind]
                     )

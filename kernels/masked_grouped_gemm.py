@@ -1034,20 +1034,18 @@ def _split_plan(cfg: dict[str, Any], K: int, rows: int, tiles: int, num_sms: int
     return k_splits(k_tiles, split)
 
 
-def _fold_flag(cfg: dict[str, Any]) -> bool:
-    """A w4a8 config's `FOLD_SCALE` (default false; see `W4A8_FOLD_NOTE`)."""
-    fold = cfg.get("FOLD_SCALE", False)
-    if not isinstance(fold, bool):
-        raise ValueError(f"w4a8 config FOLD_SCALE must be true or false, got {fold!r}")
-    return bool(fold)
+def _flag(cfg: dict[str, Any], key: str) -> bool:
+    """A config's boolean key (default false), or a clear error naming it."""
+    value = cfg.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"config {key} must be true or false, got {value!r}")
+    return value
 
 
 def _preload_flag(cfg: dict[str, Any], a_mode: int, b_mode: int) -> bool:
     """A config's `SCALE_PRELOAD` (default false; see `_masked_acc`), checked against the modes and
     tile it needs: fp8 group-scaled A, fp8 block-scaled B, BLOCK_N dividing one 128-row scale block."""
-    pre = cfg.get("SCALE_PRELOAD", False)
-    if not isinstance(pre, bool):
-        raise ValueError(f"config SCALE_PRELOAD must be true or false, got {pre!r}")
+    pre = _flag(cfg, "SCALE_PRELOAD")
     if pre and (a_mode != A_FP8G or b_mode != B_FP8_BLOCK or GROUP % cfg["BLOCK_N"]):
         raise ValueError(
             f"config SCALE_PRELOAD needs fp8 x and fp8_block weights (scheme 'fp8_block') with BLOCK_N "
@@ -1091,7 +1089,7 @@ def _launch_one(a, a_scale, b, b_scale, out, out_scale, counts, *, N, K, a_mode,
             a, b, b_scale, out, counts, amax_in, amax_out if amax_out is not None else dummy, ws, counters,
             M, N, K, up_offset, min_rows, max_rows, split_tiles, *a.stride(), *b.stride(), *b_scale.stride(),
             *out.stride(), OUT_MODE=out_mode, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, WARPS=warps,
-            UPCAST=_INTERPRET, ASM=not _INTERPRET, SPLIT_K=split, FOLD_SCALE=_fold_flag(cfg),
+            UPCAST=_INTERPRET, ASM=not _INTERPRET, SPLIT_K=split, FOLD_SCALE=_flag(cfg, "FOLD_SCALE"),
             num_warps=warps, num_stages=cfg.get("num_stages", 3),
         )  # fmt: skip
         return

@@ -22,6 +22,7 @@ from ep_runtime.kernels import fused_moe as fm
 from ep_runtime.kernels import masked_grouped_gemm as mg
 from ep_runtime.kernels import router_gemm as rg
 from ep_runtime.kernels import select_experts as se
+from ep_runtime.kernels.tables import cdiv, next_pow2
 
 # How Triton's launcher specialises the integer arguments of a real launch (DeepSeek-like shapes,
 # contiguous tensors): stride 1 becomes the constant 1, multiples of 16 carry `tt.divisibility`
@@ -311,12 +312,17 @@ def cases():
         yield f"select-{name}", se._select_experts_kernel, select_ptrs, ce, 4, 1
 
 
-def _preload_width(skey: str, gate_up: bool) -> int:
-    """The SCALE_PRELOAD width of a table entry's launch without split K (its widest): the K tiles of
-    the GEMM of shape key `L<E>_N<inter>_D<hidden>_<scheme>` (gate_up: K = hidden; down: K = inter)."""
+def _preload_width(k: int) -> int:
+    """The PRELOAD width the launchers pass for a GEMM of reduction length k without split K (its
+    widest): the next power of two of its 128-wide K tiles."""
+    return next_pow2(cdiv(k, mg.GROUP))
+
+
+def _fused_k(skey: str, gate_up: bool) -> int:
+    """The reduction length of a fused-MoE GEMM of shape key `L<E>_N<inter>_D<hidden>_<scheme>`:
+    hidden for gate_up, inter for down."""
     dims = dict(re.findall(r"([ND])(\d+)", skey))
-    k = int(dims["D"] if gate_up else dims["N"])
-    return 1 << max(0, (k // 128 - 1).bit_length())
+    return int(dims["D"] if gate_up else dims["N"])
 
 
 def table_cases():
@@ -347,7 +353,7 @@ def table_cases():
                                   TMA_A=tma, TMA_B=tma, N_BAND=g.get("N_BAND", 0),
                                   RESCALE=bool(sid != 0 and g.get("RESCALE", False)),
                                   QUANT_OUT=bool(gate_up and fm.quant_act(scheme, g)),
-                                  PRELOAD=_preload_width(skey, gate_up) if g.get("SCALE_PRELOAD") else 0)  # fmt: skip
+                                  PRELOAD=_preload_width(_fused_k(skey, gate_up)) if g.get("SCALE_PRELOAD") else 0)  # fmt: skip
                     key = ("fused", sid, g["num_warps"], g["num_stages"], tuple(sorted(ce.items())))
                     if key in seen:
                         continue
@@ -441,7 +447,7 @@ def _masked_case(dev, kind, regime, cfg, a_mode, b_mode, gated, out_mode):
               B_SCALE_ROWS=mg.GROUP if b_mode == mg.B_FP8_BLOCK else 1, BLOCK_M=cfg["BLOCK_M"],
               BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_K=mg.GROUP,
               UPCAST=False, SPLIT_K=int(cfg.get("SPLIT_K", 1)),
-              PRELOAD=1 << max(0, (k // mg.GROUP - 1).bit_length()) if cfg.get("SCALE_PRELOAD") else 0)  # fmt: skip
+              PRELOAD=_preload_width(k) if cfg.get("SCALE_PRELOAD") else 0)  # fmt: skip
     fp8_in = a_mode in (mg.A_FP8G_DEQ, mg.A_FP8G)
     ptrs = dict(MASKED_PTRS, a_ptr="*fp8e4nv" if fp8_in else "*bf16",
                 b_ptr={mg.B_BF16: "*bf16", mg.B_FP8_BLOCK: "*fp8e4nv", mg.B_INT4: "*u8"}[b_mode],
@@ -477,7 +483,8 @@ def preload_candidate_cases():
                     ce = fused_ce(BLOCK_M=bm, BLOCK_N=c["BLOCK_N"], BLOCK_K=128, GROUP_M=8, SCHEME=1, GATE_UP=gate_up,
                                   MUL_WEIGHT=not gate_up, ATOMIC=not gate_up, UPCAST=False, EVEN_K=True,
                                   MERGE_GU=False, INT4_MAGIC=False, TMA_A=tma, TMA_B=tma,
-                                  QUANT_OUT=gate_up and fm.quant_act("fp8_block", c), PRELOAD=64 if gate_up else 16)  # fmt: skip
+                                  QUANT_OUT=gate_up and fm.quant_act("fp8_block", c),
+                                  PRELOAD=_preload_width(7168 if gate_up else 2048))  # fmt: skip
                     ptrs = dict(fused_ptrs(2, gate_up), b_ptr="*fp8e4nv")
                     if ce["QUANT_OUT"]:
                         ptrs["c_ptr"] = "*fp8e4nv"

@@ -88,6 +88,16 @@ def _weights(L, I, D, scale=0.08):
     return w13, w2
 
 
+def _w4a8_x_columns(K: int) -> torch.Tensor:
+    """For each column of the w4a8 kernel's pre-quantised x, the x column it holds: per 128-group,
+    c < 64 the even k = 2 j and c >= 64 the odd k = 2 j + 1, where j is the packed byte the tile's K
+    permute (rebuilt here from its reshape/permute, independently of the kernel's index formula)
+    moves to position c % 64."""
+    j = torch.arange(64).reshape(4, 4, 2, 2).permute(1, 2, 0, 3).reshape(64)
+    within = torch.cat([2 * j, 2 * j + 1])
+    return torch.cat([g * 128 + within for g in range(K // 128)])
+
+
 COUNTS = [0, 24, 5]  # empty expert, full expert (M), partial
 
 
@@ -231,8 +241,7 @@ def test_w4a8_gemm_fold_scale_rounds_each_scaled_weight_to_fp16(rng_seed, poison
     _masked_amax(x, counts, amax[0:1])
     xq = _masked_tensor_quant(x, counts, amax[0:1])
     s_x = (amax[0].clamp_min(1e-10) / 448.0).cpu()
-    j = torch.arange(64).reshape(4, 4, 2, 2).permute(1, 2, 0, 3).reshape(64)
-    src = torch.cat([g * 128 + torch.cat([2 * j, 2 * j + 1]) for g in range(K // 128)])
+    src = _w4a8_x_columns(K)
     inv = torch.empty_like(src)
     inv[src] = torch.arange(K)
     outs, refs = {}, {}
@@ -363,9 +372,7 @@ def test_masked_tensor_quant_orders_columns_as_the_w4a8_tile(rng_seed, poisoned_
     amax = torch.tensor([3.5], dtype=torch.float32, device=DEVICE)
     q = _masked_tensor_quant(x, counts, amax)
     assert q.dtype == torch.float16
-    j = torch.arange(64).reshape(4, 4, 2, 2).permute(1, 2, 0, 3).reshape(64)  # the tile's K permute
-    within = torch.cat([2 * j, 2 * j + 1])
-    src = torch.cat([g * 128 + within for g in range(K // 128)])
+    src = _w4a8_x_columns(K)
     scale = torch.tensor(3.5) / 448.0
     valid = x[0, :13].float().cpu()
     want = (valid / scale).clamp(-448, 448).to(FP8_DTYPE).float()[:, src]
